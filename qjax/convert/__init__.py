@@ -1,0 +1,1 @@
+"""Converters between qjax and external checkpoint formats (GGUF, ...)."""

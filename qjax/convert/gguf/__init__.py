@@ -1,0 +1,24 @@
+"""GGUF (llama.cpp) files: a zero-copy reader and NumPy GGML block (de)quantizers.
+
+>>> r = read_gguf(path)                      # doctest: +SKIP
+>>> r.metadata["general.architecture"]       # doctest: +SKIP
+>>> w = r.dequantize("blk.0.attn_q.weight")  # float32, NumPy-order shape  # doctest: +SKIP
+"""
+
+from qjax.convert.gguf.constants import BLOCK_SIZES, GGMLType, GGUFValueType
+from qjax.convert.gguf.quants import DEQUANTIZABLE, QUANTIZABLE, dequantize, quantize, row_bytes
+from qjax.convert.gguf.reader import GGUFReader, TensorInfo, read_gguf
+
+__all__ = [
+    "BLOCK_SIZES",
+    "DEQUANTIZABLE",
+    "GGMLType",
+    "GGUFReader",
+    "GGUFValueType",
+    "QUANTIZABLE",
+    "TensorInfo",
+    "dequantize",
+    "quantize",
+    "read_gguf",
+    "row_bytes",
+]

@@ -1,0 +1,36 @@
+"""Shared test helpers: hypothesis strategies for awkward tensors and per-block views."""
+
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import strategies as st
+
+from qjax.formats import layout
+
+
+@st.composite
+def awkward_tensors(draw, group: int = 32):
+    """A float32 ``(K, N)`` tensor, ``K`` a multiple of ``group``, with outliers, constant and
+    all-zero groups, denormals (1e-42, 1e-39) and large magnitudes (1e30) drawn by flags."""
+    # few distinct shapes: every new shape costs XLA compilations
+    k = group * draw(st.sampled_from([1, 3]))
+    n = draw(st.sampled_from([1, 4]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    magnitude = 10.0 ** draw(st.sampled_from([-42, -39, -20, -3, 0, 2, 15, 30]))
+    x = rng.standard_normal((k, n)) * magnitude
+    if draw(st.booleans()):  # outliers
+        idx = rng.integers(0, x.size, size=max(1, x.size // 50))
+        x.flat[idx] *= draw(st.sampled_from([20.0, 1e3]))
+    if draw(st.booleans()):  # an all-zero group and a constant group
+        g = rng.integers(0, k // group)
+        x[g * group : (g + 1) * group, 0] = 0.0
+        x[g * group : (g + 1) * group, -1] = draw(st.sampled_from([-3.5, 1e-3, 7.0]))
+    return x.astype(np.float32)
+
+
+def per_element(spec, shape, per_block):
+    """Broadcasts a per-block array (shape ``grid``) to one value per element of ``shape``."""
+    block = spec.block_for(shape)
+    grid = layout.grid_shape(shape, block)
+    values = jnp.asarray(per_block, jnp.float32).reshape(grid)[..., None]
+    expanded = jnp.broadcast_to(values, (*grid, int(np.prod(block))))
+    return layout.unblocked(expanded, shape, block)
