@@ -174,7 +174,10 @@ class BlockFormat(QSpec):
     def dequantize(self, q: QArray) -> jax.Array:
         block = self.block_for(q.shape)
         values = self.decode_blocks(self.unpacked_codes(q), q)
-        return layout.unblocked(values, q.shape, block).astype(q.dtype)
+        values = layout.unblocked(values, q.shape, block)
+        if "perm" in q.aux:  # stored with its reduction axis permuted: stored[j] = x[perm[j]]
+            values = jnp.take(values, jnp.argsort(q.aux["perm"]), axis=self.axis)
+        return values.astype(q.dtype)
 
     def _group_label(self) -> str:
         g = self.group

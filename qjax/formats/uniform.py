@@ -74,29 +74,46 @@ class Int(BlockFormat):
     def label(self) -> str:
         return f"int{self.bits} {'sym' if self.symmetric else 'asym'} {self._group_label()}"
 
-    def encode_blocks(self, xb):
+    def grid(self, xb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Scale (in ``scale_dtype``) and zero point (float32) of each row of ``xb`` (last axis).
+
+        Symmetric grids use the fixed zero point ``2^(b-1)``, so both cases share
+        :meth:`encode` / :meth:`decode`: ``q = clip(round(x/s) + z, 0, 2^b - 1)``, ``x̂ = (q-z)·s``.
+        """
         scale_dtype = _scale_dtype(self.scale_dtype)
         if self.symmetric:
             half = 1 << (self.bits - 1)
             amax = jnp.max(jnp.abs(xb), axis=-1)
             scale = stored_scale(amax / (half - 0.5), scale_dtype)
-            s = scale.astype(jnp.float32)[..., None]
-            codes = jnp.clip(jnp.round(xb / s), -half, half - 1) + half
-            return codes.astype(jnp.uint8), scale, None, {}
+            return scale, jnp.full(scale.shape, half, jnp.float32)
         lo = jnp.minimum(jnp.min(xb, axis=-1), 0.0)
         hi = jnp.maximum(jnp.max(xb, axis=-1), 0.0)
         scale = stored_scale((hi - lo) / self.qmax, scale_dtype)
-        s = scale.astype(jnp.float32)
-        zero = jnp.clip(jnp.round(-lo / s), 0, self.qmax)
-        codes = jnp.clip(jnp.round(xb / s[..., None]) + zero[..., None], 0, self.qmax)
-        return codes.astype(jnp.uint8), scale, zero.astype(scale_dtype), {}
+        zero = jnp.clip(jnp.round(-lo / scale.astype(jnp.float32)), 0, self.qmax)
+        return scale, zero
+
+    def encode(self, x: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Array:
+        """Unsigned codes of ``x`` on the grid (``scale``, ``zero`` broadcast against ``x``)."""
+        q = jnp.round(x / scale.astype(jnp.float32)) + zero
+        return jnp.clip(q, 0, self.qmax).astype(jnp.uint8)
+
+    @staticmethod
+    def decode(codes: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Array:
+        return (codes.astype(jnp.float32) - zero) * scale.astype(jnp.float32)
+
+    def encode_blocks(self, xb):
+        scale, zero = self.grid(xb)
+        codes = self.encode(xb, scale[..., None], zero[..., None])
+        stored_zero = None if self.symmetric else zero.astype(scale.dtype)
+        return codes, scale, stored_zero, {}
+
+    def zero_point(self, q: QArray) -> jax.Array:
+        if self.symmetric:
+            return jnp.float32(1 << (self.bits - 1))
+        return q.zeros.astype(jnp.float32)[..., None]
 
     def decode_blocks(self, codes, q: QArray):
-        s = q.scales.astype(jnp.float32)[..., None]
-        c = codes.astype(jnp.float32)
-        if self.symmetric:
-            return (c - (1 << (self.bits - 1))) * s
-        return (c - q.zeros.astype(jnp.float32)[..., None]) * s
+        return self.decode(codes, q.scales[..., None], self.zero_point(q))
 
     def from_codes(
         self,
