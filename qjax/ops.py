@@ -9,9 +9,11 @@ fallback for a QArray is logged once per key, with the reason.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,23 @@ class Kernel:
 
 _KERNELS: dict[tuple[str, str, str], list[Kernel]] = {}
 _LOGGED: set = set()
+_CAPTURE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "qjax_capture", default=None
+)
+
+
+@contextlib.contextmanager
+def capture_inputs(fn: Callable[[jax.Array, object], None]) -> Iterator[None]:
+    """Within the block, every ``matmul(x, w)`` first calls ``fn(x, w)``.
+
+    This is how calibration (``qjax.ptq.calibrate``) sees each linear layer's inputs: at the one
+    dispatch point every model matmul goes through, with no change to the models.
+    """
+    token = _CAPTURE.set(fn)
+    try:
+        yield
+    finally:
+        _CAPTURE.reset(token)
 
 
 def register_kernel(backend: str, fmt: str, layout: str, kernel: Kernel) -> None:
@@ -58,6 +77,9 @@ def matmul(x: jax.Array, w) -> jax.Array:
             f"matmul: x {tuple(x.shape)} @ w {tuple(w.shape)} needs w of shape (K, N) "
             f"with K == x.shape[-1]"
         )
+    capture = _CAPTURE.get()
+    if capture is not None:
+        capture(x, w)
     if not isinstance(w, QArray):
         return reference_matmul(x, w)
     key = (jax.default_backend(), w.spec.name, w.layout)
