@@ -3,7 +3,7 @@
 The public API lives here; users never import private modules.
 """
 
-from qjax import formats
+from qjax import formats, kernels, ptq
 from qjax.algorithms import RTN
 from qjax.checkpoint import load, save
 from qjax.errors import (
@@ -21,6 +21,7 @@ from qjax.formats import (
     MXFP4,
     NF4,
     NVFP4,
+    W8A8,
     Int,
     QSpec,
     available_formats,
@@ -28,12 +29,21 @@ from qjax.formats import (
 )
 from qjax.metrics import max_abs_error, relative_frobenius_error, sqnr_db
 from qjax.ops import matmul
+from qjax.ptq import AWQ, GPTQ, HQQ, SmoothQuant, quantize_model
 from qjax.qarray import QArray
 from qjax.rules import explain, plan, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "kernels",
+    "ptq",
+    "W8A8",
+    "AWQ",
+    "GPTQ",
+    "HQQ",
+    "SmoothQuant",
+    "quantize_model",
     "formats",
     "RTN",
     "load",

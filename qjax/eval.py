@@ -18,6 +18,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,31 +83,32 @@ def _batch_stats(logits: jax.Array, ref_logits: jax.Array | None, tokens: jax.Ar
 
 
 def evaluate(
-    logits_fn: Callable[[jax.Array], jax.Array],
+    apply: Callable[[Any, jax.Array], jax.Array],
+    params: Any,
     windows: np.ndarray,
     *,
-    ref_logits_fn: Callable[[jax.Array], jax.Array] | None = None,
+    ref_params: Any = None,
     batch_size: int = 1,
     progress: bool = True,
     desc: str = "eval",
 ) -> EvalResult:
-    """Perplexity of ``logits_fn`` over ``windows`` (and KLD/top-1 against ``ref_logits_fn``).
+    """Perplexity of ``apply(params, ·)`` over ``windows``, and KLD/top-1 against ``ref_params``.
 
-    ``logits_fn(tokens (B, T)) -> logits (B, T, V)``; both functions are traced inside one jitted
-    step, so pass plain functions (closing over the params), not already-jitted ones.
+    ``apply(params, tokens (B, T)) -> logits (B, T, V)``; the reference uses the same ``apply``
+    with ``ref_params`` (e.g. the unquantized weights). Params are jit arguments, not constants.
     """
 
     @jax.jit
-    def step(tokens):
-        ref = ref_logits_fn(tokens) if ref_logits_fn is not None else None
-        return _batch_stats(logits_fn(tokens), ref, tokens)
+    def step(params, ref_params, tokens):
+        ref = apply(ref_params, tokens) if ref_params is not None else None
+        return _batch_stats(apply(params, tokens), ref, tokens)
 
     stats: dict[str, list] = {}
     t0 = time.perf_counter()
     n = len(windows)
     for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
         batch = windows[start : start + batch_size]
-        for k, v in step(jnp.asarray(batch)).items():
+        for k, v in step(params, ref_params, jnp.asarray(batch)).items():
             stats.setdefault(k, []).append(np.asarray(v))
     seconds = time.perf_counter() - t0
     cat = {k: np.concatenate(v).reshape(-1) for k, v in stats.items()}

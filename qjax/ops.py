@@ -58,7 +58,13 @@ def register_kernel(backend: str, fmt: str, layout: str, kernel: Kernel) -> None
 
 
 def reference_matmul(x: jax.Array, w) -> jax.Array:
-    """``x @ dequantize(w)`` with float32 accumulation, result in ``x.dtype``."""
+    """``x @ dequantize(w)`` with float32 accumulation, result in ``x.dtype``.
+
+    Formats whose product is not weight-only (W8A8 quantizes activations too) define
+    ``spec.matmul(x, w)``, which is then the reference.
+    """
+    if isinstance(w, QArray) and hasattr(w.spec, "matmul"):
+        return w.spec.matmul(x, w)
     wd = w.dequantize() if isinstance(w, QArray) else w
     y = jnp.matmul(x, wd.astype(x.dtype), preferred_element_type=jnp.float32)
     return y.astype(x.dtype)

@@ -58,7 +58,14 @@ class QArray:
 
     # -- array-like API ----------------------------------------------------------------------
     def dequantize(self) -> jax.Array:
-        """The tensor this QArray represents, in its original ``dtype`` and ``shape``."""
+        """The tensor this QArray represents, in its original ``dtype`` and ``shape``.
+
+        A QArray repacked into a kernel's layout is first converted back to the canonical one.
+        """
+        if self.layout != "canonical":
+            from qjax.kernels.repack import unrepack
+
+            return unrepack(self).dequantize()
         return self.spec.dequantize(self)
 
     @property

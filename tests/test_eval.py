@@ -11,9 +11,9 @@ from qjax.eval import eval_windows, evaluate
 V = 11
 
 
-def _bigram(table):
+def _bigram(table, tokens):
     """A toy LM: logits at position t depend only on token t (a V×V table)."""
-    return lambda tokens: jnp.asarray(table)[tokens]
+    return jnp.asarray(table)[tokens]
 
 
 def _log_softmax64(x):
@@ -38,9 +38,7 @@ def test_ppl_kld_top1_match_a_float64_oracle():
     table_q = rng.standard_normal((V, V)).astype(np.float32) * 2
     table_ref = table_q + rng.standard_normal((V, V)).astype(np.float32) * 0.3
     windows = rng.integers(0, V, size=(6, 9)).astype(np.int32)
-    res = evaluate(
-        _bigram(table_q), windows, ref_logits_fn=_bigram(table_ref), batch_size=4, progress=False
-    )
+    res = evaluate(_bigram, table_q, windows, ref_params=table_ref, batch_size=4, progress=False)
     lq, lr = _log_softmax64(table_q), _log_softmax64(table_ref)
     prev, nxt = windows[:, :-1].ravel(), windows[:, 1:].ravel()
     nll = -lq[prev, nxt]
@@ -55,6 +53,6 @@ def test_ppl_kld_top1_match_a_float64_oracle():
 def test_identical_models_have_zero_kld_and_full_agreement():
     table = jax.random.normal(jax.random.key(1), (V, V))
     windows = np.random.default_rng(1).integers(0, V, size=(3, 7)).astype(np.int32)
-    res = evaluate(_bigram(table), windows, ref_logits_fn=_bigram(table), progress=False)
+    res = evaluate(_bigram, table, windows, ref_params=table, progress=False)
     assert res.kld_mean == pytest.approx(0.0, abs=1e-6) and res.top1_agreement == 1.0
     assert res.ppl == pytest.approx(res.ref_ppl)

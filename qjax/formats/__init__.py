@@ -8,6 +8,7 @@ from qjax.formats.fp4 import FP4, MXFP4, NVFP4
 from qjax.formats.fp8 import FP8
 from qjax.formats.nf4 import NF4
 from qjax.formats.uniform import Int
+from qjax.formats.w8a8 import W8A8
 
 __all__ = [
     "BlockFormat",
@@ -20,4 +21,5 @@ __all__ = [
     "FP8",
     "NF4",
     "Int",
+    "W8A8",
 ]

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from qjax import data
 from qjax.errors import RuleError
 from qjax.ops import capture_inputs
+from qjax.ptq import folding
 from qjax.qarray import QArray
 from qjax.rules import _NO_DEFAULT, _check_finite, path_str, plan
 
@@ -154,9 +155,7 @@ def quantize_model(
         method = decided[path].method
         weight = values[path]
         needs = getattr(method, "needs_calibration", False)
-        q = jax.block_until_ready(
-            _apply(method, weight, stats.hessian if needs else None, key, path)
-        )
+        q = jax.block_until_ready(_apply(method, weight, stats if needs else None, key, path))
         row = {
             "path": path,
             "method": method.label(),
@@ -196,16 +195,22 @@ def quantize_model(
             for h in hs:
                 total = _accumulate(total, _block_forward(graph, bstate, h, True)[1])
         n_tok = sum(int(np.prod(h.shape[:-1])) for h in hs)
+        stats = {
+            rel: LayerStats(2.0 * s["xtx"] / n_tok, s["abs_sum"] / n_tok, s["abs_max"], n_tok)
+            for rel, s in total.items()
+        }
+        methods = {p[len(prefix) :]: decided[p].method for p in mine}
+        if any(getattr(m, "transforms_block", False) for m in methods.values()):
+            before = {rel: values[prefix + rel] for rel in _param_values(model.layers[k])}
+            after, stats = folding.transform_block(model.layers[k], before, stats, methods)
+            for rel, v in after.items():
+                values[prefix + rel] = v
+                if rel not in methods and v is not before[rel]:
+                    new[prefix + rel] = v  # folded scales (norm weights) stay float
         for p in mine:
-            rel = p[len(prefix) :]
-            stats = None
-            if needs_stats and rel in total:
-                s = total[rel]
-                stats = LayerStats(
-                    2.0 * s["xtx"] / n_tok, s["abs_sum"] / n_tok, s["abs_max"], n_tok
-                )
-            quantize_now(p, stats)
-        qstate = _replace(bstate, {p[len(prefix) :]: new[p] for p in mine})
+            quantize_now(p, stats.get(p[len(prefix) :]))
+        block_new = {p[len(prefix) :]: v for p, v in new.items() if p.startswith(prefix)}
+        qstate = _replace(bstate, block_new)
         hs = [_block_forward(graph, qstate, h, False)[0] for h in hs]
 
     for p in [p for p in decided if p not in new]:  # final norm, untied head

@@ -245,7 +245,10 @@ def to_qarray(result: dict, spec: Int, shape: tuple, dtype: Any = jnp.float32) -
 
 @dataclasses.dataclass(frozen=True)
 class GPTQ:
-    """GPTQ onto an :class:`~qjax.formats.Int` grid; ``stats`` is the layer's Hessian ``2XXᵀ/n``."""
+    """GPTQ onto an :class:`~qjax.formats.Int` grid.
+
+    ``stats`` is the layer's Hessian ``2XXᵀ/n`` or a :class:`~qjax.ptq.calibrate.LayerStats`.
+    """
 
     spec: Int
     damp: float = 0.01
@@ -272,7 +275,7 @@ class GPTQ:
             raise SpecError(f"{where}: GPTQ needs the layer's Hessian (run it through qjax.ptq)")
         result = gptq_quantize(
             jnp.asarray(weight).T,
-            stats,
+            getattr(stats, "hessian", stats),
             self.spec,
             damp=self.damp,
             block_size=self.block_size,

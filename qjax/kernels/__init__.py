@@ -1,0 +1,21 @@
+"""Quantized-matmul kernels, registered with :func:`qjax.ops.register_kernel`.
+
+Weights reach a kernel in the layout it loads fastest, made once, offline, by
+``qjax.kernels.repack.repack(q, layout)`` (``"gpu_i4p"``: int4, ``"gpu_i8"``: int8).
+``qjax.ops.matmul`` dispatches on ``(backend, format, layout)``; a case a kernel's ``supports``
+rejects takes the reference ``dequantize`` + ``dot`` path, logged once with the reason.
+"""
+
+from qjax import ops
+from qjax.kernels import repack
+from qjax.kernels.gpu import int_matmul
+
+for _layout in int_matmul.LAYOUTS:
+    ops.register_kernel(
+        "gpu",
+        "int",
+        _layout,
+        ops.Kernel(f"pallas_triton_{_layout}", int_matmul.int_matmul, int_matmul.supports),
+    )
+
+__all__ = ["int_matmul", "repack"]

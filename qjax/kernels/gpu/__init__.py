@@ -1,0 +1,1 @@
+"""Pallas GPU kernels (Triton lowering): one module per weight-format family."""

@@ -1,0 +1,187 @@
+"""Offline repacking of canonical QArrays into the layouts the GPU kernels load fastest.
+
+``repack(q, layout)`` runs once, when a model is prepared for serving, never per call. The result
+is a QArray with the same ``spec``, logical ``shape`` and ``dtype`` and a new ``layout`` tag; the
+kernels registered for ``(backend, "int", layout)`` in :mod:`qjax.kernels` consume it.
+``unrepack`` is the exact inverse (back to ``"canonical"``), and :func:`dequantize` reads either.
+
+Both layouts pad the ``(K, N)`` weight to ``(K_p, N_p)``: ``K_p`` is the canonical padded length
+``G·g`` (``G = ceil(K / g)`` groups; ``K`` for ``group="channel"``) rounded up to a multiple of 128,
+``N_p = ceil(N / 64)·64``. The canonical padding codes are kept (so ``unrepack`` is bit-exact), new
+padding is code 0; the kernel zero-pads ``x`` along ``K`` and drops padded output columns. Scales
+and zeros ``(G, N)`` are zero-padded to ``(G_p, N_p)`` with ``G_p = K_p / g`` for ``g ≤ 128``,
+``G`` for larger groups and 1 for ``"channel"``.
+
+================  ===============================================================================
+layout            codes
+================  ===============================================================================
+``"gpu_i4p"``     int4 as ``int32`` words ``(K_p/8, N_p)``. K is cut into chunks of 128; in chunk
+                  ``c`` the word at row ``16c + r`` holds, in nibble ``j`` (bits ``4j..4j+3``), the
+                  code of ``k = 128c + 16j + r``. Shifting a ``(16, BN)`` tile of words by ``4j``
+                  gives the 16 consecutive rows ``k = 128c + 16j + [0, 16)`` ("plane" ``j``), so the
+                  kernel unpacks with one shift and one mask per code and stacks planes in order.
+``"gpu_i8"``      int8 ``(K_p, N_p)``, the unsigned code minus 128 (so symmetric codes are the plain
+                  signed values ``q`` with ``x̂ = q·s``).
+================  ===============================================================================
+
+Scales and zeros keep their stored dtype (``scale_dtype``); zeros keep code units (asymmetric:
+``x̂ = (c - z)·s`` with ``c`` the unsigned code).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from qjax.errors import FormatError, ShapeError
+from qjax.formats import layout as blk
+from qjax.formats import packing
+from qjax.formats.uniform import Int
+from qjax.qarray import QArray
+
+CHUNK = 128  # K rows per chunk of the int4 layout
+N_ALIGN = 64  # N is padded to a multiple of this
+LAYOUTS = {"gpu_i4p": 4, "gpu_i8": 8}  # layout -> bits it stores
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def group_size(q: QArray) -> int | str:
+    """The group size along K of an ``Int`` QArray: an int, or ``"channel"``."""
+    return q.spec.group
+
+
+def check_repackable(q: QArray, layout: str) -> None:
+    """Raises a :class:`~qjax.QjaxError` naming why ``q`` cannot take ``layout``."""
+    if layout not in LAYOUTS:
+        raise FormatError(f"unknown kernel layout {layout!r}; known: {sorted(LAYOUTS)}")
+    spec = q.spec
+    if not isinstance(spec, Int):
+        raise FormatError(f"layout {layout!r} holds Int weights, got {spec.label()}")
+    if spec.bits != LAYOUTS[layout]:
+        raise FormatError(f"layout {layout!r} holds int{LAYOUTS[layout]}, got {spec.label()}")
+    if len(q.shape) != 2 or spec.axis % 2 != 0:
+        raise ShapeError(f"{layout}: needs a (K, N) weight with reduction axis 0, got {q!r}")
+    g = spec.group
+    if g != "channel" and not (isinstance(g, int) and (CHUNK % g == 0 or g % CHUNK == 0)):
+        raise ShapeError(
+            f"{layout}: group {g!r} must divide 128, be a multiple of 128, or be 'channel'"
+        )
+    if isinstance(g, int) and g < 16:
+        raise ShapeError(f"{layout}: group {g} is smaller than the kernels' 16-row MMA step")
+
+
+def _canonical_rows(q: QArray) -> int:
+    """``G·g``: the K length of the canonical blocked codes, ragged-group padding included."""
+    block = q.spec.block_for(q.shape)
+    return blk.grid_shape(q.shape, block)[0] * block[0]
+
+
+def padded_dims(q: QArray) -> tuple[int, int, int]:
+    """``(K_p, N_p, G_p)`` of the repacked arrays (see the module docstring)."""
+    k, n = q.shape
+    rows = _canonical_rows(q)
+    k_p, n_p = _round_up(rows, CHUNK), _round_up(n, N_ALIGN)
+    g = q.spec.group
+    g_p = 1 if g == "channel" else (k_p // g if g <= CHUNK else rows // g)
+    return k_p, n_p, g_p
+
+
+def _codes_kn(q: QArray) -> jnp.ndarray:
+    """Canonical QArray → unsigned codes ``(G·g, N)`` uint8, padding codes kept."""
+    block = q.spec.block_for(q.shape)
+    shape = (_canonical_rows(q), q.shape[1])
+    return blk.unblocked(q.spec.unpacked_codes(q), shape, block)
+
+
+def _pad2(a, rows: int, cols: int):
+    if a is None:
+        return None
+    return jnp.pad(a, [(0, rows - a.shape[0]), (0, cols - a.shape[1])])
+
+
+def repack(q: QArray, layout: str) -> QArray:
+    """Canonical ``Int`` QArray → the same weight in a kernel ``layout`` (module docstring)."""
+    if q.layout == layout:
+        return q
+    if q.layout != "canonical":
+        q = unrepack(q)
+    check_repackable(q, layout)
+    k_p, n_p, g_p = padded_dims(q)
+    codes = _pad2(_codes_kn(q), k_p, n_p).astype(jnp.uint32)
+    if layout == "gpu_i4p":
+        planes = codes.reshape(k_p // CHUNK, 8, 16, n_p)  # [c, j, r, n]: k = 128c + 16j + r
+        shifts = (4 * jnp.arange(8, dtype=jnp.uint32)).reshape(1, 8, 1, 1)
+        words = jnp.sum(planes << shifts, axis=1, dtype=jnp.uint32)  # disjoint bits: sum == or
+        packed = words.reshape(k_p // 8, n_p).view(jnp.int32)
+    else:
+        packed = (codes.astype(jnp.int32) - 128).astype(jnp.int8)
+    scales = _pad2(q.scales, g_p, n_p)
+    zeros = _pad2(q.zeros, g_p, n_p)
+    return q.replace(codes=packed, scales=scales, zeros=zeros, layout=layout)
+
+
+def unpack_codes(q: QArray) -> jnp.ndarray:
+    """Unsigned codes ``(K_p, N_p)`` uint8 of a repacked QArray (padding included)."""
+    if q.layout == "gpu_i4p":
+        words = q.codes.view(jnp.uint32)
+        k_p, n_p = words.shape[0] * 8, words.shape[1]
+        words = words.reshape(k_p // CHUNK, 1, 16, n_p)
+        shifts = (4 * jnp.arange(8, dtype=jnp.uint32)).reshape(1, 8, 1, 1)
+        codes = ((words >> shifts) & 0xF).reshape(k_p, n_p)
+    elif q.layout == "gpu_i8":
+        codes = q.codes.astype(jnp.int32) + 128
+    else:
+        raise FormatError(f"unpack_codes: unknown kernel layout {q.layout!r}")
+    return codes.astype(jnp.uint8)
+
+
+def unrepack(q: QArray) -> QArray:
+    """Inverse of :func:`repack`: the canonical QArray (bit-exact codes, scales and zeros)."""
+    if q.layout == "canonical":
+        return q
+    n = q.shape[1]
+    spec = q.spec
+    block = spec.block_for(q.shape)
+    g_real = blk.grid_shape(q.shape, block)[0]
+    codes_kn = unpack_codes(q)[: _canonical_rows(q), :n]
+    codes = packing.pack(blk.blocked(codes_kn, block), spec.bits)
+    scales = q.scales[:g_real, :n]
+    zeros = None if q.zeros is None else q.zeros[:g_real, :n]
+    return q.replace(codes=codes, scales=scales, zeros=zeros, layout="canonical")
+
+
+def dequantize(q: QArray) -> jnp.ndarray:
+    """``q.dequantize()`` for a QArray in any layout (canonical or a kernel layout)."""
+    return unrepack(q).dequantize()
+
+
+def dequantize_bf16(q: QArray) -> jnp.ndarray:
+    """Dequantizes a repacked QArray straight from its kernel layout, padded ``(K_p, N_p)`` bf16.
+
+    One elementwise pass that XLA fuses (``x̂ = (c - z)·s``); the large-M path runs XLA's bf16
+    ``dot`` on its result.
+    """
+    if q.layout == "gpu_i4p":
+        words = q.codes
+        k_p, n_p = words.shape[0] * 8, words.shape[1]
+        shifts = (4 * jnp.arange(8, dtype=jnp.int32)).reshape(1, 8, 1, 1)
+        c = ((words.reshape(k_p // CHUNK, 1, 16, n_p) >> shifts) & 0xF).reshape(k_p, n_p)
+        off = 8.0
+    elif q.layout == "gpu_i8":
+        c = q.codes
+        k_p, n_p = c.shape
+        off = 0.0
+    else:
+        raise FormatError(f"dequantize_bf16: unknown kernel layout {q.layout!r}")
+    reps = k_p // q.scales.shape[0]  # K rows per scale group
+
+    def per_k(a):  # (G_p, N_p) -> (K_p, N_p)
+        return jnp.repeat(a.astype(jnp.float32), reps, axis=0, total_repeat_length=k_p)
+
+    if q.spec.symmetric:
+        zero = off
+    else:
+        zero = per_k(q.zeros) - (128.0 if q.layout == "gpu_i8" else 0.0)
+    return ((c.astype(jnp.float32) - zero) * per_k(q.scales)).astype(jnp.bfloat16)
