@@ -10,9 +10,10 @@ from qjax.errors import QjaxError
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qjax.jobs import quantize_gguf_model
+    from qjax.jobs import RunConfig, run
 
-    quantize_gguf_model(args.model, args.preset)
+    fields = {f: getattr(args, f) for f in RunConfig.__dataclass_fields__}
+    run(RunConfig(**fields))
     return 0
 
 
@@ -33,9 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         return assets.cli(argv[1:])
     parser = argparse.ArgumentParser(prog="qjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="quantize a real model and report what happened")
-    run.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
-    run.add_argument("--preset", default="int4-g128", help="see `qjax presets`")
+    run = sub.add_parser("run", help="quantize a real model, report perplexity/KLD before/after")
+    from qjax.jobs import RunConfig
+
+    defaults = RunConfig()
+    run.add_argument("--model", default=defaults.model, choices=["smollm2", "gemma3"])
+    run.add_argument("--method", default=defaults.method, help="rtn | gptq | awq | hqq")
+    run.add_argument("--preset", default=defaults.preset, help="the grid; see `qjax presets`")
+    for name in ("samples", "length", "context", "windows", "seed"):
+        run.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     run.set_defaults(fn=_run)
     sub.add_parser("presets", help="list the named quantization presets").set_defaults(fn=_presets)
     sub.add_parser("assets", help="list / fetch the real models and text (qjax assets --help)")

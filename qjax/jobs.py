@@ -1,54 +1,79 @@
-"""The main job behind ``qjax run``: quantize a real GGUF model's weights and report the error.
+"""The main job behind ``qjax run``: quantize a real model and measure what it cost.
 
-Until the Flax models land this works on the weight tensors directly: every tensor of the GGUF is
-dequantized (our reader), the linear weights (``blk/N/{attn,ffn}_*``, PyTorch ``(out, in)``
-orientation, reduction axis 1) are quantized with the chosen preset through the rules engine, and
-``explain`` plus per-tensor SQNR against the dequantized reference are printed.
+Default: SmolLM2-135M-Instruct (real weights, from its GGUF), GPTQ W4 symmetric group 128 on
+every linear layer, calibrated on windows of the Wikipedia calibration split, then perplexity,
+KL divergence from the unquantized model and top-1 agreement on the Wikipedia *test* split
+(REFERENCE §2 protocol, ``qjax.eval``). The defaults are sized for a 2-core CPU (a few minutes):
+16 calibration windows of 512 tokens and the first 16 test windows of 512 tokens; ``--samples
+128 --length 2048 --context 2048 --windows -1`` is the full GPTQ-paper protocol (use a GPU).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
-import jax.numpy as jnp
+import jax
 import numpy as np
-from tqdm import tqdm
+from flax import nnx
 
-from qjax import assets, presets
-from qjax.convert.gguf import read_gguf
-from qjax.metrics import sqnr_db
-from qjax.rules import explain, quantize
+from qjax import assets, data
+from qjax.convert.gguf.load import load_gguf_model
+from qjax.eval import eval_windows, evaluate
+from qjax.methods import method_from_config
+from qjax.ptq.calibrate import calibration_tokens, quantize_model
+from qjax.rules import explain
+from qjax.tokenizer import tokenizer_from_gguf
 
-
-def gguf_tensors(name: str) -> dict:
-    """All tensors of a real GGUF model as a nested dict ``{"blk": {"0": {"attn_q": ...}}}``."""
-    reader = read_gguf(assets.path(name))
-    tree: dict = {}
-    for tname in tqdm(reader.tensors, desc=f"reading {name}", unit="tensor"):
-        node = tree
-        *parents, leaf = tname.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(reader.dequantize(tname))
-    return tree
+LINEARS = r"layers/\d+/(attn|mlp)/\w+_proj/kernel"
 
 
-def quantize_gguf_model(name: str = "smollm2", preset: str = "int4-g128") -> dict:
-    params = gguf_tensors(name)
-    linear = r"blk/\d+/(attn|ffn)_(q|k|v|output|gate|up|down)/weight"
-    rules = [(linear, presets.spec(preset, axis=1))]
-    explain(params, rules, default=None)
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: str = "smollm2"
+    method: str = "gptq"
+    preset: str = "int4-g128"
+    samples: int = 16
+    length: int = 512
+    context: int = 512
+    windows: int = 16  # -1: the whole test split
+    seed: int = 0
+
+
+def run(cfg: RunConfig) -> dict:
+    """Quantizes ``cfg.model`` with ``cfg.method`` and returns before/after metrics."""
+    path = assets.path(cfg.model)
+    _, model = load_gguf_model(path)
+    tok = tokenizer_from_gguf(path)
+    bos = tok.bos_id if tok.add_bos else None
+    method = method_from_config({"method": cfg.method, "preset": cfg.preset})
+    rules = [(LINEARS, method)]
+    explain(nnx.state(model, nnx.Param), rules, default=None)
+
+    def encode(text):
+        return tok.encode(text, add_bos=False)
+
     t0 = time.perf_counter()
-    qparams = quantize(params, rules, default=None)
-    seconds = time.perf_counter() - t0
-    sq = []
-    for i, block in qparams["blk"].items():
-        for tname, t in block.items():
-            if hasattr(t["weight"], "dequantize"):
-                ref = params["blk"][i][tname]["weight"]
-                sq.append(sqnr_db(np.asarray(ref), np.asarray(t["weight"].dequantize())))
+    calib = calibration_tokens(encode, cfg.samples, cfg.length, cfg.seed, bos_id=bos)
+    qparams, _ = quantize_model(model, rules, calib, default=None, batch_size=4)
+    jax.block_until_ready(qparams)
+    quantize_s = time.perf_counter() - t0
+
+    test = np.asarray(encode(data.test_text()), np.int32)
+    windows = eval_windows(test, cfg.context, bos, None if cfg.windows < 0 else cfg.windows)
+    graphdef, ref_params, rest = nnx.split(model, nnx.Param, ...)
+
+    def apply(params, tokens):
+        return nnx.merge(graphdef, params, rest)(tokens)
+
+    res = evaluate(apply, qparams, windows, ref_params=ref_params, desc="evaluating")
+    out = {"model": cfg.model, "method": method.label(), "quantize_s": quantize_s, **res.as_dict()}
     print(
-        f"{name}: quantized {len(sq)} linear weights with {preset} in {seconds:.1f} s; "
-        f"SQNR vs the dequantized GGUF: median {np.median(sq):.2f} dB, min {np.min(sq):.2f} dB"
+        f"\n{cfg.model}, {method.label()} (calibration {cfg.samples} × {cfg.length} tokens, "
+        f"{quantize_s:.0f} s)\n"
+        f"  test split: {res.tokens} tokens in {res.windows} windows of {res.context}\n"
+        f"  perplexity  {res.ref_ppl:.3f} (reference) → {res.ppl:.3f} (quantized)\n"
+        f"  KL divergence from the reference: mean {res.kld_mean:.4f}, p99 {res.kld_p99:.3f}\n"
+        f"  top-1 agreement with the reference: {100 * res.top1_agreement:.2f}%"
     )
-    return qparams
+    return out

@@ -15,6 +15,7 @@ ties to even code, and saturates at ±6 (e2m1 has no Inf/NaN; quantizers reject 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -44,11 +45,6 @@ def e2m1_encode(x: jnp.ndarray) -> jnp.ndarray:
 
 def e2m1_decode(codes: jnp.ndarray) -> jnp.ndarray:
     return jnp.asarray(E2M1_VALUES)[codes]
-
-
-def _fixed_block(spec, block: int, name: str) -> None:
-    if spec.block != block:
-        raise SpecError(f"{name} uses blocks of {block} by definition, got block={spec.block}")
 
 
 @register_format
@@ -81,17 +77,19 @@ class FP4(BlockFormat):
         return e2m1_decode(codes) * q.scales.astype(jnp.float32)[..., None]
 
 
-@register_format
 @dataclasses.dataclass(frozen=True)
-class MXFP4(BlockFormat):
-    """OCP MXFP4: e2m1 elements, blocks of 32, E8M0 power-of-two scales."""
+class _ScaledE2M1(BlockFormat):
+    """e2m1 codes in blocks of a size fixed by the format's definition (``BLOCK``)."""
 
-    name = "mxfp4"
-    block: int = 32
+    BLOCK: ClassVar[int] = 0
+    block: int = 0
     axis: int = 0
 
     def __post_init__(self):
-        _fixed_block(self, 32, "MXFP4")
+        if self.block != self.BLOCK:
+            raise SpecError(
+                f"{self.name} uses blocks of {self.BLOCK} by definition, got block={self.block}"
+            )
         super().__post_init__()
 
     @property
@@ -103,7 +101,17 @@ class MXFP4(BlockFormat):
         return 4
 
     def label(self) -> str:
-        return "mxfp4"
+        return self.name
+
+
+@register_format
+@dataclasses.dataclass(frozen=True)
+class MXFP4(_ScaledE2M1):
+    """OCP MXFP4: e2m1 elements, blocks of 32, E8M0 power-of-two scales."""
+
+    name = "mxfp4"
+    BLOCK = 32
+    block: int = 32
 
     def encode_blocks(self, xb):
         amax = jnp.max(jnp.abs(xb), axis=-1)
@@ -120,27 +128,12 @@ class MXFP4(BlockFormat):
 
 @register_format
 @dataclasses.dataclass(frozen=True)
-class NVFP4(BlockFormat):
+class NVFP4(_ScaledE2M1):
     """NVFP4: e2m1 elements, blocks of 16, e4m3 block scales and one fp32 tensor scale."""
 
     name = "nvfp4"
+    BLOCK = 16
     block: int = 16
-    axis: int = 0
-
-    def __post_init__(self):
-        _fixed_block(self, 16, "NVFP4")
-        super().__post_init__()
-
-    @property
-    def group(self) -> int:
-        return self.block
-
-    @property
-    def code_bits(self) -> int:
-        return 4
-
-    def label(self) -> str:
-        return "nvfp4"
 
     def encode_blocks(self, xb):
         e4m3_max = float(jnp.finfo(jnp.float8_e4m3fn).max)

@@ -99,7 +99,7 @@ def _gptq_core(
             def new_grid(_):
                 chunk = jax.lax.dynamic_slice(w1, (0, i), (n, group))
                 gs, gz = spec.grid(chunk)
-                return gs.astype(jnp.float32), gz
+                return gs.astype(w1.dtype), gz.astype(w1.dtype)
 
             s, z = jax.lax.cond(j % group == 0, new_grid, lambda _: (s, z), None)
             gi = j // group
@@ -131,8 +131,8 @@ def _gptq_core(
     init = (
         w,
         jnp.zeros((n, kp), jnp.uint8),
-        jnp.zeros((n, n_groups), jnp.float32),
-        jnp.zeros((n, n_groups), jnp.float32),
+        jnp.zeros((n, n_groups), w.dtype),
+        jnp.zeros((n, n_groups), w.dtype),
         static_scale[:, 0],
         static_zero[:, 0],
     )
@@ -168,8 +168,11 @@ def gptq_quantize(
     if not per_channel and block_size % group and group % block_size:
         raise SpecError(f"{where}: group {group} and block size {block_size} must nest")
     bs = block_size if per_channel or group <= block_size else group
-    w = jnp.asarray(w, jnp.float32)
-    h, w = _prepare_hessian(jnp.asarray(h, jnp.float32), w, damp)
+    # float32 at least; float64 when given float64 inputs with jax_enable_x64 (used by the tests
+    # to show that the remaining differences from a float64 reference are float32 rounding)
+    dt = jnp.result_type(jnp.asarray(w).dtype, jnp.asarray(h).dtype, jnp.float32)
+    w = jnp.asarray(w, dt)
+    h, w = _prepare_hessian(jnp.asarray(h, dt), w, damp)
     perm = None
     if act_order:
         perm = jnp.argsort(-jnp.diag(h), stable=True)
@@ -186,19 +189,19 @@ def gptq_quantize(
         )
     if per_channel:  # one grid per row, from the original weights
         s, z = spec.grid(w[:, :k])
-        static = (s.astype(jnp.float32)[:, None], z[:, None])
+        static = (s.astype(dt)[:, None], z.astype(dt)[:, None])
         group_of_col = jnp.zeros(kp, jnp.int32)
         n_groups, static_grid = 1, True
     elif act_order and static_groups:  # grids of the original column order, fixed up front
         n_groups = math.ceil(k / group)
         orig = jnp.pad(w[:, jnp.argsort(perm)][:, :k], ((0, 0), (0, n_groups * group - k)))
         s, z = spec.grid(orig.reshape(n, n_groups, group))
-        static = (s.astype(jnp.float32), z)
+        static = (s.astype(dt), z.astype(dt))
         group_of_col = jnp.concatenate([perm // group, jnp.zeros(pad, perm.dtype)])
         static_grid = True
     else:
         n_groups = kp // group
-        static = (jnp.zeros((n, n_groups), jnp.float32), jnp.zeros((n, n_groups), jnp.float32))
+        static = (jnp.zeros((n, n_groups), dt), jnp.zeros((n, n_groups), dt))
         group_of_col = jnp.zeros(kp, jnp.int32)
         static_grid = False
     codes, scale, zero = _gptq_core(

@@ -42,6 +42,7 @@ def gptq_reference(w, h, bits, group, sym, damp=0.01, act_order=False, static_gr
     w, h = w[:, perm], h[perm][:, perm]
     u = np.linalg.cholesky(np.linalg.inv(h)).T
     codes = np.zeros((n, k), np.int64)
+    scales = np.zeros((n, -(-k // g)))
     s = z = None
     for j in range(k):
         if group == "channel":
@@ -52,9 +53,13 @@ def gptq_reference(w, h, bits, group, sym, damp=0.01, act_order=False, static_gr
             s, z = grid(orig[:, gi * g : (gi + 1) * g], bits, sym)
         elif j % g == 0:
             s, z = grid(w[:, j : j + g], bits, sym)
+        gi = 0 if group == "channel" else (perm[j] if static_groups else j) // g
+        scales[:, gi] = s
         c = np.clip(np.round(w[:, j] / s) + z, 0, qmax)
         err = (w[:, j] - (c - z) * s) / u[j, j]
         w[:, j:] -= np.outer(err, u[j, j:])
         codes[:, j] = c
     inv = np.argsort(perm)
-    return codes[:, inv] if (group == "channel" or static_groups or not act_order) else codes, perm
+    if group == "channel" or static_groups or not act_order:
+        codes = codes[:, inv]
+    return codes, perm, scales
