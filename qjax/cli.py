@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("samples", "length", "context", "windows", "seed"):
         run.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     run.set_defaults(fn=_run)
+    ev = sub.add_parser("eval", help="perplexity of a real model (optionally quantized, with KLD)")
+    ev.add_argument("--model", default=defaults.model, choices=["smollm2", "gemma3"])
+    ev.add_argument("--method", default="none", help="none | rtn | gptq | awq | hqq")
+    ev.add_argument("--preset", default=defaults.preset)
+    for name in ("samples", "length", "context", "windows", "seed"):
+        ev.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    ev.set_defaults(fn=_run)
     sub.add_parser("presets", help="list the named quantization presets").set_defaults(fn=_presets)
     sub.add_parser("assets", help="list / fetch the real models and text (qjax assets --help)")
     args = parser.parse_args(argv)

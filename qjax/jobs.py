@@ -40,13 +40,35 @@ class RunConfig:
     seed: int = 0
 
 
+def _test_windows(tok, cfg: RunConfig, bos):
+    test = np.asarray(tok.encode(data.test_text(), add_bos=False), np.int32)
+    return eval_windows(test, cfg.context, bos, None if cfg.windows < 0 else cfg.windows)
+
+
 def run(cfg: RunConfig) -> dict:
-    """Quantizes ``cfg.model`` with ``cfg.method`` and returns before/after metrics."""
+    """Quantizes ``cfg.model`` with ``cfg.method`` and returns before/after metrics.
+
+    ``method="none"`` only evaluates the unquantized model (``qjax eval``).
+    """
+    method = None
+    if cfg.method != "none":  # a bad method or preset fails before anything is loaded
+        method = method_from_config({"method": cfg.method, "preset": cfg.preset})
     path = assets.path(cfg.model)
     _, model = load_gguf_model(path)
     tok = tokenizer_from_gguf(path)
     bos = tok.bos_id if tok.add_bos else None
-    method = method_from_config({"method": cfg.method, "preset": cfg.preset})
+    graphdef, ref_params, rest = nnx.split(model, nnx.Param, ...)
+
+    def apply(params, tokens):
+        return nnx.merge(graphdef, params, rest)(tokens)
+
+    if cfg.method == "none":
+        res = evaluate(apply, ref_params, _test_windows(tok, cfg, bos), desc="evaluating")
+        print(
+            f"\n{cfg.model} (unquantized): perplexity {res.ppl:.3f} on {res.tokens} test "
+            f"tokens ({res.windows} windows of {res.context}), {res.seconds:.0f} s"
+        )
+        return {"model": cfg.model, "method": "none", **res.as_dict()}
     rules = [(LINEARS, method)]
     explain(nnx.state(model, nnx.Param), rules, default=None)
 
@@ -59,13 +81,7 @@ def run(cfg: RunConfig) -> dict:
     jax.block_until_ready(qparams)
     quantize_s = time.perf_counter() - t0
 
-    test = np.asarray(encode(data.test_text()), np.int32)
-    windows = eval_windows(test, cfg.context, bos, None if cfg.windows < 0 else cfg.windows)
-    graphdef, ref_params, rest = nnx.split(model, nnx.Param, ...)
-
-    def apply(params, tokens):
-        return nnx.merge(graphdef, params, rest)(tokens)
-
+    windows = _test_windows(tok, cfg, bos)
     res = evaluate(apply, qparams, windows, ref_params=ref_params, desc="evaluating")
     out = {"model": cfg.model, "method": method.label(), "quantize_s": quantize_s, **res.as_dict()}
     print(

@@ -258,3 +258,36 @@ def test_llama_written_by_transformers(smollm2_hf):
         np.testing.assert_array_equal(value, state[name], err_msg=name)
     assert tensors["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
     assert tensors["model.embed_tokens.weight"].shape == (49152, 576)
+
+
+@pytest.fixture(scope="module")
+def gemma3_hf_sharded(tmp_path_factory):
+    """Gemma 3 loaded by transformers from its GGUF and saved *sharded* (200 MB shards)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    gguf = assets.path("gemma3")
+    src = tmp_path_factory.mktemp("gemma3_gguf")
+    os.symlink(gguf, src / gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        src, gguf_file=gguf.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    out = tmp_path_factory.mktemp("gemma3_hf")
+    model.save_pretrained(out, max_shard_size="200MB")
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return out, state
+
+
+def test_gemma3_written_sharded_by_transformers(gemma3_hf_sharded):
+    directory, state = gemma3_hf_sharded
+    assert (directory / "model.safetensors.index.json").is_file()
+    assert len(list(directory.glob("model-*.safetensors"))) > 1
+    config, tensors = read_hf_checkpoint(directory)
+    assert "gemma3" in config["model_type"]
+    tied = {k for k in state if k.endswith("lm_head.weight")}
+    assert set(tensors) == set(state) - tied
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(value, state[name], err_msg=name)
