@@ -164,6 +164,9 @@ def main(argv=None) -> int:
     p.add_argument("--token-cache", type=Path, help="directory for precomputed token ids")
     p.add_argument("--methods", help="regex: keep only method configs whose JSON matches it")
     p.add_argument("--calib-length", type=int, help="override calibration window length")
+    p.add_argument("--calib-samples", type=int, help="override the number of calibration windows")
+    p.add_argument("--contexts", type=int, nargs="*", help="override config.contexts")
+    p.add_argument("--name", help="override config.name (the results file name)")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     args = p.parse_args(argv)
     cfg = load_config(args.config)
@@ -173,6 +176,12 @@ def main(argv=None) -> int:
         cfg.methods = [m for m in cfg.methods if re.search(args.methods, json.dumps(dict(m)))]
     if args.calib_length:
         cfg.calibration["length"] = args.calib_length
+    if args.calib_samples:
+        cfg.calibration["samples"] = args.calib_samples
+    if args.contexts:
+        cfg.contexts = args.contexts
+    if args.name:
+        cfg.name = args.name
     models = args.models or list(cfg.models)
     out = args.out / cfg.name
     out.mkdir(parents=True, exist_ok=True)

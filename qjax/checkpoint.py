@@ -6,8 +6,8 @@ beside them, so :func:`load` needs no target tree and returns bit-identical arra
 metadata. Writing goes to a temporary directory that is renamed into place at the end: a failed
 save leaves nothing behind. No pickle anywhere.
 
-Supported containers: dicts with string keys, lists, tuples, ``None`` and Python scalars; a Flax
-NNX ``State`` is saved as its pure dict (restore it with ``nnx.replace_by_pure_dict``).
+Supported containers: dicts with str or int keys, lists, tuples, ``None`` and Python scalars; a
+Flax NNX ``State`` is saved as its pure dict (put it back with ``nnx.replace_by_pure_dict``).
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ def _encode(node: Any, arrays: dict, where: str) -> Any:
     if hasattr(node, "to_pure_dict"):  # flax.nnx.State
         return _encode(node.to_pure_dict(), arrays, where)
     if isinstance(node, dict):
-        bad = [k for k in node if not isinstance(k, str)]
+        bad = [k for k in node if not isinstance(k, str | int) or isinstance(k, bool)]
         if bad:
-            raise FormatError(f"{where}: checkpoint dict keys must be strings, got {bad[:3]}")
-        return {
+            raise FormatError(f"{where}: checkpoint dict keys must be str or int, got {bad[:3]}")
+        return {  # [key, value] pairs: JSON keeps int keys (NNX list indices) as ints
             "t": "dict",
-            "items": {k: _encode(v, arrays, f"{where}/{k}") for k, v in node.items()},
+            "items": [[k, _encode(v, arrays, f"{where}/{k}")] for k, v in node.items()],
         }
     if isinstance(node, list | tuple):
         return {
@@ -83,7 +83,7 @@ def _decode(node: dict, arrays: dict) -> Any:
             layout=node["layout"],
         )
     if t == "dict":
-        return {k: _decode(v, arrays) for k, v in node["items"].items()}
+        return {k: _decode(v, arrays) for k, v in node["items"]}
     if t in ("list", "tuple"):
         items = [_decode(v, arrays) for v in node["items"]]
         return items if t == "list" else tuple(items)

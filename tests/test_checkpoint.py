@@ -47,6 +47,24 @@ def test_existing_path_and_failed_save_leave_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
+def test_nnx_state_with_quantized_kernels_roundtrips(tmp_path):
+    from flax import nnx
+
+    model = nnx.Sequential(
+        nnx.Linear(64, 32, rngs=nnx.Rngs(0)), nnx.Linear(32, 8, rngs=nnx.Rngs(1))
+    )
+    state = nnx.state(model, nnx.Param)
+    qstate = qjax.quantize(state, [(r".*kernel", qjax.Int(4, group=32)), (r".*bias", None)])
+    qjax.save(tmp_path / "ck", qstate)
+    back = qjax.load(tmp_path / "ck")  # a pure dict, int keys for the layer list
+    restored = nnx.state(nnx.clone(model), nnx.Param)
+    nnx.replace_by_pure_dict(restored, back)
+    a = restored["layers"][1]["kernel"].get_value()
+    b = qstate["layers"][1]["kernel"].get_value()
+    assert isinstance(a, qjax.QArray) and a.spec == b.spec
+    np.testing.assert_array_equal(a.dequantize(), b.dequantize())
+
+
 def test_load_rejects_non_checkpoints(tmp_path):
     with pytest.raises(qjax.FormatError, match="not a qjax checkpoint"):
         qjax.load(tmp_path)
