@@ -7,6 +7,7 @@ dataclass, e.g. ``{"method": "gptq", "preset": "int4-g128", "act_order": True}``
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from qjax.algorithms import RTN
@@ -33,7 +34,5 @@ def method_from_config(config: dict) -> Any:
         raise SpecError(f"method {name!r} needs a 'preset' naming its grid")
     spec = preset_spec(preset)
     if name == "hqq" and spec.symmetric:  # HQQ optimizes a zero point: asymmetric twin
-        import dataclasses
-
         spec = dataclasses.replace(spec, symmetric=False, scale_dtype="float16")
     return METHODS[name](spec, **options)
