@@ -8,6 +8,7 @@
 from qjax.convert.gguf.constants import BLOCK_SIZES, GGMLType, GGUFValueType
 from qjax.convert.gguf.quants import DEQUANTIZABLE, QUANTIZABLE, dequantize, quantize, row_bytes
 from qjax.convert.gguf.reader import GGUFReader, TensorInfo, read_gguf
+from qjax.convert.gguf.writer import copy_gguf, export_llama_params, infer_value_types, write_gguf
 
 __all__ = [
     "BLOCK_SIZES",
@@ -17,8 +18,12 @@ __all__ = [
     "GGUFValueType",
     "QUANTIZABLE",
     "TensorInfo",
+    "copy_gguf",
     "dequantize",
+    "export_llama_params",
+    "infer_value_types",
     "quantize",
     "read_gguf",
     "row_bytes",
+    "write_gguf",
 ]
