@@ -318,6 +318,29 @@ class DecoderLM(nnx.Module):
     lm_head: Linear | None
     logit_softcap: float | None = None
 
+    def _init_trunk(
+        self,
+        config,
+        embed: Embed,
+        layers: list,
+        final_norm: RMSNorm,
+        logit_softcap: float | None,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any,
+    ) -> None:
+        """Sets the parts every decoder shares; an untied config gets its own ``lm_head``."""
+        self.config = config
+        self.embed = embed
+        self.layers = nnx.List(layers)
+        self.final_norm = final_norm
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else Linear(config.d_model, config.vocab_size, rngs=rngs, dtype=dtype)
+        )
+        self.logit_softcap = logit_softcap
+
     def head(self, h: jax.Array) -> jax.Array:
         """Final norm, LM head (tied: ``h @ Eᵀ``), then ``c·tanh(logits/c)`` if soft-capped."""
         h = self.final_norm(h)

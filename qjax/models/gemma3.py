@@ -47,7 +47,6 @@ from qjax.models.common import (
     Embed,
     GatedMLP,
     KVCache,
-    Linear,
     RMSNorm,
     attention_scale,
     default_positions,
@@ -142,15 +141,13 @@ class Gemma3(DecoderLM):
     def __init__(self, config: Gemma3Config, *, rngs: nnx.Rngs | None = None, dtype: Any = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         dtype = dtype or jax.numpy.float32
-        c = self.config = config
-        self.embed = Embed(
-            c.vocab_size, c.d_model, scale=math.sqrt(c.d_model), rngs=rngs, dtype=dtype
+        c = config
+        self._init_trunk(
+            c,
+            Embed(c.vocab_size, c.d_model, scale=math.sqrt(c.d_model), rngs=rngs, dtype=dtype),
+            [Gemma3Block(c, i, rngs=rngs, dtype=dtype) for i in range(c.n_layers)],
+            RMSNorm(c.d_model, eps=c.rms_eps, offset=1.0, dtype=dtype),
+            c.final_logit_softcap,
+            rngs=rngs,
+            dtype=dtype,
         )
-        self.layers = nnx.List(
-            [Gemma3Block(c, i, rngs=rngs, dtype=dtype) for i in range(c.n_layers)]
-        )
-        self.final_norm = RMSNorm(c.d_model, eps=c.rms_eps, offset=1.0, dtype=dtype)
-        self.lm_head = (
-            None if c.tie_embeddings else Linear(c.d_model, c.vocab_size, rngs=rngs, dtype=dtype)
-        )
-        self.logit_softcap = c.final_logit_softcap

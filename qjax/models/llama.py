@@ -33,7 +33,6 @@ from qjax.models.common import (
     Embed,
     GatedMLP,
     KVCache,
-    Linear,
     RMSNorm,
     attention_scale,
     default_positions,
@@ -91,11 +90,13 @@ class Llama(DecoderLM):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs | None = None, dtype: Any = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         dtype = dtype or jax.numpy.float32
-        c = self.config = config
-        self.embed = Embed(c.vocab_size, c.d_model, rngs=rngs, dtype=dtype)
-        self.layers = nnx.List([LlamaBlock(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)])
-        self.final_norm = RMSNorm(c.d_model, eps=c.rms_eps, dtype=dtype)
-        self.lm_head = (
-            None if c.tie_embeddings else Linear(c.d_model, c.vocab_size, rngs=rngs, dtype=dtype)
+        c = config
+        self._init_trunk(
+            c,
+            Embed(c.vocab_size, c.d_model, rngs=rngs, dtype=dtype),
+            [LlamaBlock(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)],
+            RMSNorm(c.d_model, eps=c.rms_eps, dtype=dtype),
+            None,
+            rngs=rngs,
+            dtype=dtype,
         )
-        self.logit_softcap = None

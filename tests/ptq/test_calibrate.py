@@ -21,8 +21,9 @@ def model_and_tokens():
     return model, tokens
 
 
-def test_hessians_are_those_of_the_true_layer_inputs(model_and_tokens, monkeypatch):
-    model, tokens = model_and_tokens
+@pytest.fixture
+def seen_hessians(monkeypatch):
+    """``{param path: Hessian}`` handed to each method by the engine (records, then delegates)."""
     seen = {}
     real = calibrate._apply
 
@@ -31,6 +32,12 @@ def test_hessians_are_those_of_the_true_layer_inputs(model_and_tokens, monkeypat
         return real(method, weight, stats, key, where)
 
     monkeypatch.setattr(calibrate, "_apply", spy)
+    return seen
+
+
+def test_hessians_are_those_of_the_true_layer_inputs(model_and_tokens, seen_hessians):
+    model, tokens = model_and_tokens
+    seen = seen_hessians
     calibrate.quantize_model(
         model,
         [(LINEARS, GPTQ(qjax.Int(4, group=32)))],
@@ -49,16 +56,9 @@ def test_hessians_are_those_of_the_true_layer_inputs(model_and_tokens, monkeypat
     assert seen["layers/1/mlp/down_proj/kernel"].shape == (CFG.d_ff, CFG.d_ff)
 
 
-def test_later_blocks_see_the_quantized_outputs_of_earlier_ones(model_and_tokens, monkeypatch):
+def test_later_blocks_see_the_quantized_outputs_of_earlier_ones(model_and_tokens, seen_hessians):
     model, tokens = model_and_tokens
-    seen = {}
-    real = calibrate._apply
-
-    def spy(method, weight, stats, key, where):
-        seen[where] = stats.hessian
-        return real(method, weight, stats, key, where)
-
-    monkeypatch.setattr(calibrate, "_apply", spy)
+    seen = seen_hessians
     rules = [(LINEARS, GPTQ(qjax.Int(2, group="channel")))]
     qstate, _ = calibrate.quantize_model(model, rules, tokens, default=None, progress=False)
     qmodel = nnx.clone(model)
