@@ -31,5 +31,6 @@ def get_config() -> ml_collections.ConfigDict:
             {"method": "awq", "preset": g, "then": "gptq"},
         ]
     methods.append({"method": "smoothquant", "alpha": 0.5, "act": "static"})
+    methods.append({"method": "smoothquant", "alpha": 0.5, "act": "dynamic"})
     c.methods = methods
     return c

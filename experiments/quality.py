@@ -155,9 +155,67 @@ def markdown(rows: list, title: str, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+_METHOD_ORDER = ("RTN", "HQQ", "GPTQ", "AWQ", "AWQ+GPTQ", "SmoothQuant")
+
+
+def _row_order(row: dict) -> tuple:
+    """Reference first, then by bits (high → low), grouped before per-channel, then method."""
+    label = row["method"]
+    if label.startswith("reference"):
+        return (row["model"], row["context"], 0)
+    bits = re.search(r"int(\d)", label)
+    first = label.split()[0]
+    return (
+        row["model"],
+        row["context"],
+        1,
+        -int(bits.group(1)) if bits else -8,
+        "per-channel" in label,
+        _METHOD_ORDER.index(first) if first in _METHOD_ORDER else len(_METHOD_ORDER),
+        "act-order" in label,
+    )
+
+
+def merge(paths: list[Path], name: str, out: Path) -> Path:
+    """Joins the JSON results of several runs (e.g. parallel processes) into ``out/name.*``.
+
+    Reference rows of the same model and context must agree (they are the same computation);
+    each row keeps the command that made it.
+    """
+    rows, refs, metas = [], {}, []
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        metas.append({k: res[k] for k in ("command", "jax", "device", "config")})
+        for row in res["rows"]:
+            row = {**row, "command": res["command"]}
+            if row["method"].startswith("reference"):
+                key = (row["model"], row["context"])
+                if key in refs:
+                    if abs(refs[key]["ppl"] - row["ppl"]) > 1e-6 * row["ppl"]:
+                        raise ValueError(f"reference rows differ for {key}: {path}")
+                    continue
+                refs[key] = row
+            rows.append(row)
+    rows.sort(key=_row_order)
+    out.mkdir(parents=True, exist_ok=True)
+    commands = sorted({m["command"] for m in metas})
+    (out / f"{name}.json").write_text(json.dumps({"runs": metas, "rows": rows}, indent=1))
+    devices = ", ".join(sorted({m["device"] for m in metas}))
+    md = markdown(rows, f"{name} ({devices})", commands[0])
+    if len(commands) > 1:
+        md = md.replace(
+            f"Command: `{commands[0]}`",
+            "Commands (one process each, merged with `--merge`):\n\n"
+            + "\n".join(f"- `{c}`" for c in commands),
+        )
+    (out / f"{name}.md").write_text(md)
+    return out / f"{name}.md"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", help="an ml_collections config file (configs/*.py)")
+    p.add_argument("--merge", type=Path, nargs="*", help="JSON results to join into --out/--name")
     p.add_argument("--models", nargs="*", help="override config.models")
     p.add_argument("--max-windows", type=int, help="override config.max_windows (smoke tests)")
     p.add_argument("--gguf-dir", type=Path, help="<dir>/<model>.gguf instead of qjax.assets")
@@ -169,6 +227,11 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="override config.name (the results file name)")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     args = p.parse_args(argv)
+    if args.merge:
+        print(merge(args.merge, args.name or "merged", args.out))
+        return 0
+    if not args.config:
+        p.error("--config is required unless --merge is given")
     cfg = load_config(args.config)
     if args.max_windows is not None:
         cfg.max_windows = args.max_windows

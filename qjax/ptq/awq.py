@@ -23,6 +23,7 @@ scaled weights with the Hessian of the scaled inputs, ``D⁻¹ H D⁻¹`` (AWQ +
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -51,10 +52,28 @@ def _output_error(delta: jax.Array, h: jax.Array) -> jax.Array:
     return jnp.sum(delta * (h @ delta))
 
 
-@jax.jit
 def _normalize(s):
     s = jnp.maximum(s, 1e-4)
     return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+
+
+def _alpha_grid(n_grid: int) -> jax.Array:
+    return jnp.arange(n_grid, dtype=jnp.float32) / n_grid
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "n_grid"))
+def _scale_search(w, h, x_mean, *, spec: Int, n_grid: int):
+    """Output error for every α of the grid (one compiled program per shape and spec)."""
+    w_mean = jnp.maximum(_group_mean_abs(w, spec), 1e-12)
+
+    def loss(alpha):
+        s = _normalize(jnp.power(x_mean, alpha) / jnp.power(w_mean, 1 - alpha))
+        delta = _fake_quant(w * s[:, None], spec) / s[:, None] - w
+        return _output_error(delta, h)
+
+    errs = jax.lax.map(loss, _alpha_grid(n_grid))
+    alpha = _alpha_grid(n_grid)[jnp.argmin(errs)]  # first minimum, as a strict < scan would pick
+    return _normalize(jnp.power(x_mean, alpha) / jnp.power(w_mean, 1 - alpha)), alpha
 
 
 def search_scales(
@@ -62,28 +81,12 @@ def search_scales(
 ) -> tuple[jax.Array, float]:
     """The AWQ per-input-channel scales ``s (K,)`` for kernels sharing one input, and ``α*``."""
     w = jnp.concatenate([k.astype(jnp.float32) for k in kernels], axis=1)
-    w_mean = _group_mean_abs(w, spec)
-    x_mean = x_abs_mean.astype(jnp.float32)
-
-    @jax.jit
-    def loss(alpha):
-        s = _normalize(jnp.power(x_mean, alpha) / jnp.power(jnp.maximum(w_mean, 1e-12), 1 - alpha))
-        delta = _fake_quant(w * s[:, None], spec) / s[:, None] - w
-        return _output_error(delta, h), s
-
-    best, best_s, best_alpha = jnp.inf, None, 0.0
-    for i in range(n_grid):
-        alpha = i / n_grid
-        err, s = loss(alpha)
-        if float(err) < best:
-            best, best_s, best_alpha = float(err), s, alpha
-    return best_s, best_alpha
+    s, alpha = _scale_search(w, h, x_abs_mean.astype(jnp.float32), spec=spec, n_grid=n_grid)
+    return s, float(alpha)
 
 
-def search_clip(
-    w: jax.Array, h: jax.Array, spec: Int, n_grid: int = 20, max_shrink: float = 0.5
-) -> jax.Array:
-    """``w (K, N)`` clipped per (group, output channel) to the best shrink ratio of its range."""
+@functools.partial(jax.jit, static_argnames=("spec", "ratios"))
+def _clip_search(w, h, *, spec: Int, ratios: tuple[float, ...]):
     k, n = w.shape
     group = k if spec.group == "channel" else spec.group
     n_groups = -(-k // group)
@@ -95,26 +98,34 @@ def search_clip(
     lo = jnp.min(wp, axis=1, keepdims=True)
     amax = jnp.maximum(jnp.abs(hi), jnp.abs(lo))
 
-    @jax.jit
-    def err_for(r):
+    def clip(r):
         if spec.symmetric:
-            clipped = jnp.clip(wp, -r * amax, r * amax)
-        else:
-            clipped = jnp.clip(wp, r * lo, r * hi)
-        q = _fake_quant(clipped.reshape(-1, n)[:k], spec)
-        delta = jnp.pad(q, ((0, pad), (0, 0))).reshape(n_groups, group, n) - wp
-        return jnp.einsum("gin,gij,gjn->gn", delta, h_blocks, delta), clipped
+            return jnp.clip(wp, -r * amax, r * amax)
+        return jnp.clip(wp, r * lo, r * hi)
 
-    best_err, best = None, wp
-    for i in range(int(n_grid * max_shrink)):
-        err, clipped = err_for(1 - i / n_grid)
-        if best_err is None:
-            best_err, best = err, clipped
-        else:
-            better = (err < best_err)[:, None, :]
-            best = jnp.where(better, clipped, best)
-            best_err = jnp.minimum(err, best_err)
-    return best.reshape(-1, n)[:k].astype(w.dtype)
+    def err_for(r):
+        q = _fake_quant(clip(r).reshape(-1, n)[:k], spec)
+        delta = jnp.pad(q, ((0, pad), (0, 0))).reshape(n_groups, group, n) - wp
+        return jnp.einsum("gin,gij,gjn->gn", delta, h_blocks, delta)
+
+    def step(carry, r):
+        best_err, best_r = carry
+        err = err_for(r)
+        better = err < best_err  # strict: the first (largest) ratio wins ties
+        return (jnp.where(better, err, best_err), jnp.where(better, r, best_r)), None
+
+    r = jnp.asarray(ratios, jnp.float32)
+    init = (jnp.full((n_groups, n), jnp.inf, jnp.float32), jnp.ones((n_groups, n), jnp.float32))
+    (_, best_r), _ = jax.lax.scan(step, init, r)
+    return clip(best_r[:, None, :]).reshape(-1, n)[:k].astype(w.dtype)
+
+
+def search_clip(
+    w: jax.Array, h: jax.Array, spec: Int, n_grid: int = 20, max_shrink: float = 0.5
+) -> jax.Array:
+    """``w (K, N)`` clipped per (group, output channel) to the best shrink ratio of its range."""
+    ratios = tuple(1 - i / n_grid for i in range(int(n_grid * max_shrink)))
+    return _clip_search(w, h, spec=spec, ratios=ratios)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ zero is stored in the spec's ``scale_dtype`` (use float16 for its finer resoluti
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -35,6 +36,9 @@ def shrink_lp(x: jax.Array, beta: float, p: float) -> jax.Array:
     return jnp.sign(x) * jax.nn.relu(mag - jnp.power(mag + 1e-12, p - 1.0) / beta)
 
 
+@functools.partial(
+    jax.jit, static_argnames=("spec", "p", "beta", "kappa", "iters", "optimize_scale")
+)
 def hqq_blocks(
     xb: jax.Array,
     spec: Int,
