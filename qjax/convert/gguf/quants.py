@@ -45,9 +45,17 @@ quarter ``j = 0..3``, lane ``l = 0..31``) or ``e = 32 s + l`` (sub-block ``s = 0
   are ``ql[64 h + 32 (j % 2) + l] >> 4 (j // 2) & 15``, high 2 bits ``(qh[32 h + l] >> 2 j) & 3``;
   ``y = (d * scales[e // 16]) * (q - 32)``.
 
+Non-linear 32-element blocks:
+
+* ``IQ4_NL`` (18 B): ``d: f16, qs: u8[16]``; ``q`` as Q4_0; ``y = d * T[q]`` with the fixed
+  int8 table ``T = IQ4NL_VALUES`` (-127 .. 113).
+
 Quantizers (``Q8_0``, ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``, plus ``F32``/``F16``/``BF16``) follow
 ggml's reference round-to-nearest encoders (see :func:`quantize`) and produce the same bytes as
-gguf-py's ``gguf.quants.quantize``.
+gguf-py's ``gguf.quants.quantize``. The K-quants (``Q2_K`` .. ``Q6_K``) and ``IQ4_NL`` encoders,
+and the importance-matrix (``imatrix``) variants of ``Q4_0``/``Q4_1``/``Q5_0``/``Q5_1``, live in
+:mod:`qjax.convert.gguf.kquants` and produce the same bytes as llama.cpp's
+``ggml_quantize_chunk``.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from qjax.errors import FormatError, NonFiniteError, ShapeError, SpecError
 __all__ = [
     "BLOCK_DTYPES",
     "DEQUANTIZABLE",
+    "IQ4NL_VALUES",
     "QUANTIZABLE",
     "dequantize",
     "quantize",
@@ -87,7 +96,13 @@ BLOCK_DTYPES: dict[GGMLType, np.dtype] = {
     GGMLType.Q6_K: np.dtype(
         [("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", _F16)]
     ),
+    GGMLType.IQ4_NL: np.dtype([("d", _F16), ("qs", "u1", 16)]),
 }
+
+#: The 16 levels of IQ4_NL (ggml's ``kvalues_iq4nl``), as float32.
+IQ4NL_VALUES = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32
+)
 
 # Elements decoded per chunk: bounds the temporaries of a large tensor to a few MiB.
 _CHUNK_ELEMENTS = 1 << 20
@@ -241,6 +256,11 @@ def _dq_q6_k(b: np.ndarray) -> np.ndarray:
     return (dl[:, :, None] * _f32(q).reshape(n, 16, 16)).reshape(n, 256)
 
 
+def _dq_iq4_nl(b: np.ndarray) -> np.ndarray:
+    """IQ4_NL, 18 B = d f16 | qs u8[16] (nibbles as Q4_0): ``y = d * IQ4NL_VALUES[q]``."""
+    return _f32(b["d"])[:, None] * IQ4NL_VALUES[_nibbles(b["qs"])]
+
+
 _BLOCK_DEQUANT: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
     GGMLType.Q8_0: _dq_q8_0,
     GGMLType.Q4_0: _dq_q4_0,
@@ -252,6 +272,7 @@ _BLOCK_DEQUANT: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
     GGMLType.Q4_K: _dq_q4_k,
     GGMLType.Q5_K: _dq_q5_k,
     GGMLType.Q6_K: _dq_q6_k,
+    GGMLType.IQ4_NL: _dq_iq4_nl,
 }
 
 _PLAIN = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
@@ -403,7 +424,12 @@ _BLOCK_QUANT: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
     GGMLType.Q5_1: _q_q5_1,
 }
 
-QUANTIZABLE: frozenset[GGMLType] = frozenset(_PLAIN) | frozenset(_BLOCK_QUANT)
+# Encoded row by row in qjax.convert.gguf.kquants (imported lazily: it builds on this module).
+_ROW_QUANT = frozenset(
+    {GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL}
+)
+
+QUANTIZABLE: frozenset[GGMLType] = frozenset(_PLAIN) | frozenset(_BLOCK_QUANT) | _ROW_QUANT
 
 
 def _quantize_plain(x: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
@@ -416,19 +442,43 @@ def _quantize_plain(x: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
     return ((u + (np.uint32(0x7FFF) + ((u >> 16) & 1))) >> 16).astype("<u2").view(np.uint8)
 
 
-def quantize(data: np.ndarray, ggml_type: GGMLType | int) -> np.ndarray:
+def _check_imatrix(imatrix: np.ndarray, n_per_row: int) -> np.ndarray:
+    qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+    if qw.shape != (n_per_row,):
+        raise ShapeError(
+            f"imatrix must hold one weight per column ({n_per_row},), got shape {qw.shape}"
+        )
+    if not np.isfinite(qw).all():
+        raise NonFiniteError("imatrix holds NaN or Inf")
+    return qw
+
+
+def quantize(
+    data: np.ndarray, ggml_type: GGMLType | int, imatrix: np.ndarray | None = None
+) -> np.ndarray:
     """Encode float data into GGML blocks, row-wise along the last axis.
 
-    Returns uint8 of shape ``(*data.shape[:-1], row_bytes)``. The encoders are ggml's reference
-    round-to-nearest ones (``quantize_row_*_ref``), as in gguf-py, computed in float32 and written
-    with float16 scales; see each ``_q_*`` docstring for the formula. Raises
-    :class:`~qjax.errors.NonFiniteError` on NaN/Inf, :class:`~qjax.errors.ShapeError` if the last
-    axis is not a multiple of the block, :class:`~qjax.errors.SpecError` for other types.
+    Returns uint8 of shape ``(*data.shape[:-1], row_bytes)``, the bytes llama.cpp's
+    ``ggml_quantize_chunk(type, data, ..., n_per_row=data.shape[-1], imatrix)`` writes.
 
-    Values or scales beyond the float16 range become +-inf, as in ggml and gguf-py. In blocks
-    whose scale ``d`` is so small that ``1 / d`` overflows (``|d| < 2**-126``), every code is the
-    zero point; ggml and gguf-py leave those codes to an undefined float-to-int cast (the block
-    decodes to the same values either way).
+    * ``Q8_0``, ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1`` without ``imatrix``: ggml's reference
+      round-to-nearest encoders (``quantize_row_*_ref``), as in gguf-py; see each ``_q_*``
+      docstring for the formula.
+    * ``Q2_K`` .. ``Q6_K``, ``IQ4_NL``, and ``Q4_0``/``Q4_1``/``Q5_0``/``Q5_1`` with an
+      ``imatrix``: the scale-searching encoders of :mod:`qjax.convert.gguf.kquants`.
+    * ``imatrix`` (importance matrix: one non-negative float32 weight per column, length
+      ``data.shape[-1]``, e.g. the mean squared activation of each input channel) selects
+      llama.cpp's weighted encoders; it is ignored by ``Q8_0`` and the plain types, as in ggml.
+
+    All arithmetic is float32, scales are written as float16. Raises
+    :class:`~qjax.errors.NonFiniteError` on NaN/Inf, :class:`~qjax.errors.ShapeError` if the last
+    axis is not a multiple of the block (256 for the K-quants), :class:`~qjax.errors.SpecError`
+    for other types.
+
+    Values or scales beyond the float16 range become +-inf, as in ggml and gguf-py. In Q4_0..Q8_0
+    blocks whose scale ``d`` is so small that ``1 / d`` overflows (``|d| < 2**-126``), every code
+    is the zero point; ggml and gguf-py leave those codes to an undefined float-to-int cast (the
+    block decodes to the same values either way).
     """
     try:
         ggml_type = GGMLType(ggml_type)
@@ -446,7 +496,14 @@ def quantize(data: np.ndarray, ggml_type: GGMLType | int) -> np.ndarray:
     nb = row_bytes(ggml_type, x.shape[-1])
     if not np.isfinite(x).all():
         raise NonFiniteError(f"cannot quantize to {ggml_type.name}: data holds NaN or Inf")
+    qw = None if imatrix is None else _check_imatrix(imatrix, x.shape[-1])
     out_shape = (*x.shape[:-1], nb)
+    if ggml_type in _ROW_QUANT or (qw is not None and ggml_type in _BLOCK_QUANT):
+        from qjax.convert.gguf import kquants
+
+        fn = kquants.ROW_ENCODERS.get(ggml_type) or kquants.WEIGHTED_LEGACY.get(ggml_type)
+        if fn is not None:
+            return _quantize_rows(x, ggml_type, fn, qw).reshape(out_shape)
     with np.errstate(over="ignore", invalid="ignore"):  # f16 overflow -> inf, as in ggml
         if ggml_type in _PLAIN:
             return _quantize_plain(x, ggml_type).reshape(out_shape)
@@ -458,3 +515,25 @@ def quantize(data: np.ndarray, ggml_type: GGMLType | int) -> np.ndarray:
         for start in range(0, blocks.shape[0], step):
             out[start : start + step] = fn(blocks[start : start + step])
     return out.view(np.uint8).reshape(out_shape)
+
+
+# Rows per chunk of the scale-searching encoders: their temporaries are ~20 x the chunk.
+_ROW_CHUNK_ELEMENTS = 1 << 16
+
+
+def _quantize_rows(
+    x: np.ndarray,
+    ggml_type: GGMLType,
+    fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray],
+    qw: np.ndarray | None,
+) -> np.ndarray:
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    elems = BLOCK_SIZES[ggml_type][0]
+    per_row = n // elems
+    out = np.empty(rows.shape[0] * per_row, dtype=BLOCK_DTYPES[ggml_type])
+    step = max(1, _ROW_CHUNK_ELEMENTS // n)
+    with np.errstate(all="ignore"):  # searches divide by zero in flat groups, as ggml does
+        for r in range(0, rows.shape[0], step):
+            out[r * per_row : (r + step) * per_row] = fn(rows[r : r + step], qw)
+    return out.view(np.uint8)
