@@ -112,7 +112,12 @@ def synthetic_imatrix(name: str, n: int) -> np.ndarray:
 
 
 def weighted_mse(x: np.ndarray, y: np.ndarray, qw: np.ndarray | None) -> float:
-    err = np.square(y.astype(np.float64) - x.astype(np.float64)).mean(axis=0)  # per column
+    """``sum_c qw_c mean_r (y - x)^2 / sum_c qw_c`` (plain MSE without ``qw``), in float64."""
+    err = np.zeros(x.shape[-1], np.float64)
+    for r in range(0, x.shape[0], 4096):
+        d = y[r : r + 4096].astype(np.float64) - x[r : r + 4096]
+        err += np.square(d).sum(axis=0)
+    err /= x.shape[0]
     if qw is None:
         return float(err.mean())
     return float((err * qw).sum() / qw.sum())
@@ -143,7 +148,7 @@ def compare(args: argparse.Namespace) -> None:
             t = GGMLType[tname]
             if n % (256 if tname in K_TYPES else 32):
                 continue
-            if tname == "IQ4_NL" and name == "token_embd.weight" and not args.embeddings:
+            if name == "token_embd.weight" and args.no_embeddings:
                 continue
             for qw in (None, qw_full):
                 t0 = time.perf_counter()
@@ -233,7 +238,7 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: float) ->
         "",
         "Every 2-D weight of SmolLM2-135M and Gemma-3-270M whose row length is a multiple of the "
         "block (256 for K-quants: SmolLM2 `ffn_down`, Gemma3 `attn_output` and `ffn_down`; 32 for "
-        "IQ4_NL: every linear, embeddings excluded unless `--embeddings`), dequantized to float32 "
+        "IQ4_NL: every linear and the token embeddings), dequantized to float32 "
         "and encoded by `qjax.convert.gguf.quantize` and by llama.cpp's `ggml_quantize_chunk`. "
         "'imatrix' = a synthetic log-normal per-column importance vector (2% zeros). MSE is "
         "weighted per column by the imatrix (plain MSE without one), decoded by our dequantizer.",
@@ -251,7 +256,25 @@ def write_results(args: argparse.Namespace, rows: list[dict], seconds: float) ->
             f"{s['tensors_ours_worse']} | {'-' if ratio is None else f'{ratio:.6f}'} | "
             f"{s['mean_mse_ours']:.4e} | {s['seconds_ours']} s / {s['seconds_llamacpp']} s |"
         )
-    lines += ["", args.notes or "", ""]
+    differing = [r for r in rows if r["identical_blocks"] != r["blocks"]]
+    total = sum(r["blocks"] for r in rows)
+    if not differing:
+        verdict = (
+            f"**Verdict: all {total} blocks of all {len(rows)} (tensor, type, imatrix) encodings "
+            "are byte-identical to llama.cpp**, so the reconstruction errors are equal too."
+        )
+    else:
+        worse = [r for r in differing if r["mse_ours"] > r["mse_llamacpp"]]
+        verdict = (
+            f"**Verdict: {len(differing)} of {len(rows)} encodings differ from llama.cpp in some "
+            f"blocks; ours has a higher error on {len(worse)} of them:** "
+            + ", ".join(
+                f"{r['model']}/{r['tensor']} {r['type']} imatrix={r['imatrix']} "
+                f"({r['identical_pct']:.4f}% identical)"
+                for r in differing[:20]
+            )
+        )
+    lines += ["", verdict, "", args.notes or "", ""]
     (OUT / "kquants_vs_llamacpp.md").write_text("\n".join(lines))
     print(f"wrote {OUT}/kquants_vs_llamacpp.{{json,md}}")
 
@@ -328,7 +351,7 @@ def main() -> None:
     p.add_argument("--max-tensors", type=int, default=None, help="first N tensors per model")
     p.add_argument("--max-rows", type=int, default=None, help="first N rows of each tensor")
     p.add_argument("--types", default=None, help="comma-separated subset of " + ",".join(TYPES))
-    p.add_argument("--embeddings", action="store_true", help="also IQ4_NL on token_embd")
+    p.add_argument("--no-embeddings", action="store_true", help="skip token_embd (IQ4_NL only)")
     p.add_argument("--notes", default=None, help="text appended to the markdown report")
     p.add_argument("--write-golden", type=Path, default=None, help="write the CI golden .npz")
     args = p.parse_args()

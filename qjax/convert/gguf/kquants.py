@@ -62,8 +62,15 @@ def _nearest_int(v: np.ndarray) -> np.ndarray:
 
 
 def _ssum(a: np.ndarray) -> np.ndarray:
-    """Sequential float32 sum over the last axis (``s = 0; for v in a: s += v``)."""
-    return np.add.accumulate(a, axis=-1, dtype=_F)[..., -1]
+    """Sequential float32 sum over the last axis (``s = 0; for v in a: s += v``).
+
+    One vectorised add per element position (faster than ``np.add.accumulate`` along a short
+    last axis, and the same order).
+    """
+    s = a[..., 0].astype(_F)
+    for i in range(1, a.shape[-1]):
+        s += a[..., i]
+    return s
 
 
 def _f16(v: np.ndarray) -> np.ndarray:
@@ -552,12 +559,21 @@ def _enc_q6_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 # IQ4_NL
 
 
+# For an integer k in [-127, 113]: the number of IQ4_NL levels <= k. The levels are integers, so
+# for any v in [k, k + 1) it is also the number of levels <= v (a binary search's upper index).
+_IQ4NL_UPPER = np.searchsorted(IQ4NL_VALUES, np.arange(-127, 114, dtype=np.float32), side="right")
+
+
 def _best_index(v: np.ndarray) -> np.ndarray:
-    """Index of the nearest IQ4_NL level to ``v`` (ties to the upper one; NaN -> 15), as ggml."""
+    """Index of the nearest IQ4_NL level to ``v`` as ggml's ``best_index_int8``.
+
+    With ``T[mu - 1] <= v < T[mu]``: ``mu - 1`` if ``v - T[mu - 1] < T[mu] - v`` (float32), else
+    ``mu`` (ties go up); ``v <= T[0]`` gives 0, ``v >= T[15]`` (or NaN) gives 15.
+    """
     vals = IQ4NL_VALUES
-    mu = np.clip(np.searchsorted(vals, v, side="right"), 1, 15)
-    below = (v - vals[mu - 1]) < (vals[mu] - v)
-    idx = mu - below
+    k = np.floor(np.clip(np.nan_to_num(v, nan=0.0), -127, 113)).astype(np.int32) + 127
+    mu = np.clip(_IQ4NL_UPPER[k], 1, 15)
+    idx = mu - ((v - vals[mu - 1]) < (vals[mu] - v))
     idx = np.where(v <= vals[0], 0, idx)
     return np.where((v >= vals[15]) | np.isnan(v), 15, idx)
 
