@@ -81,7 +81,8 @@ def search_scales(
 ) -> tuple[jax.Array, float]:
     """The AWQ per-input-channel scales ``s (K,)`` for kernels sharing one input, and ``α*``."""
     w = jnp.concatenate([k.astype(jnp.float32) for k in kernels], axis=1)
-    s, alpha = _scale_search(w, h, x_abs_mean.astype(jnp.float32), spec=spec, n_grid=n_grid)
+    with jax.default_matmul_precision("highest"):  # no TF32 on GPUs: errors are differences
+        s, alpha = _scale_search(w, h, x_abs_mean.astype(jnp.float32), spec=spec, n_grid=n_grid)
     return s, float(alpha)
 
 
@@ -125,7 +126,8 @@ def search_clip(
 ) -> jax.Array:
     """``w (K, N)`` clipped per (group, output channel) to the best shrink ratio of its range."""
     ratios = tuple(1 - i / n_grid for i in range(int(n_grid * max_shrink)))
-    return _clip_search(w, h, spec=spec, ratios=ratios)
+    with jax.default_matmul_precision("highest"):
+        return _clip_search(w, h, spec=spec, ratios=ratios)
 
 
 @dataclasses.dataclass(frozen=True)

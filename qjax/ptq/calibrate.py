@@ -139,6 +139,11 @@ def quantize_model(
       one report row per quantized param (method, seconds, relative output error ``tr(ΔᵀHΔ) /
       tr(WᵀHW)`` for calibrated layers).
     """
+    with jax.default_matmul_precision("highest"):  # see the module docstring
+        return _quantize_blocks(model, rules, tokens, default, batch_size, key, progress)
+
+
+def _quantize_blocks(model, rules, tokens, default, batch_size, key, progress):
     state = nnx.state(model, nnx.Param)
     decided = {a.path: a for a in plan(state, rules, default=default) if a.method is not None}
     n_layers = len(model.layers)

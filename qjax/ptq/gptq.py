@@ -146,6 +146,24 @@ def gptq_quantize(
     w: jax.Array,
     h: jax.Array,
     spec: Int,
+    **options,
+) -> dict:
+    """GPTQ of ``w (N, K)`` (rows = output channels) given the Hessian ``h (K, K)``.
+
+    Options: ``damp`` (0.01, relative to the mean diagonal), ``block_size`` (128, lazy batch),
+    ``act_order``, ``static_groups``, ``where`` (the name used in errors). Returns ``codes (N, K)``
+    uint8 in the *stored* column order, ``scale``/``zero`` ``(N, G)`` float32 and ``perm`` (the
+    stored order's original column indices, or None). float32 matmuls run at full precision
+    (not TF32 on GPUs): the Cholesky and the error feedback need it.
+    """
+    with jax.default_matmul_precision("highest"):
+        return _gptq(w, h, spec, **options)
+
+
+def _gptq(
+    w: jax.Array,
+    h: jax.Array,
+    spec: Int,
     *,
     damp: float = 0.01,
     block_size: int = 128,
@@ -153,11 +171,6 @@ def gptq_quantize(
     static_groups: bool = False,
     where: str = "layer",
 ) -> dict:
-    """GPTQ of ``w (N, K)`` (rows = output channels) given the Hessian ``h (K, K)``.
-
-    Returns ``codes (N, K)`` uint8 in the *stored* column order, ``scale``/``zero`` ``(N, G)``
-    float32 and ``perm`` (the stored order's original column indices, or None).
-    """
     n, k = w.shape
     if h.shape != (k, k):
         raise ShapeError(f"{where}: Hessian {h.shape} does not match weight with {k} inputs")
@@ -292,4 +305,4 @@ class GPTQ:
 def hessian(x: np.ndarray | jax.Array) -> jax.Array:
     """``H = 2XXᵀ/n`` (float32) from inputs ``x (..., K)``."""
     x = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
-    return 2.0 * (x.T @ x) / x.shape[0]
+    return 2.0 * jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST) / x.shape[0]
