@@ -190,9 +190,11 @@ def merge(paths: list[Path], name: str, out: Path) -> Path:
             row = {**row, "command": res["command"]}
             if row["method"].startswith("reference"):
                 key = (row["model"], row["context"])
-                if key in refs:
-                    if abs(refs[key]["ppl"] - row["ppl"]) > 1e-6 * row["ppl"]:
+                if key in refs:  # GPU reductions differ slightly between processes
+                    dev = abs(refs[key]["ppl"] - row["ppl"]) / row["ppl"]
+                    if dev > 1e-3:
                         raise ValueError(f"reference rows differ for {key}: {path}")
+                    refs[key]["ppl_spread"] = max(refs[key].get("ppl_spread", 0.0), dev)
                     continue
                 refs[key] = row
             rows.append(row)
