@@ -242,12 +242,12 @@ def test_version_2_is_accepted(small_bytes, tmp_path):
 
 
 def test_supported_but_undecodable_type_fails_at_dequantize(small_bytes, tmp_path):
-    path = tmp_path / "iq4nl.gguf"  # IQ4_NL has Q4_0's block size: the layout stays valid
-    path.write_bytes(_put("<I", _tensor_field("t_q40", "type"), int(GGMLType.IQ4_NL))(small_bytes))
+    path = tmp_path / "mxfp4.gguf"  # MXFP4's 2 blocks (34 B) fit in Q4_0's aligned 36 B slot
+    path.write_bytes(_put("<I", _tensor_field("t_q40", "type"), int(GGMLType.MXFP4))(small_bytes))
     r = read_gguf(path)
-    assert r.tensors["t_q40"].ggml_type == GGMLType.IQ4_NL
-    assert r.raw("t_q40").size == 36
-    with pytest.raises(FormatError, match=r"iq4nl\.gguf.*'t_q40'.*IQ4_NL"):
+    assert r.tensors["t_q40"].ggml_type == GGMLType.MXFP4
+    assert r.raw("t_q40").size == 34
+    with pytest.raises(FormatError, match=r"mxfp4\.gguf.*'t_q40'.*MXFP4"):
         r.dequantize("t_q40")
 
 

@@ -16,9 +16,14 @@ rests on three points, each reproduced exactly:
 
 1. ggml's ``nearest_int(v)`` adds ``1.5 * 2**23`` in float32 and reads the low mantissa bits: it
    rounds half to even (``np.rint``), and wraps for ``|v| >= 2**22`` (see :func:`_nearest_int`).
-2. Sums are float32 and sequential, left to right (``np.add.accumulate``, never NumPy's pairwise
-   ``sum``); each product is evaluated in the C order, e.g. ``(w * l) * x``.
+2. Sums are float32 and sequential, left to right (one vectorised add per element position,
+   never NumPy's pairwise ``sum``); each product is evaluated in the C order, e.g.
+   ``(w * l) * x``, with no fused multiply-add.
 3. Scales stored as float16 are rounded to nearest even, and later steps use the rounded value.
+
+Point 2 assumes llama.cpp was compiled without floating-point contraction, as its x86-64 builds
+of ``ggml-base`` are (no FMA in the baseline ISA); a build that fuses ``a * b + c`` (GCC's default
+on e.g. aarch64) can differ from these bytes, and from its own x86-64 output, in rare blocks.
 
 Notation (one group of ``n`` values ``x_i`` with weights ``w_i``, integer codes ``l_i``):
 ``S_w = sum w``, ``S_x = sum w x``, ``S_l = sum w l``, ``S_ll = sum w l^2``, ``S_xl = sum w l x``.
