@@ -21,6 +21,15 @@ PyTorch's ``(out, in)``), and a QArray outside the decoder linears (a GGUF-nativ
 a quantized untied head) as its exact dequantized values. The Flax model's Q/K rows are already in
 Hugging Face's order (the GGUF loader undoes llama.cpp's permutation), so nothing is permuted.
 
+transformers (5.23, CPU) loads both: GPTQ through ``gptqmodel`` + ``optimum`` (not tested here:
+not installable alongside torch 2.13), compressed-tensors natively. It dequantizes
+compressed-tensors weights in the scales' dtype, so float32 scales (``scale_dtype="float32"``)
+give exactly our weights and bfloat16 scales (the default: the QArrays' own, lossless in the
+file) give them rounded to bfloat16. Its default load path rejects *asymmetric* pack-quantized
+layers (it expects unpacked zero points); load those with
+``quantization_config=CompressedTensorsConfig(dequantize=True)``, which in turn applies one
+scheme to every layer.
+
 The export is atomic: everything is converted and written into a temporary directory beside the
 target, which is renamed into place at the end; on any error nothing is left behind.
 :func:`load_hf_quantized` reads such a directory back into QArrays with the same codes (GPTQ
@@ -203,10 +212,19 @@ def _ct_config(kernels: dict[str, QArray], modules: dict[str, str], dense: list[
 
 
 def _tokenizer_files(tokenizer: Any, config: LlamaConfig) -> dict[str, str]:
-    backend = tokenizer.backend
+    """``tokenizer.json`` (with a BOS post-processor if the model adds BOS) and its config."""
+    from tokenizers import Tokenizer, processors
+
+    backend = Tokenizer.from_str(tokenizer.backend.to_str())  # a copy
 
     def token(i: int | None) -> str | None:
         return None if i is None else backend.id_to_token(i)
+
+    if tokenizer.add_bos and tokenizer.bos_id is not None:
+        bos = token(tokenizer.bos_id)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)]
+        )
 
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

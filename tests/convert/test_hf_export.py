@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qjax
@@ -77,12 +77,10 @@ def bit_unpack(words: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Element ``i`` = bits ``[i·bits, (i+1)·bits)`` of the stream of words along axis 0."""
     w = np.concatenate([words.view(np.uint32), np.zeros((1, *words.shape[1:]), np.uint32)])
     w = w.astype(np.uint64)
-    out = []
-    for i in range(n):
-        p = i * bits
-        pair = w[p // 32] | (w[p // 32 + 1] << np.uint64(32))
-        out.append((pair >> np.uint64(p % 32)) & np.uint64((1 << bits) - 1))
-    return np.stack(out).astype(np.uint8)
+    p = np.arange(n) * bits
+    pair = w[p // 32] | (w[p // 32 + 1] << np.uint64(32))  # the two words element i touches
+    shift = (p % 32).astype(np.uint64).reshape(-1, *([1] * (words.ndim - 1)))
+    return ((pair >> shift) & np.uint64((1 << bits) - 1)).astype(np.uint8)
 
 
 def gptq_dequantize(t: dict, bits: int, version: str) -> np.ndarray:
@@ -225,6 +223,33 @@ def test_gptq_layer_matches_oracle_and_round_trips(spec, version):
     np.testing.assert_array_equal(np.asarray(back.codes), np.asarray(q.codes))  # padding too
     # bfloat16 scales are exact in float16: the same tensor, bit for bit
     np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(q.dequantize()))
+
+
+@settings(max_examples=25)
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    sym=st.booleans(),
+    group=st.sampled_from([32, 48, "channel"]),
+    version=st.sampled_from(["gptq_v2", "gptq"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_gptq_layer_property(bits, sym, group, version, seed):
+    """Any Int layer: the spec oracle dequantizes the files to the QArray (fp16 scales), and the
+    import gives back the same codes, scales and zeros."""
+    spec = qjax.Int(bits, group=group, symmetric=sym)
+    q = spec.quantize(_kernel(96, 32, seed % 1000) - 0.05 * (version == "gptq"))
+    try:
+        t = hq.gptq_tensors(q, version)
+    except FormatError:  # v1 with a zero point of 0
+        assert version == "gptq" and not sym and (np.asarray(q.zeros) == 0).any()
+        return
+    np.testing.assert_array_equal(gptq_dequantize(t, bits, version), np.asarray(q.dequantize()).T)
+    a = hq.gptq_args(q)
+    back = hq.qarray_from_gptq(
+        t, bits=bits, group_size=a["group_size"], sym=sym, checkpoint_format=version
+    )
+    for x, y in zip(back.stored_arrays(), q.stored_arrays(), strict=True):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
 
 
 def test_gptq_act_order_g_idx_round_trip():
@@ -370,6 +395,7 @@ def test_tiny_model_round_trip(tiny, tmp_path, fmt, rules):
         assert qc["ignore"] == ["lm_head", "model.layers.0.self_attn.v_proj"]
     else:
         assert qc["checkpoint_format"] == fmt and qc["quant_method"] == "gptq"
+        assert qc["desc_act"] is False and qc["group_size"] == (32 if fmt == "gptq" else -1)
     config, flat = read_hf_quantized(out)
     assert config == TINY
     want = _flat(qstate)
@@ -487,32 +513,29 @@ def test_smollm2_gptq_matches_transformers(smollm2, tmp_path):
     (plain / "config.json").write_text(json.dumps(cfg))
     save_file(dense, plain / "model.safetensors", metadata={"format": "pt"})
     hf = LlamaForCausalLM.from_pretrained(plain).eval()
+    _, plain_params = read_hf_quantized(plain)  # a plain checkpoint reads as float params
+    np.testing.assert_array_equal(plain_params["layers/0/attn/q_proj/kernel"], want_q)
     rel, top1 = _agreement(_torch_logits(hf, ids), _qjax_logits(model, qstate, ids))
     print(f"GPTQ export: max|dlogits|/max|logits| = {rel:.2e}, top-1 agreement {top1:.2%}")
     assert rel < 1e-2 and top1 >= 0.99
 
-    _, loaded = load_hf_quantized(out)  # and back into qjax: the same model
-    got = _flat(nnx.state(loaded, nnx.Param))
+    _, got = read_hf_quantized(out)  # and back into qjax: the same params
     for path, v in _flat(qstate).items():
         np.testing.assert_array_equal(_values(got[path]), _values(v), err_msg=path)
 
 
 CT_CASES = {
     # transformers' compressed path (modules decompressed by compressed-tensors), two schemes
-    "mixed-sym": (False, "float32", [
+    "mixed-sym": [
         (r"layers/\d+/mlp/down_proj/kernel", qjax.Int(8, group="channel")),
         (r"layers/\d+/(attn|mlp)/\w+_proj/kernel", qjax.Int(4, group=64)),
-    ]),
+    ],
     # asymmetric: only transformers' dequantize-at-load path (see the docstring)
-    "asym-f32": (True, "float32", [
-        (r"layers/\d+/(attn|mlp)/\w+_proj/kernel", qjax.Int(4, group=64, symmetric=False)),
-    ]),
-    "asym-bf16": (True, None, [
-        (r"layers/\d+/(attn|mlp)/\w+_proj/kernel", qjax.Int(4, group=64, symmetric=False)),
-    ]),
-}  # fmt: skip
+    "asym": [(r"layers/\d+/(attn|mlp)/\w+_proj/kernel", qjax.Int(4, group=64, symmetric=False))],
+}
 
 
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
 @pytest.mark.parametrize("case", list(CT_CASES))
 def test_smollm2_compressed_tensors_loads_in_transformers(smollm2, tmp_path, case):
     """RTN Int4 g64 (576 and 1536 are multiples of 64; compressed-tensors has no ragged group).
@@ -522,30 +545,37 @@ def test_smollm2_compressed_tensors_loads_in_transformers(smollm2, tmp_path, cas
     the packed ones the library's own compressor writes. ``dequantize=True`` decompresses at load
     (asymmetric works) but applies the first config group's scheme to every layer (one scheme
     only). Both dequantize in the scales' dtype: with float32 scales transformers' weights are
-    ours bit for bit; with the QArrays' bfloat16 scales ``(q - z)·s`` is rounded to bfloat16.
+    ours bit for bit; with the QArrays' own bfloat16 scales (the default) ``(q - z)·s`` is
+    rounded to bfloat16, a bf16 model's agreement.
     """
     import torch
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     config, model, _, ids = smollm2
-    dequantize, scale_dtype, rules = CT_CASES[case]
-    qstate = qjax.quantize(nnx.state(model, nnx.Param), [*rules, (r".*", None)])
-    out = export_hf_quantized(
-        tmp_path / "ct", qstate, config, format="compressed-tensors", scale_dtype=scale_dtype
-    )
+    dequantize = case == "asym"
+    qstate = qjax.quantize(nnx.state(model, nnx.Param), [*CT_CASES[case], (r".*", None)])
+    ours = _qjax_logits(model, qstate, ids)
     kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kw).eval()
-    w = hf.model.layers[3].mlp.up_proj.weight.detach().numpy()
-    want = np.asarray(qstate["layers"][3]["mlp"]["up_proj"]["kernel"].get_value().dequantize()).T
-    if scale_dtype is None:  # transformers rounds (q - z)·s to the bfloat16 scales' dtype
-        want = want.astype(jnp.bfloat16).astype(np.float32)
-    np.testing.assert_array_equal(w, want)
-    rel, top1 = _agreement(_torch_logits(hf, ids), _qjax_logits(model, qstate, ids))
-    print(f"compressed-tensors {case}: max|dlogits|/max|logits| = {rel:.2e}, top-1 {top1:.2%}")
-    if scale_dtype == "float32":
-        assert rel < 1e-4 and top1 >= 0.99
-    else:  # every weight rounded to bfloat16 by transformers: bf16-model agreement
-        assert rel < 0.1 and top1 >= 0.95
+    for scale_dtype in ["float32", None] if dequantize else ["float32"]:
+        out = export_hf_quantized(
+            tmp_path / f"ct-{scale_dtype}", qstate, config, format="compressed-tensors",
+            scale_dtype=scale_dtype,
+        )  # fmt: skip
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kw).eval()
+        if dequantize:  # dense modules (the compressed path holds weight_packed, not weight)
+            w = hf.model.layers[3].mlp.up_proj.weight.detach().numpy()
+            want = qstate["layers"][3]["mlp"]["up_proj"]["kernel"].get_value().dequantize()
+            want = np.asarray(want).T
+            if scale_dtype is None:  # transformers rounds (q - z)·s to bfloat16, the scales'
+                want = want.astype(jnp.bfloat16).astype(np.float32)
+            np.testing.assert_array_equal(w, want)
+        rel, top1 = _agreement(_torch_logits(hf, ids), ours)
+        print(f"compressed-tensors {case} {scale_dtype or 'bfloat16'} scales: "
+              f"max|dlogits|/max|logits| = {rel:.2e}, top-1 {top1:.2%}")  # fmt: skip
+        if scale_dtype == "float32":
+            assert rel < 1e-4 and top1 >= 0.99
+        else:  # every weight rounded to bfloat16 by transformers
+            assert rel < 0.1 and top1 >= 0.95
     _, flat = read_hf_quantized(out)
     for path, v in _flat(qstate).items():
         np.testing.assert_array_equal(_values(flat[path]), _values(v), err_msg=path)
