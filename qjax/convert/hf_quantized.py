@@ -16,9 +16,12 @@ layout of 32 codes in 3 words is exactly this bitstream).
     g_idx    int32 [K]           group of each input; i // g unless act-order (desc_act)
     W[n, i] = scales[g_idx[i], n] · (code[i, n] - zero[g_idx[i], n])
 
-``checkpoint_format = "gptq"`` (v1) stores ``zero - 1`` (the AutoGPTQ quirk; readers add 1 to
-every field of the packed word at once, so a zero point of 0 — stored as ``-1`` — cannot be
-written in v1: :class:`FormatError`, use ``"gptq_v2"``, which stores zeros as they are).
+Bits 2, 3, 4 and 8 (every qjax ``Int`` width); ``K`` and ``N`` must fill whole words
+(multiples of ``32 / gcd(32, b)``: 16, 32, 8, 4), else :class:`~qjax.errors.ShapeError`.
+``checkpoint_format = "gptq"`` (v1) stores ``zero - 1`` (the AutoGPTQ quirk; AutoGPTQ's kernels
+add 1 to the unpacked field, GPTQModel adds ``0x11111111`` to the packed word, so a zero point
+of 0 — a field of ``-1`` — comes back wrong in both: :class:`FormatError`, use ``"gptq_v2"``,
+which stores zeros as they are; asymmetric low-bit groups hit this often).
 Symmetric kernels have ``zero = 2^(b-1)``. A group size that does not divide ``K`` gives a ragged
 last group, as in qjax. With GPTQ act-order *without* static groups, a qjax QArray keeps its
 codes in the permuted order (``aux["perm"]``, groups are consecutive there); the export writes
@@ -400,7 +403,8 @@ def qarray_from_ct(
     strategy, group_size = args.get("strategy"), args.get("group_size")
     if args.get("type", "int") != "int" or bits not in (2, 3, 4, 8):
         raise FormatError(f"{where}: unsupported weights args {args} (int with 2, 3, 4, 8 bits)")
-    if strategy not in ("group", "channel") or args.get("actorder") not in (None, "static"):
+    static_order = args.get("actorder") in (None, "weight", "static")  # groups in input order
+    if strategy not in ("group", "channel") or not static_order:
         raise FormatError(
             f"{where}: unsupported strategy {strategy!r} / actorder {args.get('actorder')!r}"
         )
