@@ -1,14 +1,15 @@
 """Quantized-matmul kernels, registered with :func:`qjax.ops.register_kernel`.
 
 Weights reach a kernel in the layout it loads fastest, made once, offline, by
-``qjax.kernels.repack.repack(q, layout)`` (``"gpu_i4p"``: int4, ``"gpu_i8"``: int8).
+``qjax.kernels.repack.repack(q, layout)`` (``"gpu_i4p"``: int4, ``"gpu_i8"``: int8, ``"gpu_nf4"``:
+NF4, ``"gpu_f8"``: FP8 e4m3/e5m2).
 ``qjax.ops.matmul`` dispatches on ``(backend, format, layout)``; a case a kernel's ``supports``
 rejects takes the reference ``dequantize`` + ``dot`` path, logged once with the reason.
 """
 
 from qjax import ops
 from qjax.kernels import repack
-from qjax.kernels.gpu import int_matmul
+from qjax.kernels.gpu import int_matmul, table_matmul
 
 for _layout in int_matmul.LAYOUTS:
     ops.register_kernel(
@@ -18,4 +19,12 @@ for _layout in int_matmul.LAYOUTS:
         ops.Kernel(f"pallas_triton_{_layout}", int_matmul.int_matmul, int_matmul.supports),
     )
 
-__all__ = ["int_matmul", "repack"]
+for _layout, _fmt in zip(table_matmul.LAYOUTS, ("nf4", "fp8"), strict=True):
+    ops.register_kernel(
+        "gpu",
+        _fmt,
+        _layout,
+        ops.Kernel(f"pallas_triton_{_layout}", table_matmul.table_matmul, table_matmul.supports),
+    )
+
+__all__ = ["int_matmul", "repack", "table_matmul"]

@@ -22,6 +22,10 @@ layout            codes
                   kernel unpacks with one shift and one mask per code and stacks planes in order.
 ``"gpu_i8"``      int8 ``(K_p, N_p)``, the unsigned code minus 128 (so symmetric codes are the plain
                   signed values ``q`` with ``x̂ = q·s``).
+``"gpu_nf4"``     NF4 level indices in the ``"gpu_i4p"`` word layout; scales are the per-block
+                  absmax as float32 (a double-quantized NF4 is decoded once here: the repacked
+                  QArray is plain NF4 with the same dequantized values).
+``"gpu_f8"``      FP8 bit patterns (e4m3 or e5m2) as ``uint8 (K_p, N_p)``; float32 scales.
 ================  ===============================================================================
 
 Scales and zeros keep their stored dtype (``scale_dtype``); zeros keep code units (asymmetric:
@@ -30,17 +34,24 @@ Scales and zeros keep their stored dtype (``scale_dtype``); zeros keep code unit
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 
 from qjax.errors import FormatError, ShapeError
 from qjax.formats import layout as blk
 from qjax.formats import packing
+from qjax.formats.fp8 import FP8, fp8_dtype
+from qjax.formats.nf4 import NF4, nf4_levels
 from qjax.formats.uniform import Int
 from qjax.qarray import QArray
 
 CHUNK = 128  # K rows per chunk of the int4 layout
 N_ALIGN = 64  # N is padded to a multiple of this
-LAYOUTS = {"gpu_i4p": 4, "gpu_i8": 8}  # layout -> bits it stores
+LAYOUTS = {"gpu_i4p": 4, "gpu_i8": 8, "gpu_nf4": 4, "gpu_f8": 8}  # layout -> bits per code
+FORMATS = {"gpu_i4p": Int, "gpu_i8": Int, "gpu_nf4": NF4, "gpu_f8": FP8}  # layout -> spec type
+_NIBBLES = ("gpu_i4p", "gpu_nf4")  # layouts with the interleaved int32 nibble words
 
 
 def _round_up(n: int, m: int) -> int:
@@ -57,9 +68,11 @@ def check_repackable(q: QArray, layout: str) -> None:
     if layout not in LAYOUTS:
         raise FormatError(f"unknown kernel layout {layout!r}; known: {sorted(LAYOUTS)}")
     spec = q.spec
-    if not isinstance(spec, Int):
-        raise FormatError(f"layout {layout!r} holds Int weights, got {spec.label()}")
-    if spec.bits != LAYOUTS[layout]:
+    if not isinstance(spec, FORMATS[layout]):
+        raise FormatError(
+            f"layout {layout!r} holds {FORMATS[layout].__name__} weights, got {spec.label()}"
+        )
+    if isinstance(spec, Int) and spec.bits != LAYOUTS[layout]:
         raise FormatError(f"layout {layout!r} holds int{LAYOUTS[layout]}, got {spec.label()}")
     if len(q.shape) != 2 or spec.axis % 2 != 0:
         raise ShapeError(f"{layout}: needs a (K, N) weight with reduction axis 0, got {q!r}")
@@ -92,7 +105,15 @@ def _codes_kn(q: QArray) -> jnp.ndarray:
     """Canonical QArray → unsigned codes ``(G·g, N)`` uint8, padding codes kept."""
     block = q.spec.block_for(q.shape)
     shape = (_canonical_rows(q), q.shape[1])
-    return blk.unblocked(q.spec.unpacked_codes(q), shape, block)
+    codes = q.spec.unpacked_codes(q)
+    if isinstance(q.spec, FP8):  # the fp8 bit patterns
+        codes = jax.lax.bitcast_convert_type(codes, jnp.uint8)
+    return blk.unblocked(codes, shape, block)
+
+
+def _kernel_scales(q: QArray) -> jnp.ndarray:
+    """The ``(G, N)`` scales a kernel multiplies by (NF4: decoded absmax, float32)."""
+    return q.spec.absmax(q) if isinstance(q.spec, NF4) else q.scales
 
 
 def _pad2(a, rows: int, cols: int):
@@ -102,7 +123,7 @@ def _pad2(a, rows: int, cols: int):
 
 
 def repack(q: QArray, layout: str) -> QArray:
-    """Canonical ``Int`` QArray → the same weight in a kernel ``layout`` (module docstring)."""
+    """Canonical QArray → the same weight in a kernel ``layout`` (module docstring)."""
     if q.layout == layout:
         return q
     if q.layout != "canonical":
@@ -110,21 +131,26 @@ def repack(q: QArray, layout: str) -> QArray:
     check_repackable(q, layout)
     k_p, n_p, g_p = padded_dims(q)
     codes = _pad2(_codes_kn(q), k_p, n_p).astype(jnp.uint32)
-    if layout == "gpu_i4p":
+    if layout in _NIBBLES:
         planes = codes.reshape(k_p // CHUNK, 8, 16, n_p)  # [c, j, r, n]: k = 128c + 16j + r
         shifts = (4 * jnp.arange(8, dtype=jnp.uint32)).reshape(1, 8, 1, 1)
         words = jnp.sum(planes << shifts, axis=1, dtype=jnp.uint32)  # disjoint bits: sum == or
         packed = words.reshape(k_p // 8, n_p).view(jnp.int32)
+    elif layout == "gpu_f8":
+        packed = codes.astype(jnp.uint8)
     else:
         packed = (codes.astype(jnp.int32) - 128).astype(jnp.int8)
-    scales = _pad2(q.scales, g_p, n_p)
+    spec, aux = q.spec, q.aux
+    if isinstance(spec, NF4) and spec.double_quant:  # the kernel reads float32 absmaxes
+        spec, aux = dataclasses.replace(spec, double_quant=False), {}
+    scales = _pad2(_kernel_scales(q), g_p, n_p)
     zeros = _pad2(q.zeros, g_p, n_p)
-    return q.replace(codes=packed, scales=scales, zeros=zeros, layout=layout)
+    return q.replace(codes=packed, scales=scales, zeros=zeros, aux=aux, spec=spec, layout=layout)
 
 
 def unpack_codes(q: QArray) -> jnp.ndarray:
     """Unsigned codes ``(K_p, N_p)`` uint8 of a repacked QArray (padding included)."""
-    if q.layout == "gpu_i4p":
+    if q.layout in _NIBBLES:
         words = q.codes.view(jnp.uint32)
         k_p, n_p = words.shape[0] * 8, words.shape[1]
         words = words.reshape(k_p // CHUNK, 1, 16, n_p)
@@ -132,6 +158,8 @@ def unpack_codes(q: QArray) -> jnp.ndarray:
         codes = ((words >> shifts) & 0xF).reshape(k_p, n_p)
     elif q.layout == "gpu_i8":
         codes = q.codes.astype(jnp.int32) + 128
+    elif q.layout == "gpu_f8":
+        codes = q.codes
     else:
         raise FormatError(f"unpack_codes: unknown kernel layout {q.layout!r}")
     return codes.astype(jnp.uint8)
@@ -146,7 +174,11 @@ def unrepack(q: QArray) -> QArray:
     block = spec.block_for(q.shape)
     g_real = blk.grid_shape(q.shape, block)[0]
     codes_kn = unpack_codes(q)[: _canonical_rows(q), :n]
-    codes = packing.pack(blk.blocked(codes_kn, block), spec.bits)
+    codes = blk.blocked(codes_kn, block)
+    if isinstance(spec, FP8):
+        codes = jax.lax.bitcast_convert_type(codes, fp8_dtype(spec.fmt))
+    else:
+        codes = packing.pack(codes, spec.code_bits)
     scales = q.scales[:g_real, :n]
     zeros = None if q.zeros is None else q.zeros[:g_real, :n]
     return q.replace(codes=codes, scales=scales, zeros=zeros, layout="canonical")
@@ -160,28 +192,24 @@ def dequantize(q: QArray) -> jnp.ndarray:
 def dequantize_bf16(q: QArray) -> jnp.ndarray:
     """Dequantizes a repacked QArray straight from its kernel layout, padded ``(K_p, N_p)`` bf16.
 
-    One elementwise pass that XLA fuses (``x̂ = (c - z)·s``); the large-M path runs XLA's bf16
-    ``dot`` on its result.
+    One elementwise pass that XLA fuses (``x̂ = (c - z)·s``, NF4 ``level[c]·absmax``, FP8
+    ``float(c)·s``); the large-M path runs XLA's bf16 ``dot`` on its result.
     """
-    if q.layout == "gpu_i4p":
-        words = q.codes
-        k_p, n_p = words.shape[0] * 8, words.shape[1]
-        shifts = (4 * jnp.arange(8, dtype=jnp.int32)).reshape(1, 8, 1, 1)
-        c = ((words.reshape(k_p // CHUNK, 1, 16, n_p) >> shifts) & 0xF).reshape(k_p, n_p)
-        off = 8.0
-    elif q.layout == "gpu_i8":
-        c = q.codes
-        k_p, n_p = c.shape
-        off = 0.0
-    else:
+    if q.layout not in LAYOUTS:
         raise FormatError(f"dequantize_bf16: unknown kernel layout {q.layout!r}")
+    c = unpack_codes(q)
+    k_p = c.shape[0]
     reps = k_p // q.scales.shape[0]  # K rows per scale group
 
     def per_k(a):  # (G_p, N_p) -> (K_p, N_p)
         return jnp.repeat(a.astype(jnp.float32), reps, axis=0, total_repeat_length=k_p)
 
-    if q.spec.symmetric:
-        zero = off
+    if q.layout == "gpu_nf4":
+        values = jnp.asarray(nf4_levels())[c]
+    elif q.layout == "gpu_f8":
+        values = jax.lax.bitcast_convert_type(c, fp8_dtype(q.spec.fmt)).astype(jnp.float32)
+    elif q.spec.symmetric:
+        values = c.astype(jnp.float32) - 2.0 ** (q.spec.bits - 1)
     else:
-        zero = per_k(q.zeros) - (128.0 if q.layout == "gpu_i8" else 0.0)
-    return ((c.astype(jnp.float32) - zero) * per_k(q.scales)).astype(jnp.bfloat16)
+        values = c.astype(jnp.float32) - per_k(q.zeros)
+    return (values * per_k(q.scales)).astype(jnp.bfloat16)

@@ -1,0 +1,205 @@
+"""NF4 and FP8 weight-only matmul in Pallas (Triton lowering), bf16 activations, f32 accumulation.
+
+Computes ``y = x @ Ŵ`` for bf16 ``x: (M, K)`` and a weight repacked by
+:func:`qjax.kernels.repack.repack` into ``"gpu_nf4"`` (``Ŵ[k, n] = L[c[k, n]] · a[g(k), n]``, ``L``
+the 16 NF4 levels of QLoRA, ``a`` the block absmax) or ``"gpu_f8"`` (``Ŵ[k, n] = f8(c[k, n]) ·
+s[g(k), n]``), with ``g(k) = k // group``.
+
+Codes are decoded in registers, 16 K-rows ("a plane") at a time, scaled by their group's scale,
+rounded to bf16 and fed to one ``K = 16`` tensor-core dot per plane:
+
+* **NF4** — a nibble is mapped to its level by a 4-level select tree on its bits (15 selects),
+  since Triton has no register-file table lookup;
+* **FP8 e4m3** — the byte ``s eeee mmm`` becomes the float16 bit pattern ``s 0eeee mmm 0000000``
+  (two masks, two shifts), which is exactly ``value · 2⁻⁸`` for normal *and* subnormal e4m3
+  (float16's subnormals cover e4m3's), so ``value = f16 · 256``; **e5m2** is the high byte of a
+  float16, ``value = f16(c << 8)``. No float8 type is needed in the kernel.
+
+A split-K grid (float32 partials summed by XLA) keeps skinny-M calls spread over the SMs; from
+``XLA_FROM_M`` rows on, the weight is dequantized by one fused XLA pass and multiplied by XLA's
+bf16 ``dot`` (as the int kernels do at large M).
+
+Status: correctness is tested on CPU in interpret mode; block sizes are NOT tuned on a GPU yet
+(the H100 budget of the session that wrote this was spent) — ``experiments/kernel_bench.py``
+measures them (formats ``nf4`` and ``fp8``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from qjax.errors import FormatError, ShapeError
+from qjax.formats.nf4 import nf4_levels
+from qjax.kernels import repack as rp
+from qjax.qarray import QArray
+
+CHUNK = rp.CHUNK
+LAYOUTS = ("gpu_nf4", "gpu_f8")
+XLA_FROM_M = 256  # rows of x from which dequantize + XLA dot is used
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Block sizes of one call: rows ``block_m``, columns ``block_n``, K split ``split_k``."""
+
+    block_m: int = 16
+    block_n: int = 64
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def pick(m: int, k: int, n: int) -> Config:
+    """Untuned defaults: 16-row tiles for decode, split K until ≈ 2 waves of 132 SMs."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bn = 128 if n >= 4096 else 64
+    tiles = -(-m // bm) * -(-n // bn)
+    split = max(1, min(k // CHUNK, 264 // max(tiles, 1)))
+    return Config(bm, bn, split)
+
+
+def nf4_select(c: jax.Array) -> jax.Array:
+    """NF4 level of each 4-bit code ``c`` (int32), float32, by a select tree on the code's bits."""
+    levels = [float(v) for v in nf4_levels()]
+    vals = [jnp.float32(v) for v in levels]
+    for bit in range(4):
+        b = ((c >> bit) & 1) == 1
+        vals = [jnp.where(b, vals[2 * i + 1], vals[2 * i]) for i in range(len(vals) // 2)]
+    return vals[0]
+
+
+def f8_to_f32(c: jax.Array, fmt: str) -> jax.Array:
+    """Exact float32 value of fp8 bit patterns ``c`` (int32 holding 0..255), no float8 type."""
+    if fmt == "e5m2":
+        h = c << 8
+        return lax.bitcast_convert_type(h.astype(jnp.int16), jnp.float16).astype(jnp.float32)
+    h = ((c & 0x7F) << 7) | ((c & 0x80) << 8)  # s eeee mmm -> f16 s 0eeee mmm0000000
+    f = lax.bitcast_convert_type(h.astype(jnp.int16), jnp.float16).astype(jnp.float32)
+    return f * 256.0
+
+
+def _kernel(x_ref, w_ref, s_ref, o_ref, *, fmt, gk, m, bm, cps):
+    rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    row_ok = rows < m
+    c_first = pl.program_id(2) * cps
+    bn = o_ref.shape[-1]
+
+    def step(i, acc):
+        c = c_first + i
+        if fmt == "nf4":
+            words = w_ref[pl.ds(pl.multiple_of(c * 16, 16), 16), :]
+        for j in range(8):
+            k0 = pl.multiple_of(c * CHUNK + 16 * j, 16)
+            if fmt == "nf4":
+                v = nf4_select((words >> (4 * j)) & 0xF)
+            else:
+                v = f8_to_f32(w_ref[pl.ds(k0, 16), :].astype(jnp.int32), fmt)
+            gi = (c * CHUNK + 16 * j) // gk
+            s = s_ref[pl.ds(gi, 1), :].astype(jnp.float32)
+            wt = (v * s).astype(jnp.bfloat16)
+            mask = jnp.broadcast_to(row_ok, (bm, 16))
+            xj = plgpu.load(x_ref.at[:, pl.ds(k0, 16)], mask=mask, other=0.0)
+            acc = acc + jnp.dot(xj, wt, preferred_element_type=jnp.float32)
+        return acc
+
+    acc = lax.fori_loop(0, cps, step, jnp.zeros((bm, bn), jnp.float32))
+    plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=jnp.broadcast_to(row_ok, (bm, bn)))
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def _pallas_matmul(x2, w: QArray, cfg: Config, interpret: bool):
+    m, k_p = x2.shape
+    n_p = w.scales.shape[1]
+    g = w.spec.group
+    gk = k_p if g == "channel" else g
+    fmt = "nf4" if w.layout == "gpu_nf4" else w.spec.fmt
+    bm, bn = cfg.block_m, cfg.block_n
+    while n_p % bn:
+        bn //= 2
+    chunks = k_p // CHUNK
+    split = _largest_divisor_at_most(chunks, cfg.split_k)
+    grid = (pl.cdiv(m, bm), n_p // bn, split)
+    in_specs = [
+        pl.BlockSpec((bm, k_p), lambda i, j, s: (i, 0)),
+        pl.BlockSpec((w.codes.shape[0], bn), lambda i, j, s: (0, j)),
+        pl.BlockSpec((w.scales.shape[0], bn), lambda i, j, s: (0, j)),
+    ]
+    if split == 1:
+        out_shape = jax.ShapeDtypeStruct((m, n_p), x2.dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((split, m, n_p), jnp.float32)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+    kernel = functools.partial(_kernel, fmt=fmt, gk=gk, m=m, bm=bm, cps=chunks // split)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_spec,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"qjax_{fmt}_matmul",
+    )(x2, w.codes, w.scales)
+    if split > 1:
+        y = jnp.sum(y, axis=0).astype(x2.dtype)
+    return y
+
+
+@jax.jit
+def _xla_matmul(x2, w: QArray):
+    return jnp.dot(x2, rp.dequantize_bf16(w), preferred_element_type=jnp.float32).astype(x2.dtype)
+
+
+def supports(x: jax.Array, w: QArray) -> bool:
+    """Registry predicate: bf16 activations and a weight in ``gpu_nf4`` / ``gpu_f8``."""
+    return (
+        isinstance(w, QArray)
+        and w.layout in LAYOUTS
+        and x.dtype == jnp.bfloat16
+        and x.ndim >= 1
+        and x.shape[-1] == w.shape[0]
+        and x.size > 0
+    )
+
+
+def table_matmul(
+    x: jax.Array, w: QArray, *, config: Config | None = None, interpret: bool = False
+) -> jax.Array:
+    """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a repacked NF4 / FP8 weight ``(K, N)``.
+
+    ``config`` forces the Pallas kernel with those block sizes (any M); ``interpret=True`` runs
+    it in interpret mode (any backend, used by the CPU tests).
+    """
+    if not isinstance(w, QArray) or w.layout not in LAYOUTS:
+        got = w.layout if isinstance(w, QArray) else type(w).__name__
+        raise FormatError(f"table_matmul needs a weight repacked to {LAYOUTS}, got {got!r}")
+    if x.dtype != jnp.bfloat16:
+        raise FormatError(f"table_matmul takes bf16 activations, got {x.dtype}")
+    if len(w.shape) != 2 or x.shape[-1] != w.shape[0]:
+        raise ShapeError(f"table_matmul: x {tuple(x.shape)} @ w {tuple(w.shape)}: K mismatch")
+    k, n = w.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    k_p = w.codes.shape[0] * (8 if w.layout == "gpu_nf4" else 1)
+    if k_p != k:
+        x2 = jnp.pad(x2, [(0, 0), (0, k_p - k)])
+    if config is None and x2.shape[0] >= XLA_FROM_M:
+        y = _xla_matmul(x2, w)
+    else:
+        y = _pallas_matmul(x2, w, config or pick(x2.shape[0], k_p, n), interpret)
+    return y[:, :n].reshape(*lead, n)
+
+
+__all__ = ["LAYOUTS", "Config", "f8_to_f32", "nf4_select", "pick", "supports", "table_matmul"]
