@@ -42,6 +42,8 @@ import qjax
 from qjax.kernels import repack
 from qjax.kernels.gpu import configs
 from qjax.kernels.gpu.int_matmul import int_matmul
+from qjax.kernels.gpu.table_matmul import XLA_FROM_M, table_matmul
+from qjax.kernels.gpu.table_matmul import pick as table_pick
 
 HBM_BW = 3.35e12  # bytes/s, H100 SXM5 HBM3 datasheet peak
 PEAK_BF16 = 989e12  # FLOP/s, H100 SXM5 dense bf16 datasheet peak
@@ -58,7 +60,10 @@ FORMATS = {
     "w4g32": (qjax.Int(4, group=32), "gpu_i4p"),
     "w8ch": (qjax.Int(8, group="channel"), "gpu_i8"),
     "w8g128": (qjax.Int(8, group=128), "gpu_i8"),
+    "nf4": (qjax.NF4(), "gpu_nf4"),  # block 64, float32 absmax (table_matmul)
+    "fp8": (qjax.FP8("e4m3", group="channel"), "gpu_f8"),
 }
+TABLE_LAYOUTS = ("gpu_nf4", "gpu_f8")  # served by qjax.kernels.gpu.table_matmul
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -73,6 +78,9 @@ def random_weight(fmt: str, k: int, n: int, seed: int):
     c = abstract.codes
     if c.dtype == jnp.int32:
         codes = jax.random.bits(kc, c.shape, jnp.uint32).view(jnp.int32)
+    elif c.dtype == jnp.uint8:  # fp8 bit patterns, finite: exponent-mantissa 0..0x7E, any sign
+        codes = jax.random.randint(kc, c.shape, 0, 0x7F, jnp.int32)
+        codes = (codes | (128 * jax.random.bernoulli(kz, 0.5, c.shape))).astype(jnp.uint8)
     else:
         codes = jax.random.randint(kc, c.shape, -128, 128, jnp.int32).astype(c.dtype)
     s = abstract.scales
@@ -163,12 +171,17 @@ def time_quant(fmt, n, k, m, cfg=None, interpret=False) -> dict:
     w0 = random_weight(fmt, k, n, 0)
     bufs = [w0] + [random_weight(fmt, k, n, i) for i in range(1, n_buffers(w0.nbytes))]
     x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
-    fn = jax.jit(lambda x, w: int_matmul(x, w, config=cfg, interpret=interpret))
-    used = cfg or configs.pick(w0.spec.bits, m, k, n)
+    if w0.layout in TABLE_LAYOUTS:
+        fn = jax.jit(lambda x, w: table_matmul(x, w, config=cfg, interpret=interpret))
+        used = cfg or (table_pick(m, k, n) if m < XLA_FROM_M else "xla")
+    else:
+        fn = jax.jit(lambda x, w: int_matmul(x, w, config=cfg, interpret=interpret))
+        used = cfg or configs.pick(w0.spec.bits, m, k, n)
     est = roofline_us(n, k, m, w0.nbytes)
     r = device_time(fn, [(x, w) for w in bufs], calls_for(est))
     del bufs
-    return {**r, "weight_bytes": w0.nbytes, "config": dataclasses.asdict(used)}
+    used = used if isinstance(used, str) else dataclasses.asdict(used)
+    return {**r, "weight_bytes": w0.nbytes, "config": used}
 
 
 def summarize(n, k, m, r: dict, t_bf16: float | None) -> dict:
@@ -236,7 +249,8 @@ def run_bench(args, results: list, deadline: float) -> None:
                     if fmt.startswith("w8") and args.w8_ms and m not in args.w8_ms:
                         continue
                     tried = []
-                    for cfg in candidates(m, FORMATS[fmt][0].bits) if args.autotune else [None]:
+                    tune = args.autotune and FORMATS[fmt][1] not in TABLE_LAYOUTS
+                    for cfg in candidates(m, FORMATS[fmt][0].bits) if tune else [None]:
                         try:
                             tried.append(time_quant(fmt, n, k, m, cfg))
                         except FAILURES as err:
@@ -342,6 +356,8 @@ def run_check(args, results: list, interpret: bool) -> None:
     if interpret:
         cases = cases[:1]
     for fmt, (spec, layout) in FORMATS.items():
+        if layout in TABLE_LAYOUTS:
+            continue  # tests/kernels/test_table_matmul.py covers them (interpret mode)
         for m, k, n in cases:
             kx, kw = jax.random.split(jax.random.key(m * 7 + k))
             q = spec.quantize(jax.random.normal(kw, (k, n)))
