@@ -1,4 +1,5 @@
-"""The ``qjax`` command line: ``qjax run`` (the main job), ``qjax assets``, ``qjax presets``."""
+"""The ``qjax`` command line: ``qjax run`` (the main job), ``qjax convert``, ``qjax assets``,
+``qjax presets``."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         ev.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     ev.set_defaults(fn=_run)
     sub.add_parser("presets", help="list the named quantization presets").set_defaults(fn=_presets)
+    from qjax.convert.cli_convert import add_parser as add_convert
+
+    add_convert(sub)
     sub.add_parser("assets", help="list / fetch the real models and text (qjax assets --help)")
     args = parser.parse_args(argv)
     try:
