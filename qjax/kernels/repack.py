@@ -26,6 +26,12 @@ layout            codes
                   absmax as float32 (a double-quantized NF4 is decoded once here: the repacked
                   QArray is plain NF4 with the same dequantized values).
 ``"gpu_f8"``      FP8 bit patterns (e4m3 or e5m2) as ``uint8 (K_p, N_p)``; float32 scales.
+``"tpu_i4"``      int4 as ``uint8 (K_p/2, N_p)`` for the TPU kernels: in chunk ``c`` of 128 K rows,
+                  byte row ``64c + r`` holds the code of ``k = 128c + r`` in its low nibble and of
+                  ``k = 128c + 64 + r`` in its high nibble, so a ``(64, BN)`` tile unpacks with a
+                  mask and a shift into two contiguous 64-row halves (no lane shuffles). ``N_p``
+                  is a multiple of 128 (TPU lanes).
+``"tpu_i8"``      as ``"gpu_i8"`` (signed ``c − 128``), with ``N_p`` a multiple of 128.
 ================  ===============================================================================
 
 Scales and zeros keep their stored dtype (``scale_dtype``); zeros keep code units (asymmetric:
@@ -49,8 +55,22 @@ from qjax.qarray import QArray
 
 CHUNK = 128  # K rows per chunk of the int4 layout
 N_ALIGN = 64  # N is padded to a multiple of this
-LAYOUTS = {"gpu_i4p": 4, "gpu_i8": 8, "gpu_nf4": 4, "gpu_f8": 8}  # layout -> bits per code
-FORMATS = {"gpu_i4p": Int, "gpu_i8": Int, "gpu_nf4": NF4, "gpu_f8": FP8}  # layout -> spec type
+LAYOUTS = {  # layout -> bits per code
+    "gpu_i4p": 4,
+    "gpu_i8": 8,
+    "gpu_nf4": 4,
+    "gpu_f8": 8,
+    "tpu_i4": 4,
+    "tpu_i8": 8,
+}
+FORMATS = {  # layout -> spec type
+    "gpu_i4p": Int,
+    "gpu_i8": Int,
+    "gpu_nf4": NF4,
+    "gpu_f8": FP8,
+    "tpu_i4": Int,
+    "tpu_i8": Int,
+}
 _NIBBLES = ("gpu_i4p", "gpu_nf4")  # layouts with the interleaved int32 nibble words
 
 
@@ -91,11 +111,12 @@ def _canonical_rows(q: QArray) -> int:
     return blk.grid_shape(q.shape, block)[0] * block[0]
 
 
-def padded_dims(q: QArray) -> tuple[int, int, int]:
+def padded_dims(q: QArray, layout: str = "gpu_i4p") -> tuple[int, int, int]:
     """``(K_p, N_p, G_p)`` of the repacked arrays (see the module docstring)."""
     k, n = q.shape
     rows = _canonical_rows(q)
-    k_p, n_p = _round_up(rows, CHUNK), _round_up(n, N_ALIGN)
+    lanes = 128 if layout.startswith("tpu") else N_ALIGN
+    k_p, n_p = _round_up(rows, CHUNK), _round_up(n, lanes)
     g = q.spec.group
     g_p = 1 if g == "channel" else (k_p // g if g <= CHUNK else rows // g)
     return k_p, n_p, g_p
@@ -129,16 +150,19 @@ def repack(q: QArray, layout: str) -> QArray:
     if q.layout != "canonical":
         q = unrepack(q)
     check_repackable(q, layout)
-    k_p, n_p, g_p = padded_dims(q)
+    k_p, n_p, g_p = padded_dims(q, layout)
     codes = _pad2(_codes_kn(q), k_p, n_p).astype(jnp.uint32)
-    if layout in _NIBBLES:
+    if layout == "tpu_i4":
+        halves = codes.reshape(k_p // CHUNK, 2, CHUNK // 2, n_p)
+        packed = (halves[:, 0] | (halves[:, 1] << 4)).reshape(k_p // 2, n_p).astype(jnp.uint8)
+    elif layout in _NIBBLES:
         planes = codes.reshape(k_p // CHUNK, 8, 16, n_p)  # [c, j, r, n]: k = 128c + 16j + r
         shifts = (4 * jnp.arange(8, dtype=jnp.uint32)).reshape(1, 8, 1, 1)
         words = jnp.sum(planes << shifts, axis=1, dtype=jnp.uint32)  # disjoint bits: sum == or
         packed = words.reshape(k_p // 8, n_p).view(jnp.int32)
     elif layout == "gpu_f8":
         packed = codes.astype(jnp.uint8)
-    else:
+    else:  # gpu_i8, tpu_i8
         packed = (codes.astype(jnp.int32) - 128).astype(jnp.int8)
     spec, aux = q.spec, q.aux
     if isinstance(spec, NF4) and spec.double_quant:  # the kernel reads float32 absmaxes
@@ -156,7 +180,12 @@ def unpack_codes(q: QArray) -> jnp.ndarray:
         words = words.reshape(k_p // CHUNK, 1, 16, n_p)
         shifts = (4 * jnp.arange(8, dtype=jnp.uint32)).reshape(1, 8, 1, 1)
         codes = ((words >> shifts) & 0xF).reshape(k_p, n_p)
-    elif q.layout == "gpu_i8":
+    elif q.layout == "tpu_i4":
+        b = q.codes.astype(jnp.uint32)
+        k_p, n_p = b.shape[0] * 2, b.shape[1]
+        b = b.reshape(k_p // CHUNK, 1, CHUNK // 2, n_p)
+        codes = jnp.concatenate([b & 0xF, b >> 4], axis=1).reshape(k_p, n_p)
+    elif q.layout in ("gpu_i8", "tpu_i8"):
         codes = q.codes.astype(jnp.int32) + 128
     elif q.layout == "gpu_f8":
         codes = q.codes

@@ -1,0 +1,1 @@
+"""Pallas TPU kernels (Mosaic TPU): tested in interpret mode only — no TPU was available."""

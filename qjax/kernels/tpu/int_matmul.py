@@ -1,0 +1,166 @@
+"""W4A16 / W8A16 uniform-int matmul for TPU in Pallas (Mosaic TPU), float32 accumulation.
+
+Computes ``y = x @ Ŵ`` for bf16 ``x: (M, K)`` and an :class:`~qjax.formats.Int` weight
+repacked to ``"tpu_i4"`` / ``"tpu_i8"`` (:mod:`qjax.kernels.repack`),
+``Ŵ[k, n] = (c[k, n] − z) · s[g(k), n]``.
+
+Grid ``(M / bm, N / bn, K / bk)`` with the K axis innermost and sequential ("arbitrary"): each step
+loads an ``(bm, bk)`` tile of ``x`` and the ``bk`` rows of codes of a ``(bk, bn)`` weight tile into
+VMEM, unpacks them (int4: the low and high nibbles of a ``(bk/2, bn)`` byte tile are the two
+contiguous halves of each 128-row chunk — a mask and a shift, no lane shuffles), applies
+``(c − z) · s`` per scale group in float32, rounds to bf16 and accumulates one MXU ``dot`` into a
+float32 VMEM scratch; the last K step writes the bf16 output. ``x`` rows are padded to ``bm`` and
+``K`` to the repacked ``K_p``.
+
+**No TPU was available**: the kernel is tested on CPU in Pallas interpret mode only
+(``tests/kernels/test_tpu_int_matmul.py``); its block sizes are reasonable defaults, not tuned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from qjax.errors import FormatError, ShapeError
+from qjax.kernels import repack as rp
+from qjax.qarray import QArray
+
+CHUNK = rp.CHUNK
+LAYOUTS = ("tpu_i4", "tpu_i8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tile sizes: rows ``block_m``, columns ``block_n`` (multiple of 128), K rows ``block_k``."""
+
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 512
+
+
+def pick(m: int, k_p: int, n_p: int, group: int | str) -> Config:
+    """Defaults: bf16 sublane-aligned rows, 128-multiple columns, K steps that nest with groups."""
+    bm = min(256, max(16, pl.next_power_of_2(m)))
+    bn = 256 if n_p % 256 == 0 else 128
+    bk = max(d for d in (512, 256, 128) if k_p % d == 0)
+    if isinstance(group, int) and group > CHUNK and group % bk:
+        bk = CHUNK  # a group spans whole K steps or a K step whole groups
+    return Config(bm, bn, bk)
+
+
+def _kernel(x_ref, w_ref, s_ref, *rest, bits, sym, gk, bk, n_k):
+    z_ref, o_ref, acc_ref = (None, *rest) if sym else rest
+    kstep = pl.program_id(2)
+
+    @pl.when(kstep == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    raw = w_ref[...].astype(jnp.int32)
+    if bits == 4:  # (bk/2, bn) bytes -> (bk, bn) codes: per 128-row chunk, low half then high
+        b = raw.reshape(bk // CHUNK, CHUNK // 2, raw.shape[-1])
+        codes = jnp.concatenate([b & 0xF, (b >> 4) & 0xF], axis=1).reshape(bk, raw.shape[-1])
+        zero_sym = 8.0
+    else:  # signed c - 128
+        codes = raw + 128
+        zero_sym = 128.0
+    c = codes.astype(jnp.float32)
+    s = s_ref[...].astype(jnp.float32)  # (bk/g, bn) or (1, bn)
+    z = zero_sym if sym else z_ref[...].astype(jnp.float32)
+    per = max(bk // gk, 1)  # scale groups in this K step
+    bn = c.shape[-1]
+    c = c.reshape(per, bk // per, bn)
+    s = s.reshape(per, 1, bn)
+    z = z if sym else z.reshape(per, 1, bn)
+    w = ((c - z) * s).reshape(bk, bn).astype(jnp.bfloat16)
+    acc_ref[...] += jnp.dot(x_ref[...], w, preferred_element_type=jnp.float32)
+
+    @pl.when(kstep == n_k - 1)
+    def _():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def _pallas_matmul(x2, w: QArray, cfg: Config, interpret: bool):
+    m_p, k_p = x2.shape
+    n_p = w.scales.shape[1]
+    bits = rp.LAYOUTS[w.layout]
+    g = w.spec.group
+    gk = k_p if g == "channel" else g
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    if m_p % bm or n_p % bn or k_p % bk or not (bk % gk == 0 or gk % bk == 0):
+        raise ShapeError(f"tpu int_matmul: {cfg} does not tile ({m_p}, {k_p}) x ({k_p}, {n_p})")
+    sym = w.spec.symmetric
+    rows_w = bk // 2 if bits == 4 else bk
+    if gk == k_p:  # per channel: one scale row
+        s_spec = pl.BlockSpec((1, bn), lambda i, j, k: (0, j))
+    elif gk <= bk:
+        s_spec = pl.BlockSpec((bk // gk, bn), lambda i, j, k: (k, j))
+    else:  # one group spans gk / bk K steps: block of one row, its index is the group
+        s_spec = pl.BlockSpec((1, bn), lambda i, j, k: (k * bk // gk, j))
+    in_specs = [
+        pl.BlockSpec((bm, bk), lambda i, j, k: (i, k)),
+        pl.BlockSpec((rows_w, bn), lambda i, j, k: (k, j)),
+        s_spec,
+    ]
+    args = [x2, w.codes, w.scales]
+    if not sym:
+        in_specs.append(s_spec)
+        args.append(w.zeros)
+    kernel = functools.partial(_kernel, bits=bits, sym=sym, gk=gk, bk=bk, n_k=k_p // bk)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m_p, n_p), x2.dtype),
+        grid=(m_p // bm, n_p // bn, k_p // bk),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        interpret=interpret,
+        name=f"qjax_tpu_w{bits}",
+    )(*args)
+
+
+def supports(x: jax.Array, w: QArray) -> bool:
+    """Registry predicate: bf16 activations and a weight in ``tpu_i4`` / ``tpu_i8``."""
+    return (
+        isinstance(w, QArray)
+        and w.layout in LAYOUTS
+        and x.dtype == jnp.bfloat16
+        and x.ndim >= 1
+        and x.shape[-1] == w.shape[0]
+        and x.size > 0
+    )
+
+
+def int_matmul(
+    x: jax.Array, w: QArray, *, config: Config | None = None, interpret: bool = False
+) -> jax.Array:
+    """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a ``tpu_i4`` / ``tpu_i8`` weight."""
+    if not isinstance(w, QArray) or w.layout not in LAYOUTS:
+        got = w.layout if isinstance(w, QArray) else type(w).__name__
+        raise FormatError(f"tpu int_matmul needs a weight repacked to {LAYOUTS}, got {got!r}")
+    if x.dtype != jnp.bfloat16:
+        raise FormatError(f"tpu int_matmul takes bf16 activations, got {x.dtype}")
+    if len(w.shape) != 2 or x.shape[-1] != w.shape[0]:
+        raise ShapeError(f"tpu int_matmul: x {tuple(x.shape)} @ w {tuple(w.shape)}: K mismatch")
+    k, n = w.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    k_p = w.codes.shape[0] * (2 if w.layout == "tpu_i4" else 1)
+    cfg = config or pick(m, k_p, w.scales.shape[1], w.spec.group)
+    m_p = -(-m // cfg.block_m) * cfg.block_m
+    x2 = jnp.pad(x2, [(0, m_p - m), (0, k_p - k)])
+    y = _pallas_matmul(x2, w, cfg, interpret)
+    return y[:m, :n].reshape(*lead, n)
+
+
+__all__ = ["LAYOUTS", "Config", "int_matmul", "pick", "supports"]
