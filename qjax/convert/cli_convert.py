@@ -219,21 +219,18 @@ def _gguf_to_gguf(src: Path, dst: Path, gtype: GGMLType | None, mix: str | None,
 
     from qjax.convert.gguf import copy_gguf, quants, read_gguf, write_gguf
     from qjax.convert.gguf.constants import GGUFValueType
-    from qjax.convert.gguf.model_export import FILE_TYPES, mix_types
+    from qjax.convert.gguf.model_export import FILE_TYPES
 
     reader = read_gguf(src)
     if gtype is None and mix is None:
         return copy_gguf(reader, dst), {"tensors": len(reader.tensors), "how": "copied"}
     if dst.resolve() == reader.path.resolve():
         raise FormatError(f"{dst}: cannot convert a GGUF file onto itself")
-    targets: dict[str, GGMLType] = {}
-    ftype = None
     if mix is not None:
-        shapes = {n: t.shape for n, t in reader.tensors.items()}
-        targets, ftype = mix_types(mix, shapes, reader.metadata)
+        return _gguf_mix(reader, dst, mix, progress)
     plan = []
     for name, info in reader.tensors.items():
-        t = targets.get(name, gtype if gtype is not None else info.ggml_type)
+        t = gtype if gtype is not None else info.ggml_type
         if len(info.shape) == 1:
             t = GGMLType.F32 if info.ggml_type not in (GGMLType.F32,) else info.ggml_type
         elif info.shape[-1] % quants.BLOCK_SIZES[t][0]:
@@ -263,14 +260,12 @@ def _gguf_to_gguf(src: Path, dst: Path, gtype: GGMLType | None, mix: str | None,
         return data
 
     md, vt = dict(reader.metadata), dict(reader.value_types)
-    if ftype is None:
-        counts: dict[GGMLType, int] = {}
-        for _, info, t in plan:
-            if len(info.shape) == 2:
-                counts[t] = counts.get(t, 0) + info.n_elements
-        main = max(counts, key=counts.get) if counts else GGMLType.F32
-        ftype = FILE_TYPES.get(main, 1)
-    md["general.file_type"] = int(ftype)
+    counts: dict[GGMLType, int] = {}
+    for _, info, t in plan:
+        if len(info.shape) == 2:
+            counts[t] = counts.get(t, 0) + info.n_elements
+    main = max(counts, key=counts.get) if counts else GGMLType.F32
+    md["general.file_type"] = FILE_TYPES.get(main, 1)
     vt["general.file_type"] = (GGUFValueType.UINT32,)
     try:
         write_gguf(
@@ -286,6 +281,29 @@ def _gguf_to_gguf(src: Path, dst: Path, gtype: GGMLType | None, mix: str | None,
     for _, _info, t in plan:
         kinds[t.name] = kinds.get(t.name, 0) + 1
     return dst, {"tensors": len(plan), "types": kinds}
+
+
+def _gguf_mix(reader, dst: Path, mix: str, progress: bool):
+    from tqdm import tqdm
+
+    from qjax.convert.gguf.model_export import mix_types
+
+    mix_types(mix, {}, reader.metadata)  # a clear error when mixes is absent or mix unknown
+    from qjax.convert.gguf import mixes
+
+    kinds: dict[str, int] = {}
+    bar = tqdm(total=len(reader.tensors), desc=dst.name, unit="tensor", disable=not progress)
+
+    def tick(name: str, _src: GGMLType, new: GGMLType) -> None:
+        kinds[new.name] = kinds.get(new.name, 0) + 1
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(1)
+
+    try:
+        mixes.quantize_model_gguf(reader, dst, mix, progress=tick)
+    finally:
+        bar.close()
+    return dst, {"tensors": len(reader.tensors), "mix": mix, "types": kinds}
 
 
 def _gguf_to_orbax(src: Path, dst: Path, dequantize: bool, force: bool):

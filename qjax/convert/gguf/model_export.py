@@ -106,23 +106,21 @@ def _order(names: list[str], order: list[str] | None) -> list[str]:
 def mix_types(mix: str, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, Any]):
     """``({tensor name: GGMLType}, file_type)`` of a llama.cpp mix (``Q4_K_M``, ...).
 
-    Delegates to :mod:`qjax.convert.gguf.mixes` (imported lazily; a clear error when absent).
+    Delegates to :func:`qjax.convert.gguf.mixes.tensor_types` (imported lazily; a clear error
+    when that module is absent). Tensors the mix leaves alone (norms) are not in the result.
     """
     try:
-        from qjax.convert.gguf import mixes  # type: ignore[attr-defined]
+        from qjax.convert.gguf import mixes
     except ImportError:
         raise SpecError(
             f"--mix {mix}: qjax.convert.gguf.mixes is not available in this version "
             f"(use --type for one type everywhere)"
         ) from None
-    fn = getattr(mixes, "mix_types", None) or getattr(mixes, "tensor_types", None)
-    if fn is None:
-        raise SpecError(
-            f"--mix {mix}: qjax.convert.gguf.mixes has no mix_types(mix, shapes, metadata)"
-        )
-    result = fn(mix, dict(shapes), dict(metadata))
-    types, ftype = result if isinstance(result, tuple) else (result, None)
-    return {k: GGMLType(int(v)) for k, v in types.items()}, ftype
+    if mix not in mixes.MIXES:
+        raise SpecError(f"--mix {mix!r}: unknown mix; one of {', '.join(mixes.MIXES)}")
+    model = mixes.ModelInfo.from_metadata(metadata)
+    types = mixes.tensor_types(mix, [(n, s, None) for n, s in shapes.items()], model)
+    return {n: GGMLType(int(t)) for n, t in types.items() if t is not None}, mixes.MIXES[mix].ftype
 
 
 def export_model_gguf(
@@ -200,6 +198,13 @@ def export_model_gguf(
             plan.data = lazy
         plans.append(plan)
 
+    matrices = [p for p in plans if len(p.shape) == 2]
+    if (
+        ftype is None
+        and "general.file_type" in metadata
+        and all(p.how == "exact" for p in matrices)
+    ):  # every matrix keeps its source's codes: keep the source's file type
+        ftype = int(metadata["general.file_type"])
     if ftype is None:
         weight: dict[GGMLType, int] = {}
         for p in plans:
