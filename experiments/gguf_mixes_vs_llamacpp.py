@@ -2,7 +2,8 @@
 
     python experiments/gguf_mixes_vs_llamacpp.py                       # all mixes, both models
     python experiments/gguf_mixes_vs_llamacpp.py --models smollm2 --mixes Q4_K_M
-    python experiments/gguf_mixes_vs_llamacpp.py --write-golden tests/convert/data/gguf_mix_types.json
+    python experiments/gguf_mixes_vs_llamacpp.py --write-golden \
+        tests/convert/data/gguf_mix_types.json           # also the CI golden types
 
 Needs llama-cpp-python. For each model (SmolLM2-135M, Gemma 3 270M) the original GGUF is first
 dequantized to an all-F32 GGUF with our writer (``quantize_model_gguf(..., "F32")``); then for each
@@ -39,6 +40,7 @@ from qjax.convert.gguf.mixes import MIXES, quantize_model_gguf
 
 OUT = Path(__file__).parent / "results" / "gguf_mixes"
 DEFAULT_MIXES = ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M", "Q6_K", "Q8_0", "Q4_0"]
+EXTRA_MIXES = ["Q2_K", "Q3_K_S", "Q3_K_L", "Q5_K_S", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"]
 WORK = Path.home() / ".cache" / "qjax" / "work" / "gguf_mixes"
 
 
@@ -129,7 +131,7 @@ def _counts(names) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
-    ap.add_argument("--mixes", nargs="+", default=DEFAULT_MIXES)
+    ap.add_argument("--mixes", nargs="+", default=DEFAULT_MIXES + EXTRA_MIXES)
     ap.add_argument("--work", type=Path, default=WORK, help="scratch directory for the GGUFs")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--write-golden", type=Path, default=None)
@@ -181,27 +183,41 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = "python experiments/gguf_mixes_vs_llamacpp.py " + " ".join(argv or sys.argv[1:])
-    payload = {"command": cmd.strip(), "env": env, "results": results}
+    slim = [{k: v for k, v in r.items() if k != "types"} for r in results]
+    payload = {"command": cmd.strip(), "env": env, "results": slim}
     (args.out / "mixes_vs_llamacpp.json").write_text(json.dumps(payload, indent=1) + "\n")
     write_md(args.out / "mixes_vs_llamacpp.md", payload)
     if args.write_golden:
-        golden = {
-            "source": "llama.cpp quantizer (llama-cpp-python "
-            f"{llama_cpp.__version__}) on the all-F32 GGUFs; {cmd.strip()}",
-            "models": {},
-        }
-        for model in args.models:
-            r = read_gguf(f32_gguf(model, args.work))
-            golden["models"][model] = {
-                "tensors": {n: list(t.shape) for n, t in r.tensors.items()},
-                "mixes": {
-                    row["mix"]: row["types"]
-                    for row in results
-                    if row["model"] == model and "types" in row
-                },
-            }
-        args.write_golden.write_text(json.dumps(golden, indent=0, sort_keys=True) + "\n")
+        source = (
+            f"llama.cpp's quantizer (llama-cpp-python {llama_cpp.__version__}) on the all-F32 "
+            f"GGUFs; {cmd.strip()}"
+        )
+        readers = {m: read_gguf(f32_gguf(m, args.work)) for m in args.models}
+        golden = golden_payload(source, readers, results)
+        args.write_golden.write_text(json.dumps(golden, indent=1) + "\n")
     return 0 if all(r.get("identical") for r in results) else 1
+
+
+def golden_payload(source: str, readers: dict, results: list[dict]) -> dict:
+    """The CI golden file: per model its facts, tensors (source order) and, per mix, llama.cpp's
+    type names in that order, space-separated."""
+    from dataclasses import asdict
+
+    from qjax.convert.gguf.mixes import ModelInfo
+
+    out: dict = {"source": source, "models": {}}
+    for model, r in readers.items():
+        names = list(r.tensors)
+        out["models"][model] = {
+            "info": asdict(ModelInfo.from_metadata(r.metadata)),
+            "tensors": [[n, list(r.tensors[n].shape)] for n in names],
+            "mixes": {
+                row["mix"]: " ".join(row["types"][n] for n in names)
+                for row in results
+                if row["model"] == model and "types" in row
+            },
+        }
+    return out
 
 
 def write_md(path: Path, payload: dict) -> None:
@@ -229,7 +245,20 @@ def write_md(path: Path, payload: dict) -> None:
             f"| {r['same_bytes']} | {len(r['metadata_differences'])} "
             f"| {r['llamacpp_s']:.1f} | {r['qjax_s']:.1f} | {counts} |"
         )
-    bad = [r for r in payload["results"] if r.get("mismatches")]
+    res = payload["results"]
+    n_ok = sum(bool(r.get("identical")) for r in res)
+    lines += [
+        "",
+        f"**{n_ok} of {len(res)} (model, mix) runs identical** (every tensor's type and bytes, all "
+        "metadata values incl. `general.file_type` and `general.quantization_version`).",
+        "",
+        "Notes: tensors whose row length (576 in SmolLM2, 640 in Gemma 3) is not a multiple of "
+        "256 take llama.cpp's fallbacks: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0 and, in this "
+        "llama.cpp version, Q2_K/Q3_K → Q4_0 (older versions used IQ4_NL). The tied token "
+        "embedding follows the output rule (Q6_K → Q8_0 fallback; Q8_0 stays). Timings: "
+        "llama.cpp with nthread=2, qjax single-process NumPy, 2-core CPU.",
+    ]
+    bad = [r for r in res if r.get("mismatches")]
     for r in bad:
         lines += ["", f"Mismatches {r['model']} {r['mix']}:", ""]
         lines += [f"- {m}" for m in r["mismatches"][:20]]
