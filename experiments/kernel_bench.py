@@ -62,6 +62,9 @@ FORMATS = {
     "w8g128": (qjax.Int(8, group=128), "gpu_i8"),
     "nf4": (qjax.NF4(), "gpu_nf4"),  # block 64, float32 absmax (table_matmul)
     "fp8": (qjax.FP8("e4m3", group="channel"), "gpu_f8"),
+    # W8A8: activations quantized per token at call time, XLA int8 / fp8 dot (no Pallas kernel)
+    "w8a8": (qjax.W8A8(act="dynamic"), None),
+    "w8a8f8": (qjax.W8A8(act="dynamic", dtype="e4m3"), None),
 }
 TABLE_LAYOUTS = ("gpu_nf4", "gpu_f8")  # served by qjax.kernels.gpu.table_matmul
 
@@ -72,15 +75,20 @@ def random_weight(fmt: str, k: int, n: int, seed: int):
     spec, layout = FORMATS[fmt]
     if fmt == "bf16":
         raise ValueError("bf16 has no QArray")
-    abstract = jax.eval_shape(lambda q: repack.repack(q, layout), spec.abstract((k, n)))
+    if layout is None:
+        abstract = jax.eval_shape(lambda: spec.quantize(jnp.zeros((k, n), jnp.bfloat16)))
+    else:
+        abstract = jax.eval_shape(lambda q: repack.repack(q, layout), spec.abstract((k, n)))
     key = jax.random.key(seed)
     kc, ks, kz = jax.random.split(key, 3)
     c = abstract.codes
     if c.dtype == jnp.int32:
         codes = jax.random.bits(kc, c.shape, jnp.uint32).view(jnp.int32)
-    elif c.dtype == jnp.uint8:  # fp8 bit patterns, finite: exponent-mantissa 0..0x7E, any sign
+    elif c.dtype in (jnp.uint8, jnp.float8_e4m3fn):  # fp8 bit patterns, finite, any sign
         codes = jax.random.randint(kc, c.shape, 0, 0x7F, jnp.int32)
         codes = (codes | (128 * jax.random.bernoulli(kz, 0.5, c.shape))).astype(jnp.uint8)
+        if c.dtype != jnp.uint8:
+            codes = jax.lax.bitcast_convert_type(codes, c.dtype)
     else:
         codes = jax.random.randint(kc, c.shape, -128, 128, jnp.int32).astype(c.dtype)
     s = abstract.scales
@@ -89,7 +97,8 @@ def random_weight(fmt: str, k: int, n: int, seed: int):
     if abstract.zeros is not None:
         hi = 1 << spec.bits
         zeros = jax.random.randint(kz, s.shape, 0, hi).astype(abstract.zeros.dtype)
-    return abstract.replace(codes=codes, scales=scales, zeros=zeros)
+    aux = {name: jnp.ones(a.shape, a.dtype) for name, a in abstract.aux.items()}  # W8A8 act scale
+    return abstract.replace(codes=codes, scales=scales, zeros=zeros, aux=aux)
 
 
 def n_buffers(nbytes: int) -> int:
@@ -171,7 +180,10 @@ def time_quant(fmt, n, k, m, cfg=None, interpret=False) -> dict:
     w0 = random_weight(fmt, k, n, 0)
     bufs = [w0] + [random_weight(fmt, k, n, i) for i in range(1, n_buffers(w0.nbytes))]
     x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
-    if w0.layout in TABLE_LAYOUTS:
+    if w0.layout == "canonical":  # W8A8: the format's own product (XLA 8-bit dot)
+        fn = jax.jit(lambda x, w: w.spec.matmul(x, w))
+        used = "xla"
+    elif w0.layout in TABLE_LAYOUTS:
         fn = jax.jit(lambda x, w: table_matmul(x, w, config=cfg, interpret=interpret))
         used = cfg or (table_pick(m, k, n) if m < XLA_FROM_M else "xla")
     else:
@@ -249,7 +261,7 @@ def run_bench(args, results: list, deadline: float) -> None:
                     if fmt.startswith("w8") and args.w8_ms and m not in args.w8_ms:
                         continue
                     tried = []
-                    tune = args.autotune and FORMATS[fmt][1] not in TABLE_LAYOUTS
+                    tune = args.autotune and FORMATS[fmt][1] not in (*TABLE_LAYOUTS, None)
                     for cfg in candidates(m, FORMATS[fmt][0].bits) if tune else [None]:
                         try:
                             tried.append(time_quant(fmt, n, k, m, cfg))
@@ -356,8 +368,8 @@ def run_check(args, results: list, interpret: bool) -> None:
     if interpret:
         cases = cases[:1]
     for fmt, (spec, layout) in FORMATS.items():
-        if layout in TABLE_LAYOUTS:
-            continue  # tests/kernels/test_table_matmul.py covers them (interpret mode)
+        if layout in TABLE_LAYOUTS or layout is None:
+            continue  # tests/kernels/test_table_matmul.py and tests/formats cover these
         for m, k, n in cases:
             kx, kw = jax.random.split(jax.random.key(m * 7 + k))
             q = spec.quantize(jax.random.normal(kw, (k, n)))

@@ -21,16 +21,18 @@ import jax
 import jax.numpy as jnp
 
 from qjax.errors import SpecError
-from qjax.formats.w8a8 import INT8_MAX, W8A8
+from qjax.formats.w8a8 import W8A8
 from qjax.qarray import QArray
 
 
 @dataclasses.dataclass(frozen=True)
 class SmoothQuant:
-    """Smoothing (migration strength ``alpha``) + W8A8 with ``act`` = static | dynamic."""
+    """Smoothing (migration strength ``alpha``) + W8A8 (``dtype`` int8 | e4m3, ``act`` static |
+    dynamic)."""
 
     alpha: float = 0.5
     act: str = "static"
+    dtype: str = "int8"
     needs_calibration: ClassVar[bool] = True
     transforms_block: ClassVar[bool] = True
 
@@ -40,10 +42,11 @@ class SmoothQuant:
 
     @property
     def spec(self) -> W8A8:
-        return W8A8(act=self.act)
+        return W8A8(act=self.act, dtype=self.dtype)
 
     def label(self) -> str:
-        return f"SmoothQuant α={self.alpha} W8A8 ({self.act} act)"
+        kind = "" if self.dtype == "int8" else " fp8 e4m3"
+        return f"SmoothQuant α={self.alpha} W8A8{kind} ({self.act} act)"
 
     def input_scales(self, kind: str, kernels: list, stats) -> jax.Array | None:
         """Folding hook: ``max|X|^α / max|W|^(1-α)`` for norm-produced inputs only."""
@@ -63,6 +66,6 @@ class SmoothQuant:
         if self.act == "static":
             if stats is None:
                 raise SpecError(f"{where}: static activation scales need calibration statistics")
-            scale = jnp.max(stats.abs_max) / INT8_MAX
+            scale = jnp.max(stats.abs_max) / self.spec.qmax
             q = q.replace(aux={"act_scale": jnp.where(scale > 0, scale, 1.0).astype(jnp.float32)})
         return q
