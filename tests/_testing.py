@@ -34,3 +34,22 @@ def per_element(spec, shape, per_block):
     values = jnp.asarray(per_block, jnp.float32).reshape(grid)[..., None]
     expanded = jnp.broadcast_to(values, (*grid, int(np.prod(block))))
     return layout.unblocked(expanded, shape, block)
+
+
+def matmul_case(spec, m: int, k: int, n: int, seed: int):
+    """Fresh random ``(q, x, ref)`` for kernel tests: ``q = spec.quantize(W (k, n))``, bf16
+    ``x (m, k)`` and the float32 oracle ``x @ dequantize(q)``; never zeros."""
+    import jax
+
+    kx, kw = jax.random.split(jax.random.key(seed))
+    q = spec.quantize(jax.random.normal(kw, (k, n)) * 0.05)
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+    ref = np.asarray(x, np.float32) @ np.asarray(q.dequantize(), np.float32)
+    return q, x, ref
+
+
+def rel_error(y, ref) -> float:
+    """Relative Frobenius error of a kernel output (asserting it is finite)."""
+    y = np.asarray(y, np.float32)
+    assert np.isfinite(y).all()
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))

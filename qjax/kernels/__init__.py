@@ -12,28 +12,17 @@ from qjax.kernels import repack
 from qjax.kernels.gpu import int_matmul, table_matmul
 from qjax.kernels.tpu import int_matmul as tpu_int_matmul
 
-for _layout in int_matmul.LAYOUTS:
-    ops.register_kernel(
-        "gpu",
-        "int",
-        _layout,
-        ops.Kernel(f"pallas_triton_{_layout}", int_matmul.int_matmul, int_matmul.supports),
-    )
-
-for _layout, _fmt in zip(table_matmul.LAYOUTS, ("nf4", "fp8"), strict=True):
-    ops.register_kernel(
-        "gpu",
-        _fmt,
-        _layout,
-        ops.Kernel(f"pallas_triton_{_layout}", table_matmul.table_matmul, table_matmul.supports),
-    )
-
-for _layout in tpu_int_matmul.LAYOUTS:
-    ops.register_kernel(
-        "tpu",
-        "int",
-        _layout,
-        ops.Kernel(f"pallas_mosaic_{_layout}", tpu_int_matmul.int_matmul, tpu_int_matmul.supports),
-    )
+_REGISTRY = [  # (backend, format, module, kernel function, kernel name prefix)
+    ("gpu", "int", int_matmul, int_matmul.int_matmul, "pallas_triton"),
+    ("gpu", "nf4", table_matmul, table_matmul.table_matmul, "pallas_triton"),
+    ("gpu", "fp8", table_matmul, table_matmul.table_matmul, "pallas_triton"),
+    ("tpu", "int", tpu_int_matmul, tpu_int_matmul.int_matmul, "pallas_mosaic"),
+]
+for _backend, _fmt, _module, _fn, _prefix in _REGISTRY:
+    for _layout in _module.LAYOUTS:
+        if repack.FORMATS[_layout].name == _fmt:
+            ops.register_kernel(
+                _backend, _fmt, _layout, ops.Kernel(f"{_prefix}_{_layout}", _fn, _module.supports)
+            )
 
 __all__ = ["int_matmul", "repack", "table_matmul", "tpu_int_matmul"]

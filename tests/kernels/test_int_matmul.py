@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _testing import matmul_case, rel_error
 
 import qjax
 from qjax import ops
@@ -22,20 +23,6 @@ RTOL = 1e-2  # relative Frobenius error; bf16 output rounding alone is ~1e-3
 
 def _c(path, bm=16, bn=32, split=1, planes=True):
     return configs.Config(path, bm, bn, split, 4, 3, planes=planes)
-
-
-def _case(spec, m, k, n, seed):
-    kx, kw = jax.random.split(jax.random.key(seed))
-    q = spec.quantize(jax.random.normal(kw, (k, n)) * 0.05)
-    x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
-    ref = np.asarray(x, np.float32) @ np.asarray(q.dequantize(), np.float32)
-    return q, x, ref
-
-
-def _rel(y, ref):
-    y = np.asarray(y, np.float32)
-    assert np.isfinite(y).all()
-    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
 
 
 CASES = [  # spec, (M, K, N), config
@@ -57,24 +44,24 @@ CASES = [  # spec, (M, K, N), config
 @pytest.mark.parametrize("spec,mkn,cfg", CASES, ids=lambda v: getattr(v, "path", None))
 def test_kernel_matches_dequantized_dot(spec, mkn, cfg):
     m, k, n = mkn
-    q, x, ref = _case(spec, m, k, n, seed=hash((spec.label(), mkn)) % 2**31)
+    q, x, ref = matmul_case(spec, m, k, n, seed=hash((spec.label(), mkn)) % 2**31)
     w = rp.repack(q, "gpu_i4p" if spec.bits == 4 else "gpu_i8")
     y = int_matmul(x, w, config=cfg, interpret=True)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
-    assert _rel(y, ref) < RTOL
+    assert rel_error(y, ref) < RTOL
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_table_paths_and_batch_dims(bits):
     """The table's own choice (and the XLA path for large M) on ``x`` with leading batch dims."""
     spec = qjax.Int(4, group=256) if bits == 4 else qjax.Int(8, group=64, symmetric=False)
-    q, x, ref = _case(spec, 6, 192, 80, seed=bits)
+    q, x, ref = matmul_case(spec, 6, 192, 80, seed=bits)
     w = rp.repack(q, "gpu_i4p" if bits == 4 else "gpu_i8")
     y = int_matmul(x.reshape(2, 3, 192), w, interpret=True)
     assert y.shape == (2, 3, 80)
-    assert _rel(y.reshape(6, 80), ref) < RTOL
+    assert rel_error(y.reshape(6, 80), ref) < RTOL
     y = int_matmul(x, w, config=configs.Config("xla"))
-    assert _rel(y, ref) < RTOL
+    assert rel_error(y, ref) < RTOL
 
 
 def test_table_covers_every_bucket():

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from _testing import matmul_case, rel_error
 
 import qjax
 from qjax import ops
@@ -38,20 +39,6 @@ def test_nf4_select_equals_table():
     np.testing.assert_array_equal(np.asarray(nf4_select(c)), nf4_levels())
 
 
-def _case(spec, m, k, n, seed):
-    kx, kw = jax.random.split(jax.random.key(seed))
-    q = spec.quantize(jax.random.normal(kw, (k, n)) * 0.05)
-    x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
-    ref = np.asarray(x, np.float32) @ np.asarray(q.dequantize(), np.float32)
-    return q, x, ref
-
-
-def _rel(y, ref):
-    y = np.asarray(y, np.float32)
-    assert np.isfinite(y).all()
-    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
-
-
 CASES = [  # spec, layout, (M, K, N), config
     (qjax.NF4(), "gpu_nf4", (1, 256, 128), Config(16, 64, 2)),
     (qjax.NF4(double_quant=True), "gpu_nf4", (5, 300, 96), Config(16, 32, 1)),
@@ -65,20 +52,20 @@ CASES = [  # spec, layout, (M, K, N), config
 @pytest.mark.parametrize("spec,layout,mkn,cfg", CASES, ids=lambda v: getattr(v, "name", None))
 def test_kernel_matches_dequantized_dot(spec, layout, mkn, cfg):
     m, k, n = mkn
-    q, x, ref = _case(spec, m, k, n, seed=hash((spec.label(), mkn)) % 2**31)
+    q, x, ref = matmul_case(spec, m, k, n, seed=hash((spec.label(), mkn)) % 2**31)
     w = rp.repack(q, layout)
     assert supports(x, w)
     y = table_matmul(x, w, config=cfg, interpret=True)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
-    assert _rel(y, ref) < RTOL
+    assert rel_error(y, ref) < RTOL
 
 
 @pytest.mark.parametrize("spec,layout", [(qjax.NF4(), "gpu_nf4"), (qjax.FP8("e4m3"), "gpu_f8")])
 def test_large_m_path_and_batched_input(spec, layout):
-    q, x, ref = _case(spec, 300, 256, 96, seed=7)
+    q, x, ref = matmul_case(spec, 300, 256, 96, seed=7)
     w = rp.repack(q, layout)
     y = table_matmul(x.reshape(3, 100, 256), w)  # M = 300 ≥ XLA_FROM_M: dequantize + XLA dot
-    assert _rel(y.reshape(300, 96), ref) < RTOL
+    assert rel_error(y.reshape(300, 96), ref) < RTOL
 
 
 @pytest.mark.parametrize(

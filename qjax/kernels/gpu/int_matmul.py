@@ -47,7 +47,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from qjax.errors import FormatError, ShapeError
+from qjax.errors import ShapeError
+from qjax.kernels import calls
 from qjax.kernels import repack as rp
 from qjax.kernels.gpu import configs
 from qjax.qarray import QArray
@@ -317,28 +318,12 @@ def _xla_matmul(x2, w: QArray):
 
 def check_supported(x: jax.Array, w: QArray) -> None:
     """Raises a :class:`~qjax.QjaxError` saying why ``int_matmul(x, w)`` cannot run."""
-    if not isinstance(w, QArray) or w.layout not in LAYOUTS:
-        got = w.layout if isinstance(w, QArray) else type(w).__name__
-        raise FormatError(
-            f"int_matmul needs a weight repacked to {LAYOUTS} "
-            f"(qjax.kernels.repack.repack), got layout {got!r}"
-        )
-    if x.dtype != jnp.bfloat16:
-        raise FormatError(f"int_matmul takes bf16 activations, got {x.dtype}")
-    if len(w.shape) != 2 or x.shape[-1] != w.shape[0]:
-        raise ShapeError(f"int_matmul: x {tuple(x.shape)} @ w {tuple(w.shape)}: K mismatch")
+    calls.check("int_matmul", x, w, LAYOUTS)
 
 
 def supports(x: jax.Array, w: QArray) -> bool:
     """Registry predicate: bf16 activations and a weight in a kernel layout."""
-    return (
-        isinstance(w, QArray)
-        and w.layout in LAYOUTS
-        and x.dtype == jnp.bfloat16
-        and x.ndim >= 1
-        and x.shape[-1] == w.shape[0]
-        and x.size > 0
-    )
+    return calls.supports(x, w, LAYOUTS)
 
 
 def int_matmul(
@@ -352,10 +337,7 @@ def int_matmul(
     check_supported(x, w)
     k, n = w.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    k_p = w.codes.shape[0] * (8 if w.layout == "gpu_i4p" else 1)
-    if k_p != k:
-        x2 = jnp.pad(x2, [(0, 0), (0, k_p - k)])
+    x2 = calls.as_rows(x, w.codes.shape[0] * (8 if w.layout == "gpu_i4p" else 1))
     cfg = config or configs.pick(rp.LAYOUTS[w.layout], x2.shape[0], k, n)
     if cfg.path == "xla":
         y = _xla_matmul(x2, w)

@@ -35,8 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from qjax.errors import FormatError, ShapeError
 from qjax.formats.nf4 import nf4_levels
+from qjax.kernels import calls
 from qjax.kernels import repack as rp
 from qjax.qarray import QArray
 
@@ -164,14 +164,7 @@ def _xla_matmul(x2, w: QArray):
 
 def supports(x: jax.Array, w: QArray) -> bool:
     """Registry predicate: bf16 activations and a weight in ``gpu_nf4`` / ``gpu_f8``."""
-    return (
-        isinstance(w, QArray)
-        and w.layout in LAYOUTS
-        and x.dtype == jnp.bfloat16
-        and x.ndim >= 1
-        and x.shape[-1] == w.shape[0]
-        and x.size > 0
-    )
+    return calls.supports(x, w, LAYOUTS)
 
 
 def table_matmul(
@@ -182,23 +175,14 @@ def table_matmul(
     ``config`` forces the Pallas kernel with those block sizes (any M); ``interpret=True`` runs
     it in interpret mode (any backend, used by the CPU tests).
     """
-    if not isinstance(w, QArray) or w.layout not in LAYOUTS:
-        got = w.layout if isinstance(w, QArray) else type(w).__name__
-        raise FormatError(f"table_matmul needs a weight repacked to {LAYOUTS}, got {got!r}")
-    if x.dtype != jnp.bfloat16:
-        raise FormatError(f"table_matmul takes bf16 activations, got {x.dtype}")
-    if len(w.shape) != 2 or x.shape[-1] != w.shape[0]:
-        raise ShapeError(f"table_matmul: x {tuple(x.shape)} @ w {tuple(w.shape)}: K mismatch")
+    calls.check("table_matmul", x, w, LAYOUTS)
     k, n = w.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    k_p = w.codes.shape[0] * (8 if w.layout == "gpu_nf4" else 1)
-    if k_p != k:
-        x2 = jnp.pad(x2, [(0, 0), (0, k_p - k)])
+    x2 = calls.as_rows(x, w.codes.shape[0] * (8 if w.layout == "gpu_nf4" else 1))
     if config is None and x2.shape[0] >= XLA_FROM_M:
         y = _xla_matmul(x2, w)
     else:
-        y = _pallas_matmul(x2, w, config or pick(x2.shape[0], k_p, n), interpret)
+        y = _pallas_matmul(x2, w, config or pick(x2.shape[0], x2.shape[1], n), interpret)
     return y[:, :n].reshape(*lead, n)
 
 

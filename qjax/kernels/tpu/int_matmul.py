@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from qjax.errors import FormatError, ShapeError
+from qjax.errors import ShapeError
+from qjax.kernels import calls
 from qjax.kernels import repack as rp
 from qjax.qarray import QArray
 
@@ -130,35 +131,22 @@ def _pallas_matmul(x2, w: QArray, cfg: Config, interpret: bool):
 
 def supports(x: jax.Array, w: QArray) -> bool:
     """Registry predicate: bf16 activations and a weight in ``tpu_i4`` / ``tpu_i8``."""
-    return (
-        isinstance(w, QArray)
-        and w.layout in LAYOUTS
-        and x.dtype == jnp.bfloat16
-        and x.ndim >= 1
-        and x.shape[-1] == w.shape[0]
-        and x.size > 0
-    )
+    return calls.supports(x, w, LAYOUTS)
 
 
 def int_matmul(
     x: jax.Array, w: QArray, *, config: Config | None = None, interpret: bool = False
 ) -> jax.Array:
     """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a ``tpu_i4`` / ``tpu_i8`` weight."""
-    if not isinstance(w, QArray) or w.layout not in LAYOUTS:
-        got = w.layout if isinstance(w, QArray) else type(w).__name__
-        raise FormatError(f"tpu int_matmul needs a weight repacked to {LAYOUTS}, got {got!r}")
-    if x.dtype != jnp.bfloat16:
-        raise FormatError(f"tpu int_matmul takes bf16 activations, got {x.dtype}")
-    if len(w.shape) != 2 or x.shape[-1] != w.shape[0]:
-        raise ShapeError(f"tpu int_matmul: x {tuple(x.shape)} @ w {tuple(w.shape)}: K mismatch")
+    calls.check("tpu int_matmul", x, w, LAYOUTS)
     k, n = w.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
     k_p = w.codes.shape[0] * (2 if w.layout == "tpu_i4" else 1)
+    x2 = calls.as_rows(x, k_p)
+    m = x2.shape[0]
     cfg = config or pick(m, k_p, w.scales.shape[1], w.spec.group)
     m_p = -(-m // cfg.block_m) * cfg.block_m
-    x2 = jnp.pad(x2, [(0, m_p - m), (0, k_p - k)])
+    x2 = jnp.pad(x2, [(0, m_p - m), (0, 0)])
     y = _pallas_matmul(x2, w, cfg, interpret)
     return y[:m, :n].reshape(*lead, n)
 
