@@ -161,11 +161,37 @@ def lazy_checkpoint(path: Path) -> dict[str, Callable[[], Any]]:
                     partial_restore=True,
                 ),
             )
-            return checkpoint._decode(node, {k: np.asarray(v) for k, v in restored.items()})
+            return _decode_np(node, {k: np.asarray(v) for k, v in restored.items()})
 
         return load
 
     return {where: loader(where, node) for where, node in leaves.items()}
+
+
+def _decode_np(node: dict, arrays: dict) -> Any:
+    """:func:`qjax.checkpoint._decode` without the copies: NumPy leaves, cast only if needed."""
+    import jax.numpy as jnp
+
+    from qjax.formats.base import spec_from_config
+    from qjax.qarray import QArray
+
+    t = node["t"]
+    if t == "qarray":
+        f = _decode_np(node["fields"], arrays)
+        return QArray(
+            f["codes"], f["scales"], f["zeros"], f["aux"], spec=spec_from_config(node["spec"]),
+            shape=tuple(node["shape"]), dtype=jnp.dtype(node["dtype"]), layout=node["layout"],
+        )  # fmt: skip
+    if t == "dict":
+        return {k: _decode_np(v, arrays) for k, v in node["items"]}
+    if t in ("list", "tuple"):
+        items = [_decode_np(v, arrays) for v in node["items"]]
+        return items if t == "list" else tuple(items)
+    if t == "value":
+        return node["v"]
+    if t == "array":
+        return arrays[node["key"]].astype(jnp.dtype(node["dtype"]), copy=False)
+    raise FormatError(f"unknown node type {t!r} in qjax.json")
 
 
 def _gguf_header(path: Path) -> tuple[dict, dict, list[str] | None]:
@@ -219,7 +245,7 @@ def _gguf_to_gguf(src: Path, dst: Path, gtype: GGMLType | None, mix: str | None,
 
     from qjax.convert.gguf import copy_gguf, quants, read_gguf, write_gguf
     from qjax.convert.gguf.constants import GGUFValueType
-    from qjax.convert.gguf.model_export import FILE_TYPES
+    from qjax.convert.gguf.model_export import FILE_TYPES, trim_heap
 
     reader = read_gguf(src)
     if gtype is None and mix is None:
@@ -242,6 +268,7 @@ def _gguf_to_gguf(src: Path, dst: Path, gtype: GGMLType | None, mix: str | None,
     def fetch(name: str, info, t: GGMLType):
         def data():
             bar.set_postfix_str(name, refresh=False)
+            trim_heap()
             if t == info.ggml_type:
                 out = reader.raw(name)
             else:

@@ -238,8 +238,28 @@ def _bar(total: int, enabled: bool, desc: str):
 def _tick(fetch: Callable[[], Any], bar, name: str) -> Callable[[], Any]:
     def run():
         bar.set_postfix_str(name, refresh=False)
+        trim_heap()  # the previous tensor's temporaries are garbage now
         out = fetch()
         bar.update(1)
         return out
 
     return run
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere), so that a
+    streaming conversion's resident memory follows what it holds, not its past peaks."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc: Any = None

@@ -202,7 +202,7 @@ def qarray_blocks(
     out["d"] = scales.astype(np.float16)
     err = 0.0
     if ggml_type == GGMLType.Q8_0:
-        out["qs"] = (codes.astype(np.int16) - 128).astype(np.int8)
+        out["qs"] = (codes ^ np.uint8(0x80)).view(np.int8)  # c - 128 in two's complement
     elif ggml_type in (GGMLType.Q4_0, GGMLType.Q4_1):
         out["qs"] = (codes[..., :16] & 15) | (codes[..., 16:] << 4)  # GGML: 0-15 low, 16-31 high
     else:
@@ -211,14 +211,17 @@ def qarray_blocks(
         zeros = _rows(np.asarray(jax.device_get(q.zeros), np.float32), transpose, row_transform)
         with np.errstate(over="ignore"):
             out["m"] = (-zeros.astype(np.float64) * scales.astype(np.float64)).astype(np.float16)
-        # our values, computed exactly as Int.decode does (float32), vs GGML's d·q + m
-        c = codes.astype(np.float32)
-        ours = (c - zeros[..., None]) * scales[..., None]
-        d = out["d"].astype(np.float32)[..., None]
-        theirs = d * c + out["m"].astype(np.float32)[..., None]
-        if not np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)):
-            err = float(np.max(np.abs(ours - theirs)))
-            err = err if err > 0 else float(np.finfo(np.float32).tiny)  # only signs of zeros
+        # our values, computed exactly as Int.decode does (float32), vs GGML's d·q + m; in
+        # chunks of rows so the float32 temporaries stay small
+        step = max(1, (1 << 20) // max(1, nblocks * _GROUP))
+        for r in range(0, rows, step):
+            c = codes[r : r + step].astype(np.float32)
+            ours = (c - zeros[r : r + step, :, None]) * scales[r : r + step, :, None]
+            d = out["d"][r : r + step].astype(np.float32)[..., None]
+            theirs = d * c + out["m"][r : r + step].astype(np.float32)[..., None]
+            if not np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)):
+                diff = float(np.max(np.abs(ours - theirs)))
+                err = max(err, diff if diff > 0 else float(np.finfo(np.float32).tiny))
     return out.view(np.uint8).reshape(rows, -1), err
 
 
