@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "summary"}), flush=True)
         time.sleep(1)
+    shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory.json").write_text(json.dumps({"overhead": OVERHEAD, "cases": results},
                                                      indent=2))  # fmt: skip
