@@ -9,30 +9,24 @@ byte-identical encoders (:func:`~qjax.convert.gguf.quants.quantize`).
 ``experiments/gguf_mixes_vs_llamacpp.py`` checks the result against llama.cpp's own quantizer,
 tensor by tensor (types and bytes).
 
-Mixes (``MIXES``; llama.cpp ftype number in brackets, written as ``general.file_type``):
+Mixes (``MIXES``; llama.cpp ftype number in brackets, written as ``general.file_type``; the
+changes from the default type are those of a dense, non-Falcon model, before the fallback):
 
-=========== ================ =========================================================
-mix         default type     changes from the default (non-Falcon, not MoE)
-=========== ================ =========================================================
-``F32`` [0], ``F16`` [1], ``BF16`` [32]
-                             every quantizable matrix in that float type, no rules
-``Q4_0`` [2], ``Q4_1`` [3], ``Q5_0`` [8], ``Q5_1`` [9], ``Q8_0`` [7]
-                             output (and tied token_embd) → Q6_K (kept Q8_0 by ``Q8_0``);
-                             with an imatrix, ``Q4_0``/``Q5_0`` put ffn_down of the first
-                             n/8 layers in Q4_1/Q5_1
-``Q2_K`` [10]  Q2_K          attn_v Q4_K if n_head/n_head_kv >= 4 else Q3_K; ffn_down and
-                             attn_output Q3_K
-``Q3_K_S`` [11] Q3_K         output Q6_K only
-``Q3_K_M`` [12] Q3_K         attn_v Q5_K in the first 2 layers, else Q4_K; ffn_down Q5_K
-                             in layers < n/16, else Q4_K; attn_output Q4_K
-``Q3_K_L`` [13] Q3_K         attn_v, ffn_down and attn_output Q5_K
-``Q4_K_S`` [14] Q4_K         attn_v Q5_K in the first 4 layers; ffn_down Q5_K in layers
-                             < n/8
-``Q4_K_M`` [15] Q4_K         attn_v and ffn_down Q6_K where ``use_more_bits(i, n)``
-``Q5_K_S`` [16] Q5_K         output Q6_K only
-``Q5_K_M`` [17] Q5_K         attn_v and ffn_down Q6_K where ``use_more_bits(i, n)``
-``Q6_K`` [18]  Q6_K          (output Q6_K)
-=========== ================ =========================================================
+* ``F32`` [0], ``F16`` [1], ``BF16`` [32]: every quantizable matrix in that type, no rules.
+* ``Q4_0`` [2], ``Q4_1`` [3], ``Q5_0`` [8], ``Q5_1`` [9], ``Q8_0`` [7]: that type; output (and a
+  tied token_embd) Q6_K (``Q8_0`` keeps Q8_0); with an imatrix ``Q4_0`` / ``Q5_0`` put ffn_down of
+  the first n/8 layers in Q4_1 / Q5_1.
+* ``Q2_K`` [10]: Q2_K; attn_v Q4_K if ``n_head / n_head_kv >= 4`` else Q3_K; ffn_down and
+  attn_output Q3_K.
+* ``Q3_K_S`` [11]: Q3_K (output Q6_K).
+* ``Q3_K_M`` [12]: Q3_K; attn_v Q5_K in the first 2 layers, else Q4_K; ffn_down Q5_K in layers
+  < n/16, else Q4_K; attn_output Q4_K.
+* ``Q3_K_L`` [13]: Q3_K; attn_v, ffn_down and attn_output Q5_K.
+* ``Q4_K_S`` [14]: Q4_K; attn_v Q5_K in the first 4 layers; ffn_down Q5_K in layers < n/8.
+* ``Q4_K_M`` [15]: Q4_K; attn_v and ffn_down Q6_K where ``use_more_bits(i, n)``.
+* ``Q5_K_S`` [16]: Q5_K (output Q6_K).
+* ``Q5_K_M`` [17]: Q5_K; attn_v and ffn_down Q6_K where ``use_more_bits(i, n)``.
+* ``Q6_K`` [18]: Q6_K.
 
 Rules, in llama.cpp's order (``llama_tensor_get_type`` and ``llama_tensor_get_type_impl``):
 
@@ -54,8 +48,8 @@ Rules, in llama.cpp's order (``llama_tensor_get_type`` and ``llama_tensor_get_ty
    C ``%``). (llama.cpp also has a separate ``attn_qkv`` rule, but it is unreachable: fused
    QKV is attn_v-like and takes the attn_v branch.) attn_output follows the table; attn_k,
    attn_q, ffn_gate, ffn_up keep the default in these mixes. Llama 70B (80 layers with GQA)
-   puts Q3_K/Q4_K attn_v in Q5_K; 8-expert
-   models use Q8_0 for attn_v and attn_k and Q5_K for attn_output in the K mixes.
+   puts Q3_K/Q4_K attn_v in Q5_K; 8-expert models use Q8_0 for attn_v and attn_k and Q5_K for
+   attn_output in the K mixes.
 5. **Fallback** when the row length (GGML ``ne[0]``, the last NumPy axis) is not a multiple of the
    chosen type's block (``tensor_type_fallback``): Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0,
    Q2_K / Q3_K → Q4_0 (older llama.cpp used IQ4_NL here; the bundled version uses Q4_0),
