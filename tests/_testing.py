@@ -53,3 +53,33 @@ def rel_error(y, ref) -> float:
     y = np.asarray(y, np.float32)
     assert np.isfinite(y).all()
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def jit_forward(model):
+    """``fwd(tokens, caches=None) -> (logits, caches)``: ``model.forward``, jitted (one compile
+    per shape is much faster than eager op-by-op dispatch)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).forward(t, caches=c))
+    return lambda tokens, caches=None: fn(state, jnp.asarray(tokens), caches)
+
+
+def jit_logits(model, ids) -> np.ndarray:
+    """Logits ``(T, vocab)`` of one sequence ``ids``."""
+    return np.asarray(jit_forward(model)(jnp.asarray(ids)[None])[0])[0]
+
+
+def max_rel(a, b) -> float:
+    """``max|a − b| / max|b|``: the relative logit difference the model tests bound."""
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def gguf_py_value(value):
+    """Our GGUF metadata value in gguf-py's ``contents()`` form (flat lists, Python scalars)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, list) and value and isinstance(value[0], list | np.ndarray):
+        return [x for item in value for x in gguf_py_value(item)]
+    return value

@@ -12,6 +12,7 @@ import tracemalloc
 import gguf
 import numpy as np
 import pytest
+from _testing import gguf_py_value
 
 from qjax.convert.gguf import GGMLType, GGUFValueType, dequantize, quantize, read_gguf, row_bytes
 
@@ -21,15 +22,6 @@ def readers(request):
     """(our reader, gguf-py's reader) of one real file."""
     path = request.getfixturevalue(f"{request.param}_gguf")
     return read_gguf(path), gguf.GGUFReader(path)
-
-
-def _plain(value):
-    """Our metadata value in gguf-py's ``contents()`` form (flat lists, Python scalars)."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, list) and value and isinstance(value[0], list | np.ndarray):
-        return [x for item in value for x in _plain(item)]
-    return value
 
 
 def test_header_and_tensor_infos_match_gguf_py(readers):
@@ -55,7 +47,7 @@ def test_metadata_matches_gguf_py(readers):
     assert list(ours.metadata) == list(fields)
     for key, field in fields.items():
         assert ours.value_types[key] == tuple(GGUFValueType(int(t)) for t in field.types), key
-        assert _plain(ours.metadata[key]) == field.contents(), key
+        assert gguf_py_value(ours.metadata[key]) == field.contents(), key
 
 
 def test_every_tensor_dequantizes_bit_identically(readers):

@@ -9,6 +9,7 @@ import tracemalloc
 import gguf
 import numpy as np
 import pytest
+from _testing import gguf_py_value
 
 from qjax.convert.gguf import (
     GGMLType,
@@ -29,21 +30,12 @@ def _sha256(path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _plain(value):
-    """Our metadata value in gguf-py's ``contents()`` form (flat lists, Python scalars)."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, list) and value and isinstance(value[0], list | np.ndarray):
-        return [x for item in value for x in _plain(item)]
-    return value
-
-
 def _assert_same_file_contents(a, b):
     """Equal metadata (values and types, in order) and tensors (infos and bytes) via our reader."""
     assert list(a.metadata) == list(b.metadata)
     assert a.value_types == b.value_types
     for key, value in a.metadata.items():
-        assert _plain(b.metadata[key]) == _plain(value), key
+        assert gguf_py_value(b.metadata[key]) == gguf_py_value(value), key
     assert list(a.tensors) == list(b.tensors)
     for name, info in a.tensors.items():
         other = b.tensors[name]
@@ -154,7 +146,7 @@ def test_written_file_matches_under_gguf_py(alignment, make_random_blocks, tmp_p
         got_types = tuple(GGUFValueType(int(t)) for t in fields[key].types)
         # gguf-py records no element type for an empty array; ours checks it below.
         assert got_types == (types[:1] if key == "t.empty" else types), key
-        got, want = fields[key].contents(), _plain(value)
+        got, want = fields[key].contents(), gguf_py_value(value)
         if key == "t.f32":
             assert got == pytest.approx(want, rel=1e-7)
         else:
@@ -319,7 +311,7 @@ def test_export_llama_round_trips(qtype, smollm2_model, smollm2_gguf, tmp_path):
     for key, value in src.metadata.items():  # tokenizer and hparams carried over
         assert ours.value_types[key] == src.value_types[key], key
         if key != "general.file_type":
-            assert _plain(ours.metadata[key]) == _plain(value), key
+            assert gguf_py_value(ours.metadata[key]) == gguf_py_value(value), key
     assert list(ours.tensors) == list(src.tensors)
     for name, info in src.tensors.items():
         assert ours.tensors[name].shape == info.shape, name

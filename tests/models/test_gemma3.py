@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _testing import jit_forward, jit_logits, max_rel
 from flax import nnx
 
 import qjax
@@ -35,22 +36,6 @@ TINY = Gemma3Config(
 def _tiny(randomize_params, seed: int = 0, **changes) -> Gemma3:
     config = dataclasses.replace(TINY, **changes)
     return randomize_params(Gemma3(config, rngs=nnx.Rngs(seed)), seed)
-
-
-def _jit_forward(model):
-    """``fwd(tokens, caches=None) -> (logits, caches)``: ``model.forward``, jitted (one compile
-    per shape is much faster than eager op-by-op dispatch)."""
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).forward(t, caches=c))
-    return lambda tokens, caches=None: fn(state, jnp.asarray(tokens), caches)
-
-
-def _jit_logits(model, ids) -> np.ndarray:
-    return np.asarray(_jit_forward(model)(jnp.asarray(ids)[None])[0])[0]
-
-
-def _rel(a, b) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 # ------------------------------------------------------------------------------- tiny models
@@ -111,14 +96,14 @@ def test_tiny_matches_transformers(softcap, randomize_params, to_hf_state_dict, 
     ids = np.random.default_rng(0).integers(0, TINY.vocab_size, 20)  # 5x the window
     with torch.no_grad():
         ref = hf(torch.as_tensor(ids[None])).logits[0].numpy()
-    assert _rel(_jit_logits(model, ids), ref) < 1e-5
+    assert max_rel(jit_logits(model, ids), ref) < 1e-5
     np.testing.assert_array_equal(generate(model, ids, 10), hf_generate_fn(hf, ids, 10))
 
 
 def test_sliding_window_cache_chunks_match_full_forward(randomize_params):
     model = _tiny(randomize_params)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 11)))
-    fwd = _jit_forward(model)
+    fwd = jit_forward(model)
     full = fwd(tokens)[0]
     caches = model.init_cache(2, 16)
     outs = []
@@ -186,10 +171,10 @@ def test_gemma3_config(gemma3):
 
 def test_gemma3_logits_match_transformers(gemma3, reference):
     assert reference.ids[0] == 2  # BOS, added by the tokenizer
-    ours = _jit_logits(gemma3[1], reference.ids)
+    ours = jit_logits(gemma3[1], reference.ids)
     ref = reference.logits(reference.ids)
     assert ours.shape == ref.shape == (PROMPT_TOKENS, 262144)
-    rel = _rel(ours, ref)
+    rel = max_rel(ours, ref)
     print(f"Gemma3 max|Δlogits|/max|logits| = {rel:.2e}")
     assert rel <= 1e-4
 
@@ -205,7 +190,7 @@ def test_gemma3_greedy_matches_transformers(gemma3, reference):
 def test_gemma3_long_prompt_uses_sliding_window(gemma3, reference):
     """A 600-token prompt: local layers see 512 keys, global layers all (transformers' masks)."""
     ids = np.concatenate([reference.ids, np.tile(reference.ids[1:], 10)])[:600]
-    rel = _rel(_jit_logits(gemma3[1], ids), reference.logits(ids))
+    rel = max_rel(jit_logits(gemma3[1], ids), reference.logits(ids))
     print(f"Gemma3, 600 tokens: max|Δlogits|/max|logits| = {rel:.2e}")
     assert rel <= 1e-4
 
@@ -217,7 +202,7 @@ def test_gemma3_embedding_may_be_quantized(gemma3, reference):
     nnx.update(model, qjax.quantize(nnx.state(model, nnx.Param), rules))
     assert isinstance(model.embed.embedding.get_value(), qjax.QArray)
     ids = reference.ids[:16]
-    ref = _jit_logits(gemma3[1], ids)
-    q = _jit_logits(model, ids)
-    assert _rel(q, ref) < 5e-2
+    ref = jit_logits(gemma3[1], ids)
+    q = jit_logits(model, ids)
+    assert max_rel(q, ref) < 5e-2
     assert (q.argmax(-1) == ref.argmax(-1)).mean() >= 0.9

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _testing import jit_forward, jit_logits, max_rel
 from flax import nnx
 
 import qjax
@@ -40,22 +41,6 @@ def _tiny(randomize_params, tie: bool = True, seed: int = 0) -> Llama:
 def _paths(model) -> set[str]:
     leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
     return {path_str(p) for p, _ in leaves}
-
-
-def _jit_forward(model):
-    """``fwd(tokens, caches=None) -> (logits, caches)``: ``model.forward``, jitted (one compile
-    per shape is much faster than eager op-by-op dispatch)."""
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).forward(t, caches=c))
-    return lambda tokens, caches=None: fn(state, jnp.asarray(tokens), caches)
-
-
-def _jit_logits(model, ids) -> np.ndarray:
-    return np.asarray(_jit_forward(model)(jnp.asarray(ids)[None])[0])[0]
-
-
-def _rel(a, b) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 # ------------------------------------------------------------------------------- tiny models
@@ -96,7 +81,7 @@ def test_tiny_matches_transformers(tie, randomize_params, to_hf_state_dict, hf_g
     ids = np.random.default_rng(0).integers(0, c.vocab_size, 20)
     with torch.no_grad():
         ref = hf(torch.as_tensor(ids[None])).logits[0].numpy()
-    assert _rel(_jit_logits(model, ids), ref) < 1e-5
+    assert max_rel(jit_logits(model, ids), ref) < 1e-5
     np.testing.assert_array_equal(generate(model, ids, 8), hf_generate_fn(hf, ids, 8))
 
 
@@ -114,7 +99,7 @@ def test_block_protocol_composes(randomize_params):
 def test_kv_cache_chunks_match_full_forward(randomize_params):
     model = _tiny(randomize_params)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 10)))
-    fwd = _jit_forward(model)
+    fwd = jit_forward(model)
     full = fwd(tokens)[0]
     caches = model.init_cache(2, 16)
     assert isinstance(caches[0], KVCache) and caches[0].k.shape == (2, 16, 2, 8)
@@ -129,11 +114,11 @@ def test_kv_cache_chunks_match_full_forward(randomize_params):
 def test_quantized_q_proj_runs_under_jit(randomize_params):
     model = _tiny(randomize_params)
     ids = np.arange(1, 13)
-    ref = _jit_logits(model, ids)
+    ref = jit_logits(model, ids)
     rules = [(r"layers/\d+/attn/q_proj/kernel", qjax.Int(8, group="channel")), (r".*", None)]
     nnx.update(model, qjax.quantize(nnx.state(model, nnx.Param), rules))
     assert isinstance(model.layers[1].attn.q_proj.kernel.get_value(), qjax.QArray)
-    assert _rel(_jit_logits(model, ids), ref) < 2e-2
+    assert max_rel(jit_logits(model, ids), ref) < 2e-2
     assert generate(model, ids, 4).shape == (16,)
 
 
@@ -262,7 +247,7 @@ def reference(smollm2_gguf, hf_reference):
 
 @pytest.fixture(scope="module")
 def our_logits(smollm2, reference):
-    return _jit_logits(smollm2[1], reference.ids)
+    return jit_logits(smollm2[1], reference.ids)
 
 
 def test_smollm2_config(smollm2):
@@ -278,7 +263,7 @@ def test_smollm2_config(smollm2):
 def test_smollm2_logits_match_transformers(reference, our_logits):
     ref = reference.logits(reference.ids)
     assert our_logits.shape == ref.shape == (PROMPT_TOKENS, 49152)
-    rel = _rel(our_logits, ref)
+    rel = max_rel(our_logits, ref)
     print(f"SmolLM2 max|Δlogits|/max|logits| = {rel:.2e}")
     assert rel <= 1e-4
 
@@ -297,7 +282,7 @@ def test_smollm2_native_q4_1(smollm2_gguf, reference, our_logits):
     assert isinstance(kernel, qjax.QArray) and kernel.shape == (1536, 576)
     assert kernel.spec == qjax.Int(4, group=32, symmetric=False, scale_dtype="float32")
     assert isinstance(model.embed.embedding.get_value(), qjax.QArray)
-    rel = _rel(_jit_logits(model, reference.ids), our_logits)
+    rel = max_rel(jit_logits(model, reference.ids), our_logits)
     print(f"SmolLM2 native Q4_1 QArrays vs dequantized: rel Δlogits {rel:.2e}")
     assert rel <= 1e-5
 
@@ -308,8 +293,8 @@ def test_smollm2_int8_q_proj_stays_close(smollm2, reference, our_logits):
     nnx.update(model, qjax.quantize(nnx.state(model, nnx.Param), rules))
     assert isinstance(model.layers[7].attn.q_proj.kernel.get_value(), qjax.QArray)
     assert not isinstance(smollm2[1].layers[7].attn.q_proj.kernel.get_value(), qjax.QArray)
-    q = _jit_logits(model, reference.ids)
-    rel = _rel(q, our_logits)
+    q = jit_logits(model, reference.ids)
+    rel = max_rel(q, our_logits)
     agree = float((q.argmax(-1) == our_logits.argmax(-1)).mean())
     print(f"SmolLM2 int8 q_proj: rel Δlogits {rel:.2e}, top-1 agreement {agree:.3f}")
     assert 0 < rel < 3e-2 and agree >= 0.95
