@@ -45,3 +45,8 @@ def as_rows(x: jax.Array, k_p: int) -> jax.Array:
     """``x (..., K)`` → ``(M, K_p)``, zero-padded along K to the repacked length."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if k_p == x2.shape[1] else jnp.pad(x2, [(0, 0), (0, k_p - x2.shape[1])])
+
+
+def largest_divisor_at_most(n: int, cap: int) -> int:
+    """The split-K factor: the largest divisor of ``n`` K chunks not above ``cap`` (at least 1)."""
+    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)

@@ -239,10 +239,6 @@ def _kernel(
     plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=jnp.broadcast_to(row_ok, (bm, bn)))
 
 
-def _largest_divisor_at_most(n: int, cap: int) -> int:
-    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
 def _pallas_matmul(x2, w: QArray, cfg: configs.Config, interpret: bool):
     m, k_p = x2.shape
@@ -258,7 +254,7 @@ def _pallas_matmul(x2, w: QArray, cfg: configs.Config, interpret: bool):
     while n_p % bn:
         bn //= 2
     chunks = k_p // CHUNK
-    split = _largest_divisor_at_most(chunks, cfg.split_k)
+    split = calls.largest_divisor_at_most(chunks, cfg.split_k)
     m_tiles, n_tiles = pl.cdiv(m, bm), n_p // bn
     sym = w.spec.symmetric
 
