@@ -5,8 +5,9 @@ SRC → DST           what happens
 =================  =================================================================================
 GGUF → GGUF         each tensor dequantized and re-encoded as ``--type`` (or ``--mix``; a tensor
                     already of its target type is copied byte for byte); 1-D tensors F32
-GGUF → orbax        :func:`~qjax.convert.gguf.load.load_gguf_model` (Q8_0 / Q4_0 / Q4_1 kept as
-                    native QArrays unless ``--dequantize``) saved with :func:`qjax.save`; the GGUF
+GGUF → orbax        the params of :func:`~qjax.convert.gguf.load.load_gguf_model` (Q8_0 / Q4_0 /
+                    Q4_1 kept as native QArrays unless ``--dequantize``) read, converted and
+                    saved one at a time (:func:`qjax.save` of a tree of loaders); the GGUF
                     header (metadata, tokenizer, tensor order) is kept beside it in
                     ``gguf_metadata.gguf`` so the checkpoint converts back on its own
 orbax → GGUF        :func:`~qjax.convert.gguf.model_export.export_model_gguf`: QArrays in their
@@ -112,86 +113,10 @@ def _nest(flat: dict[str, Any]) -> dict:
 
 def lazy_checkpoint(path: Path) -> dict[str, Callable[[], Any]]:
     """``{param path: loader}`` of a :func:`qjax.save` checkpoint; each loader restores only
-    that leaf's arrays (orbax partial restore), so one tensor at a time is in memory."""
-    import orbax.checkpoint as ocp
-
+    that leaf's arrays (:func:`qjax.checkpoint.leaf_loaders`), one tensor at a time in memory."""
     from qjax import checkpoint
 
-    try:
-        meta = json.loads((path / checkpoint._META).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: unreadable {checkpoint._META}: {e}") from None
-    if meta.get("version") != checkpoint._VERSION:
-        raise FormatError(f"{path}: unsupported checkpoint version {meta.get('version')!r}")
-    arrays_dir = path.absolute() / checkpoint._ARRAYS
-    leaves: dict[str, dict] = {}
-
-    def walk(node: dict, where: str) -> None:
-        t = node.get("t")
-        if t == "dict":
-            for k, v in node["items"]:
-                walk(v, f"{where}/{k}" if where else str(k))
-        elif t in ("list", "tuple"):
-            for i, v in enumerate(node["items"]):
-                walk(v, f"{where}/{i}" if where else str(i))
-        elif t in ("qarray", "array"):
-            leaves[where] = node
-        elif t != "value":
-            raise FormatError(f"{path}: unknown node type {t!r} at {where!r}")
-
-    walk(meta["tree"], "")
-
-    def keys(node: Any) -> list[str]:
-        if isinstance(node, dict):
-            if node.get("t") == "array":
-                return [node["key"]]
-            return [k for v in node.values() for k in keys(v)]
-        if isinstance(node, list):
-            return [k for v in node for k in keys(v)]
-        return []
-
-    def loader(where: str, node: dict) -> Callable[[], Any]:
-        def load() -> Any:
-            ks = keys(node)
-            restored = ocp.PyTreeCheckpointer().restore(
-                arrays_dir,
-                args=ocp.args.PyTreeRestore(
-                    item={k: 0 for k in ks},
-                    restore_args={k: ocp.RestoreArgs(restore_type=np.ndarray) for k in ks},
-                    partial_restore=True,
-                ),
-            )
-            return _decode_np(node, {k: np.asarray(v) for k, v in restored.items()})
-
-        return load
-
-    return {where: loader(where, node) for where, node in leaves.items()}
-
-
-def _decode_np(node: dict, arrays: dict) -> Any:
-    """:func:`qjax.checkpoint._decode` without the copies: NumPy leaves, cast only if needed."""
-    import jax.numpy as jnp
-
-    from qjax.formats.base import spec_from_config
-    from qjax.qarray import QArray
-
-    t = node["t"]
-    if t == "qarray":
-        f = _decode_np(node["fields"], arrays)
-        return QArray(
-            f["codes"], f["scales"], f["zeros"], f["aux"], spec=spec_from_config(node["spec"]),
-            shape=tuple(node["shape"]), dtype=jnp.dtype(node["dtype"]), layout=node["layout"],
-        )  # fmt: skip
-    if t == "dict":
-        return {k: _decode_np(v, arrays) for k, v in node["items"]}
-    if t in ("list", "tuple"):
-        items = [_decode_np(v, arrays) for v in node["items"]]
-        return items if t == "list" else tuple(items)
-    if t == "value":
-        return node["v"]
-    if t == "array":
-        return arrays[node["key"]].astype(jnp.dtype(node["dtype"]), copy=False)
-    raise FormatError(f"unknown node type {t!r} in qjax.json")
+    return checkpoint.leaf_loaders(path)
 
 
 def _gguf_header(path: Path) -> tuple[dict, dict, list[str] | None]:
@@ -333,23 +258,42 @@ def _gguf_mix(reader, dst: Path, mix: str, progress: bool):
     return dst, {"tensors": len(reader.tensors), "mix": mix, "types": kinds}
 
 
-def _gguf_to_orbax(src: Path, dst: Path, dequantize: bool, force: bool):
+def _gguf_to_orbax(src: Path, dst: Path, dequantize: bool, force: bool, progress: bool):
+    """Streams: each param is read from the GGUF, converted and written by :func:`qjax.save`
+    (a tree of loaders) before the next, so the whole model is never in memory."""
+    import jax
     from flax import nnx
+    from tqdm import tqdm
 
     from qjax import checkpoint
     from qjax.convert.gguf import read_gguf
-    from qjax.convert.gguf.load import load_gguf_model
+    from qjax.convert.gguf.load import gguf_param_loaders
+    from qjax.rules import path_str
 
     reader = read_gguf(src)
-    _, model = load_gguf_model(src, native=not dequantize)
-    state = nnx.state(model, nnx.Param).to_pure_dict()
-    del model
+    _, model, loaders = gguf_param_loaders(reader, native=not dequantize)
+    bar = tqdm(total=len(loaders), desc=dst.name, unit="tensor", disable=not progress, leave=False)
+
+    def fetch(param: str) -> Callable[[], Any]:
+        def load() -> Any:
+            bar.set_postfix_str(param, refresh=False)
+            out = loaders[param]()
+            bar.update(1)
+            return out
+
+        return load
+
+    pure = nnx.state(model, nnx.Param).to_pure_dict()  # abstract: shapes only
+    tree = jax.tree_util.tree_map_with_path(lambda p, _: fetch(path_str(p)), pure)
 
     def fill(tmp: Path) -> None:
-        checkpoint.save(tmp, state)
+        checkpoint.save(tmp, tree)
         _write_sidecar(tmp / GGUF_SIDECAR, reader)
 
-    return _atomic_dir(dst, force, fill), {"tensors": len(reader.tensors)}
+    try:
+        return _atomic_dir(dst, force, fill), {"tensors": len(reader.tensors)}
+    finally:
+        bar.close()
 
 
 def _params_source(src: Path, kind: str, metadata: Path | None):
@@ -521,7 +465,7 @@ def convert(
             out, summary = _to_gguf(src, kind, dst, gtype, mix, meta, progress, near_exact)
     elif dest == "orbax":
         if kind == "gguf":
-            out, summary = _gguf_to_orbax(src, dst, dequantize, force)
+            out, summary = _gguf_to_orbax(src, dst, dequantize, force, progress)
         elif kind == "orbax":
             raise SpecError(f"{src}: already a qjax checkpoint")
         else:

@@ -141,6 +141,31 @@ def test_tiny_llama_gguf_orbax_gguf_is_byte_identical(tmp_path):
     assert (tmp_path / "back.gguf").read_bytes() == src.read_bytes()
 
 
+@pytest.mark.parametrize("linear_type, dequantize", [(GGMLType.Q4_1, False), (GGMLType.Q4_0, True)])
+def test_gguf_to_orbax_streams_the_params_of_load_gguf_model(tmp_path, linear_type, dequantize):
+    """GGUF → orbax writes the params one at a time, yet holds exactly what the model loaded
+    by ``load_gguf_model`` holds: same tree (int layer keys), QArray metadata and bits."""
+    import jax
+    from flax import nnx
+
+    from qjax.convert.gguf.load import load_gguf_model
+
+    src = write_tiny_llama(tmp_path / "tiny.gguf", linear_type)
+    convert(src, tmp_path / "ck", to="orbax", dequantize=dequantize)
+    _, model = load_gguf_model(src, native=not dequantize)
+    want = nnx.state(model, nnx.Param).to_pure_dict()
+    got = qjax.load(tmp_path / "ck")
+    leaves_w, def_w = jax.tree_util.tree_flatten(want)
+    leaves_g, def_g = jax.tree_util.tree_flatten(got)
+    assert def_g == def_w  # keys, QArray spec / shape / dtype / layout
+    params = jax.tree_util.tree_leaves(want, is_leaf=lambda x: isinstance(x, qjax.QArray))
+    n_q = 0 if dequantize else 16  # 14 linears, embedding, head
+    assert sum(isinstance(v, qjax.QArray) for v in params) == n_q
+    for g, w in zip(leaves_g, leaves_w, strict=True):
+        g, w = np.asarray(g), np.asarray(w)
+        assert g.dtype == w.dtype and g.tobytes() == w.tobytes()
+
+
 def test_smollm2_q4_1_round_trip_gives_the_file_back(tmp_path):
     """SmolLM2's Q4_1 tensors imported natively (z = -m/d in float32) and exported again: the
     QArray's own codes, d = s and m = f16(-z·s) reproduce the original file byte for byte."""

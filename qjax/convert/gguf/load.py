@@ -28,6 +28,7 @@ the number of *KV* heads (REFERENCE §4). Gemma's exporter stores every RMSNorm 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -48,7 +49,13 @@ from qjax.models.llama import Llama, LlamaConfig
 from qjax.qarray import QArray
 from qjax.rules import path_str
 
-__all__ = ["config_from_gguf", "load_gguf_model", "native_qarray", "unpermute_qk"]
+__all__ = [
+    "config_from_gguf",
+    "gguf_param_loaders",
+    "load_gguf_model",
+    "native_qarray",
+    "unpermute_qk",
+]
 
 #: A per-tensor conversion applied before the (out, in) -> (in, out) transpose. It must act on
 #: rows (the first axis) only, so that :func:`native_qarray` can apply it to per-block arrays.
@@ -231,7 +238,28 @@ def load_gguf_model(
     unsupported architecture, a missing metadata key, a missing or unused tensor, or a tensor
     whose shape does not match the config.
     """
-    reader = read_gguf(path)
+    config, model, loaders = gguf_param_loaders(path, dtype, native=native)
+    abstract = nnx.state(model, nnx.Param)
+    nnx.update(
+        model, jax.tree_util.tree_map_with_path(lambda p, _: loaders[path_str(p)](), abstract)
+    )
+    return config, model
+
+
+def gguf_param_loaders(
+    path_or_reader: str | os.PathLike[str] | GGUFReader,
+    dtype: Any = jnp.float32,
+    *,
+    native: bool = False,
+) -> tuple[Any, nnx.Module, dict[str, Callable[[], Any]]]:
+    """``(config, abstract model, {param path: loader})`` of a GGUF file: what
+    :func:`load_gguf_model` fills the model with, one zero-argument loader per param (it reads
+    and converts that one tensor), so a caller can stream the params without the whole model.
+
+    The model is built with ``nnx.eval_shape`` (no weights). Every tensor is checked (present,
+    expected shape, none unused) before this returns.
+    """
+    reader = path_or_reader if isinstance(path_or_reader, GGUFReader) else read_gguf(path_or_reader)
     arch = _architecture(reader)
     config_fn, model_cls, tensors_fn = _ARCHS[arch]
     config = config_fn(reader, _Meta(reader, arch))
@@ -248,21 +276,22 @@ def load_gguf_model(
         plan[param] = (name, transform, tuple(reversed(leaf.shape)) if is_kernel else leaf.shape)
     _check_tensors(reader, plan)
 
-    def load(keypath, leaf):
-        param = path_str(keypath)
-        name, transform, _ = plan[param]
-        if native and reader.tensors[name].ggml_type in _NATIVE and leaf.ndim == 2:
-            return native_qarray(reader, name, transform, kernel=param.endswith("/kernel"),
-                                 dtype=dtype)  # fmt: skip
-        w = reader.dequantize(name)
-        if transform is not None:
-            w = transform(w)
-        if w.ndim == 2 and param.endswith("/kernel"):
-            w = np.ascontiguousarray(w.T)
-        return jax.device_put(w.astype(dtype, copy=False))
+    def loader(param: str, name: str, transform: Transform | None, ndim: int):
+        def load():
+            if native and reader.tensors[name].ggml_type in _NATIVE and ndim == 2:
+                return native_qarray(reader, name, transform, kernel=param.endswith("/kernel"),
+                                     dtype=dtype)  # fmt: skip
+            w = reader.dequantize(name)
+            if transform is not None:
+                w = transform(w)
+            if w.ndim == 2 and param.endswith("/kernel"):
+                w = np.ascontiguousarray(w.T)
+            return jax.device_put(w.astype(dtype, copy=False))
 
-    nnx.update(model, jax.tree_util.tree_map_with_path(load, abstract))
-    return config, model
+        return load
+
+    loaders = {p: loader(p, name, t, len(shape)) for p, (name, t, shape) in plan.items()}
+    return config, model, loaders
 
 
 def _check_tensors(reader: GGUFReader, plan: dict) -> None:
@@ -311,8 +340,8 @@ def native_qarray(
     rows, cols = info.shape
     blocks = reader.raw(name).view(BLOCK_DTYPES[info.ggml_type]).reshape(rows, cols // 32)
     scales = blocks["d"].astype(np.float32)
-    if info.ggml_type == GGMLType.Q8_0:
-        codes = (blocks["qs"].astype(np.int16) + 128).astype(np.uint8)
+    if info.ggml_type == GGMLType.Q8_0:  # q + 128 as uint8 is q's byte with the top bit flipped
+        codes = blocks["qs"].view(np.uint8) ^ np.uint8(0x80)
     else:
         qs = blocks["qs"]
         codes = np.concatenate([qs & 15, qs >> 4], axis=-1)  # low nibbles: elements 0-15
@@ -335,4 +364,11 @@ def native_qarray(
     codes, scales = arrays[0], arrays[1].astype(spec.scale_dtype)
     zeros = None if symmetric else jnp.asarray(arrays[2].astype(spec.scale_dtype))
     shape = (cols, rows) if kernel else (rows, cols)
-    return spec.from_codes(jnp.asarray(codes), jnp.asarray(scales), zeros, shape, dtype)
+    return _from_codes(spec, codes, jnp.asarray(scales), zeros, shape, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _from_codes(spec: Int, codes, scales, zeros, shape, dtype) -> QArray:
+    """``spec.from_codes`` compiled: the code packing fused, without its eager uint32
+    temporaries (4 bytes a code: 450 MiB for SmolLM2's Q8_0 embedding)."""
+    return spec.from_codes(codes, scales, zeros, shape, dtype)
