@@ -99,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     smol, gemma = assets.path("smollm2"), assets.path("gemma3")
     work = Path(tempfile.mkdtemp(prefix="qjax-convert-mem-"))
     ck = work / "smollm2_ck"
+    deq = {"to": "orbax", "dequantize": True}
     # name, src, dst, kwargs, bound tensor source, dequantized?
     cases = [
         ("smollm2_gguf_to_f16", smol, work / "s16.gguf", {"ggml_type": "F16"}, smol, True),
         ("smollm2_gguf_to_orbax", smol, ck, {"to": "orbax"}, smol, False),
+        ("smollm2_gguf_to_orbax_f32", smol, work / "ck32", deq, smol, True),
         ("smollm2_orbax_to_gguf", ck, work / "back.gguf", {}, smol, False),
         ("smollm2_orbax_to_q8_0_gguf", ck, work / "q8.gguf", {"ggml_type": "Q8_0"}, smol, True),
         ("gemma3_gguf_to_f32", gemma, work / "g32.gguf", {"ggml_type": "F32"}, gemma, True),
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         r = run(src, dst, kw)
         bound = 2 * t_bytes + OVERHEAD
         cmd = f"qjax convert {src} {dst} " + " ".join(
-            f"--{k.replace('ggml_type', 'type')} {v}" for k, v in kw.items()
+            f"--{k.replace('ggml_type', 'type')}" + ("" if v is True else f" {v}")
+            for k, v in kw.items()
         )
         r.update(
             case=name, command=cmd, largest_tensor=t_name, largest_tensor_bytes=t_bytes,

@@ -353,16 +353,15 @@ def _to_orbax(src, kind, dst, metadata, force):
     from qjax import checkpoint
 
     params, header, _ = _params_source(src, kind, metadata)
-    flat = {k: (v() if callable(v) else v) for k, v in params.items()}
 
     def fill(tmp: Path) -> None:
-        checkpoint.save(tmp, _nest(flat))
+        checkpoint.save(tmp, _nest(params))  # loaders are called one at a time by the writer
         if metadata is not None:
             from qjax.convert.gguf import read_gguf
 
             _write_sidecar(tmp / GGUF_SIDECAR, read_gguf(metadata))
 
-    return _atomic_dir(dst, force, fill), {"tensors": len(flat)}
+    return _atomic_dir(dst, force, fill), {"tensors": len(params)}
 
 
 def _llama_config_from_header(md: dict, params: dict):

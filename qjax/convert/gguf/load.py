@@ -240,9 +240,10 @@ def load_gguf_model(
     """
     config, model, loaders = gguf_param_loaders(path, dtype, native=native)
     abstract = nnx.state(model, nnx.Param)
-    nnx.update(
-        model, jax.tree_util.tree_map_with_path(lambda p, _: loaders[path_str(p)](), abstract)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, _: jax.device_put(loaders[path_str(p)]()), abstract
     )
+    nnx.update(model, params)
     return config, model
 
 
@@ -254,7 +255,8 @@ def gguf_param_loaders(
 ) -> tuple[Any, nnx.Module, dict[str, Callable[[], Any]]]:
     """``(config, abstract model, {param path: loader})`` of a GGUF file: what
     :func:`load_gguf_model` fills the model with, one zero-argument loader per param (it reads
-    and converts that one tensor), so a caller can stream the params without the whole model.
+    and converts that one tensor: a QArray, or a NumPy array of ``dtype``), so a caller can
+    stream the params without the whole model.
 
     The model is built with ``nnx.eval_shape`` (no weights). Every tensor is checked (present,
     expected shape, none unused) before this returns.
@@ -286,7 +288,7 @@ def gguf_param_loaders(
                 w = transform(w)
             if w.ndim == 2 and param.endswith("/kernel"):
                 w = np.ascontiguousarray(w.T)
-            return jax.device_put(w.astype(dtype, copy=False))
+            return w.astype(dtype, copy=False)  # NumPy: a writer needs no device copy
 
         return load
 
