@@ -62,7 +62,7 @@ FORMATS = {
     "w8g128": (qjax.Int(8, group=128), "gpu_i8"),
     "nf4": (qjax.NF4(), "gpu_nf4"),  # block 64, float32 absmax (table_matmul)
     "fp8": (qjax.FP8("e4m3", group="channel"), "gpu_f8"),
-    # W8A8: activations quantized per token at call time, XLA int8 / fp8 dot (no Pallas kernel)
+    # W8A8: activations quantized per token at call time (Pallas row kernel), XLA int8 / fp8 GEMM
     "w8a8": (qjax.W8A8(act="dynamic"), None),
     "w8a8f8": (qjax.W8A8(act="dynamic", dtype="e4m3"), None),
 }
@@ -180,8 +180,8 @@ def time_quant(fmt, n, k, m, cfg=None, interpret=False) -> dict:
     w0 = random_weight(fmt, k, n, 0)
     bufs = [w0] + [random_weight(fmt, k, n, i) for i in range(1, n_buffers(w0.nbytes))]
     x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
-    if w0.layout == "canonical":  # W8A8: the format's own product (XLA 8-bit dot)
-        fn = jax.jit(lambda x, w: w.spec.matmul(x, w))
+    if w0.layout == "canonical":  # W8A8: qjax.matmul → fused row quantization + XLA 8-bit GEMM
+        fn = jax.jit(qjax.matmul)
         used = "xla"
     elif w0.layout in TABLE_LAYOUTS:
         fn = jax.jit(lambda x, w: table_matmul(x, w, config=cfg, interpret=interpret))
@@ -248,6 +248,21 @@ def candidates(m: int, bits: int) -> list:
     return [_c("tiled", 128, 256, 1, 8, 3), configs.Config("xla")]
 
 
+def table_candidates(m: int, n: int, k: int) -> list:
+    """NF4 / FP8 kernel configs ``--autotune`` tries (``None``: the untuned ``pick``)."""
+    if m >= XLA_FROM_M:
+        return [None]
+    from qjax.kernels.gpu.table_matmul import Config as TableConfig
+
+    d = table_pick(m, k, n)
+    return [
+        None,
+        TableConfig(d.block_m, 64, max(1, 2 * d.split_k), 4, 4),
+        TableConfig(d.block_m, 128, d.split_k, 4, 4),
+        TableConfig(d.block_m, 256, d.split_k, 8, 3),
+    ]
+
+
 def run_bench(args, results: list, deadline: float) -> None:
     for group in args.shapes:
         for n, k in SHAPES[group]:
@@ -261,8 +276,14 @@ def run_bench(args, results: list, deadline: float) -> None:
                     if fmt.startswith("w8") and args.w8_ms and m not in args.w8_ms:
                         continue
                     tried = []
-                    tune = args.autotune and FORMATS[fmt][1] not in (*TABLE_LAYOUTS, None)
-                    for cfg in candidates(m, FORMATS[fmt][0].bits) if tune else [None]:
+                    layout = FORMATS[fmt][1]
+                    if not args.autotune or layout is None:
+                        tries = [None]
+                    elif layout in TABLE_LAYOUTS:
+                        tries = table_candidates(m, n, k)
+                    else:
+                        tries = candidates(m, FORMATS[fmt][0].bits)
+                    for cfg in tries:
                         try:
                             tried.append(time_quant(fmt, n, k, m, cfg))
                         except FAILURES as err:
@@ -428,6 +449,9 @@ def targets(rows: list) -> list[str]:
         ("w4g128", "W4 g128, M=128", lambda m: m == 128, 1.8),
         ("w4g128", "W4 g128, M>=2048", lambda m: m >= 2048, 0.9),
         ("w8ch", "W8 per-channel, M<=16", lambda m: m <= 16, 1.8),
+        ("fp8", "FP8 e4m3 weights, M<=16", lambda m: m <= 16, 1.8),
+        ("w8a8", "W8A8 int8, M>=4096", lambda m: m >= 4096, 1.5),
+        ("w8a8f8", "W8A8 fp8, M>=4096", lambda m: m >= 4096, 1.5),
     ]:
         got = pick(fmt, pred)
         if not got:
@@ -438,16 +462,28 @@ def targets(rows: list) -> list[str]:
             f"| {label} | ≥ {goal}× | {min(sp):.2f}× – {max(sp):.2f}× (mean {np.mean(sp):.2f}×) "
             f"| {min(tb):.2f} – {max(tb):.2f} TB/s | {'met' if min(sp) >= goal else 'missed'} |"
         )
+    pairs = [  # NF4 within 15 % of int4: t_int4 / t_nf4 >= 1 / 1.15
+        r["w4g128"]["us"] / r["nf4"]["us"]
+        for r in rows
+        if r["model"] == "70b" and r["M"] <= 16 and "nf4" in r and "w4g128" in r
+    ]
+    if pairs:
+        ok = min(pairs) >= 1 / 1.15
+        out.append(
+            f"| NF4 vs int4 g128, M<=16 | t(int4)/t(NF4) ≥ 0.87 | {min(pairs):.2f} – "
+            f"{max(pairs):.2f} | | {'met' if ok else 'missed'} |"
+        )
     return out
 
 
 def config_label(c: dict) -> str:
-    """Short label of a config dict, e.g. ``decode 16×64 k4 w4 s4``."""
-    if c["path"] == "xla":
+    """Short label of a config dict, e.g. ``decode 16×64 k4 w4 s4`` (table kernels: ``pallas``)."""
+    if c == "xla" or c.get("path") == "xla":
         return "xla"
     unpack = "" if c.get("planes", True) else " reshape"
     return (
-        f"{c['path']} {c['block_m']}×{c['block_n']} k{c['split_k']} w{c['num_warps']} "
+        f"{c.get('path', 'pallas')} {c['block_m']}×{c['block_n']} k{c['split_k']} "
+        f"w{c['num_warps']} "
         f"s{c['num_stages']}{unpack}"
     )
 

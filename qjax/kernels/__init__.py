@@ -2,14 +2,15 @@
 
 Weights reach a kernel in the layout it loads fastest, made once, offline, by
 ``qjax.kernels.repack.repack(q, layout)`` (``"gpu_i4p"``: int4, ``"gpu_i8"``: int8, ``"gpu_nf4"``:
-NF4, ``"gpu_f8"``: FP8 e4m3/e5m2; ``"tpu_i4"`` / ``"tpu_i8"`` for the TPU kernels).
+NF4, ``"gpu_f8"``: FP8 e4m3/e5m2; ``"tpu_i4"`` / ``"tpu_i8"`` for the TPU kernels). W8A8 weights
+stay canonical: their GPU kernel quantizes the activations in one fused pass and uses XLA's GEMM.
 ``qjax.ops.matmul`` dispatches on ``(backend, format, layout)``; a case a kernel's ``supports``
 rejects takes the reference ``dequantize`` + ``dot`` path, logged once with the reason.
 """
 
 from qjax import ops
 from qjax.kernels import repack
-from qjax.kernels.gpu import int_matmul, table_matmul
+from qjax.kernels.gpu import int_matmul, table_matmul, w8a8_matmul
 from qjax.kernels.tpu import int_matmul as tpu_int_matmul
 
 _REGISTRY = [  # (backend, format, module, kernel function, kernel name prefix)
@@ -17,12 +18,13 @@ _REGISTRY = [  # (backend, format, module, kernel function, kernel name prefix)
     ("gpu", "nf4", table_matmul, table_matmul.table_matmul, "pallas_triton"),
     ("gpu", "fp8", table_matmul, table_matmul.table_matmul, "pallas_triton"),
     ("tpu", "int", tpu_int_matmul, tpu_int_matmul.int_matmul, "pallas_mosaic"),
+    ("gpu", "w8a8", w8a8_matmul, w8a8_matmul.w8a8_matmul, "pallas_triton"),
 ]
 for _backend, _fmt, _module, _fn, _prefix in _REGISTRY:
     for _layout in _module.LAYOUTS:
-        if repack.FORMATS[_layout].name == _fmt:
+        if _layout == "canonical" or repack.FORMATS[_layout].name == _fmt:
             ops.register_kernel(
                 _backend, _fmt, _layout, ops.Kernel(f"{_prefix}_{_layout}", _fn, _module.supports)
             )
 
-__all__ = ["int_matmul", "repack", "table_matmul", "tpu_int_matmul"]
+__all__ = ["int_matmul", "repack", "table_matmul", "tpu_int_matmul", "w8a8_matmul"]

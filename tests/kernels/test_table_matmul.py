@@ -17,7 +17,15 @@ from qjax import ops
 from qjax.errors import FormatError
 from qjax.formats.nf4 import nf4_levels
 from qjax.kernels import repack as rp
-from qjax.kernels.gpu.table_matmul import Config, f8_to_f32, nf4_select, supports, table_matmul
+from qjax.kernels.gpu.table_matmul import (
+    Config,
+    f8_to_f16,
+    f8_to_f32,
+    f8_unit,
+    nf4_select,
+    supports,
+    table_matmul,
+)
 
 RTOL = 1e-2  # relative Frobenius error; the dequantized tile and the output are rounded to bf16
 
@@ -32,11 +40,17 @@ def test_f8_decoder_is_exact_for_every_byte(fmt, dtype):
     finite = np.isfinite(want)
     np.testing.assert_array_equal(got[finite], want[finite])  # subnormals and ±0 included
     assert finite.sum() == {"e4m3": 254, "e5m2": 248}[fmt]  # only NaN (and e5m2 ±inf) skipped
+    # the kernel feeds the MMA bf16(f16 pattern) and folds the unit into the scale: also exact
+    as_bf16 = f8_to_f16(jnp.asarray(b, jnp.int32), fmt).astype(jnp.bfloat16)
+    got16 = np.asarray(as_bf16.astype(jnp.float32)) * f8_unit(fmt)
+    np.testing.assert_array_equal(got16[finite], want[finite])
 
 
 def test_nf4_select_equals_table():
     c = jnp.arange(16, dtype=jnp.int32)
     np.testing.assert_array_equal(np.asarray(nf4_select(c)), nf4_levels())
+    bf16 = np.asarray(nf4_select(c, jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_array_equal(bf16, nf4_levels().astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
 CASES = [  # spec, layout, (M, K, N), config

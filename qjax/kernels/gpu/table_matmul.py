@@ -5,15 +5,17 @@ Computes ``y = x @ Ŵ`` for bf16 ``x: (M, K)`` and a weight repacked by
 the 16 NF4 levels of QLoRA, ``a`` the block absmax) or ``"gpu_f8"`` (``Ŵ[k, n] = f8(c[k, n]) ·
 s[g(k), n]``), with ``g(k) = k // group``.
 
-Codes are decoded in registers, 16 K-rows ("a plane") at a time, scaled by their group's scale,
-rounded to bf16 and fed to one ``K = 16`` tensor-core dot per plane:
+Codes are decoded in registers, 16 K-rows ("a plane") at a time, to unscaled bf16 table values
+and fed to one ``K = 16`` tensor-core dot per plane; each group's scale then multiplies the
+float32 accumulator once (per-channel scales: once per call):
 
 * **NF4** — a nibble is mapped to its level by a 4-level select tree on its bits (15 selects),
   since Triton has no register-file table lookup;
 * **FP8 e4m3** — the byte ``s eeee mmm`` becomes the float16 bit pattern ``s 0eeee mmm 0000000``
   (two masks, two shifts), which is exactly ``value · 2⁻⁸`` for normal *and* subnormal e4m3
-  (float16's subnormals cover e4m3's), so ``value = f16 · 256``; **e5m2** is the high byte of a
-  float16, ``value = f16(c << 8)``. No float8 type is needed in the kernel.
+  (float16's subnormals cover e4m3's), converted exactly to bf16, the ``256`` folded into the
+  scale; **e5m2** is the high byte of a float16, ``value = f16(c << 8)``. No float8 type is
+  needed in the kernel.
 
 A split-K grid (float32 partials summed by XLA) keeps skinny-M calls spread over the SMs; from
 ``XLA_FROM_M`` rows on, the weight is dequantized by one fused XLA pass and multiplied by XLA's
@@ -65,51 +67,76 @@ def pick(m: int, k: int, n: int) -> Config:
     return Config(bm, bn, split)
 
 
-def nf4_select(c: jax.Array) -> jax.Array:
-    """NF4 level of each 4-bit code ``c`` (int32), float32, by a select tree on the code's bits."""
-    levels = [float(v) for v in nf4_levels()]
-    vals = [jnp.float32(v) for v in levels]
+def nf4_select(c: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """NF4 level of each 4-bit code ``c`` (int32) as ``dtype``: a select tree on its bits."""
+    vals = [jnp.asarray(float(v), dtype) for v in nf4_levels()]
     for bit in range(4):
         b = ((c >> bit) & 1) == 1
         vals = [jnp.where(b, vals[2 * i + 1], vals[2 * i]) for i in range(len(vals) // 2)]
     return vals[0]
 
 
-def f8_to_f32(c: jax.Array, fmt: str) -> jax.Array:
-    """Exact float32 value of fp8 bit patterns ``c`` (int32 holding 0..255), no float8 type."""
+def f8_to_f16(c: jax.Array, fmt: str) -> jax.Array:
+    """float16 ``f8(c) · 2^-8`` (e4m3) or ``f8(c)`` (e5m2), exact, of bit patterns ``c`` (int32).
+
+    e4m3 ``s eeee mmm`` becomes float16 ``s 0eeee mmm 0000000``: normal and subnormal e4m3 values
+    land on float16 values ``2^-8`` times as large (float16's subnormals cover e4m3's)."""
     if fmt == "e5m2":
         h = c << 8
-        return lax.bitcast_convert_type(h.astype(jnp.int16), jnp.float16).astype(jnp.float32)
-    h = ((c & 0x7F) << 7) | ((c & 0x80) << 8)  # s eeee mmm -> f16 s 0eeee mmm0000000
-    f = lax.bitcast_convert_type(h.astype(jnp.int16), jnp.float16).astype(jnp.float32)
-    return f * 256.0
+    else:
+        h = ((c & 0x7F) << 7) | ((c & 0x80) << 8)
+    return lax.bitcast_convert_type(h.astype(jnp.int16), jnp.float16)
 
 
-def _kernel(x_ref, w_ref, s_ref, o_ref, *, fmt, gk, m, bm, cps):
+def f8_unit(fmt: str) -> float:
+    """The factor :func:`f8_to_f16` leaves out: value = f16 · unit."""
+    return 256.0 if fmt == "e4m3" else 1.0
+
+
+def f8_to_f32(c: jax.Array, fmt: str) -> jax.Array:
+    """Exact float32 value of fp8 bit patterns ``c`` (int32 holding 0..255), no float8 type."""
+    return f8_to_f16(c, fmt).astype(jnp.float32) * f8_unit(fmt)
+
+
+def _kernel(x_ref, w_ref, s_ref, o_ref, *, fmt, gk, m, bm, cps, k_p):
+    """Per scale group ``G``: ``acc += s_G · Σ_{k∈G} x_k · v(c_k)`` — the MMAs see the unscaled
+    table values ``v`` (NF4 levels in bf16, FP8 values ``· 2^-8`` exactly in bf16), the scale
+    multiplies the float32 accumulator once per group (per call for per-channel scales)."""
     rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
     row_ok = rows < m
+    mask = jnp.broadcast_to(row_ok, (bm, 16))
     c_first = pl.program_id(2) * cps
     bn = o_ref.shape[-1]
+    unit = 1.0 if fmt == "nf4" else f8_unit(fmt)
+    per_call = gk >= k_p  # one scale row (per-channel): applied after the loop
+    planes_per_group = 8 if gk >= CHUNK else gk // 16
+
+    def scale(gi):
+        return s_ref[pl.ds(gi, 1), :].astype(jnp.float32) * unit
 
     def step(i, acc):
         c = c_first + i
         if fmt == "nf4":
             words = w_ref[pl.ds(pl.multiple_of(c * 16, 16), 16), :]
+        a = None
         for j in range(8):
             k0 = pl.multiple_of(c * CHUNK + 16 * j, 16)
             if fmt == "nf4":
-                v = nf4_select((words >> (4 * j)) & 0xF)
+                wt = nf4_select((words >> (4 * j)) & 0xF, jnp.bfloat16)
             else:
-                v = f8_to_f32(w_ref[pl.ds(k0, 16), :].astype(jnp.int32), fmt)
-            gi = (c * CHUNK + 16 * j) // gk
-            s = s_ref[pl.ds(gi, 1), :].astype(jnp.float32)
-            wt = (v * s).astype(jnp.bfloat16)
-            mask = jnp.broadcast_to(row_ok, (bm, 16))
+                c8 = w_ref[pl.ds(k0, 16), :].astype(jnp.int32)
+                wt = f8_to_f16(c8, fmt).astype(jnp.bfloat16)  # exact: 3 mantissa bits
             xj = plgpu.load(x_ref.at[:, pl.ds(k0, 16)], mask=mask, other=0.0)
-            acc = acc + jnp.dot(xj, wt, preferred_element_type=jnp.float32)
+            aj = jnp.dot(xj, wt, preferred_element_type=jnp.float32)
+            a = aj if a is None else a + aj
+            if (j + 1) % planes_per_group == 0:
+                acc = acc + (a if per_call else a * scale((c * CHUNK + 16 * j) // gk))
+                a = None
         return acc
 
     acc = lax.fori_loop(0, cps, step, jnp.zeros((bm, bn), jnp.float32))
+    if per_call:
+        acc = acc * scale(0)
     plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=jnp.broadcast_to(row_ok, (bm, bn)))
 
 
@@ -137,7 +164,7 @@ def _pallas_matmul(x2, w: QArray, cfg: Config, interpret: bool):
     else:
         out_shape = jax.ShapeDtypeStruct((split, m, n_p), jnp.float32)
         out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
-    kernel = functools.partial(_kernel, fmt=fmt, gk=gk, m=m, bm=bm, cps=chunks // split)
+    kernel = functools.partial(_kernel, fmt=fmt, gk=gk, m=m, bm=bm, cps=chunks // split, k_p=k_p)
     y = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -182,4 +209,13 @@ def table_matmul(
     return y[:, :n].reshape(*lead, n)
 
 
-__all__ = ["LAYOUTS", "Config", "f8_to_f32", "nf4_select", "pick", "supports", "table_matmul"]
+__all__ = [
+    "LAYOUTS",
+    "Config",
+    "f8_to_f16",
+    "f8_to_f32",
+    "nf4_select",
+    "pick",
+    "supports",
+    "table_matmul",
+]

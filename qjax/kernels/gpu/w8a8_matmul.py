@@ -1,0 +1,158 @@
+"""W8A8 (int8 / FP8 e4m3) matmul on the GPU: fused activation quantization, XLA's 8-bit GEMM.
+
+The format (:class:`qjax.formats.W8A8`, SmoothQuant / FP8 serving) computes
+
+    y = (Σ_k x_q[t, k] · w_q[k, n]) · s_x[t] · s_w[n],   x_q = cast(x / s_x),
+
+with dynamic per-token ``s_x[t] = max_k |x[t, k]| / qmax`` (``qmax`` 127 or 448). Its reference
+product (``W8A8.matmul``) leaves the activation quantization to XLA, which reads ``x`` twice (one
+reduction fusion for ``max|x|``, one elementwise fusion for the cast) and, for e4m3, writes the
+float32 GEMM result that a third pass scales to bf16. Here:
+
+* :func:`quantize_rows` — a Pallas (Triton) kernel: per block of rows, one loop over K for
+  ``max|x|`` and a second one that divides, rounds and stores the codes (int8: round-half-even
+  by adding ``1.5·2^23`` and reading the integer from the float's bits, then clip to ±127;
+  e4m3: clip to ±448, then the round-to-nearest-even cast); the second read of a row hits L2,
+  so HBM sees ``x`` once;
+* the GEMM is XLA's (cuBLAS int8 → int32, cuBLASLt e4m3 → **bf16** for bf16 activations: the
+  accumulation stays float32 inside the GEMM, only its output is rounded — one extra bf16 rounding
+  before the scales, within the bf16 output's own tolerance);
+* one elementwise pass applies ``s_x[t] · s_w[n]``.
+
+Static activation scales skip the kernel (the cast is one XLA elementwise pass already).
+Measured on an H100 in ``experiments/results/kernels/README.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from qjax.errors import FormatError, ShapeError
+from qjax.formats.fp8 import fp8_dtype, fp8_max
+from qjax.formats.w8a8 import INT8_MAX, W8A8
+from qjax.qarray import QArray
+
+LAYOUTS = ("canonical",)
+K_ALIGN = 128  # the row kernel walks K in power-of-two chunks; other K take XLA's two passes
+_RNE = 1.5 * 2.0**23  # v + _RNE has ulp 1: it rounds |v| < 2^22 to an integer, ties to even
+_RNE_BITS = 0x4B400000  # float32 bits of _RNE: bits(v + _RNE) − _RNE_BITS = round(v)
+
+
+def _round_half_even(v: jax.Array) -> jax.Array:
+    """``round(v)`` as int32, ties to even, for ``|v| < 2^22`` (no rounding op needed in Triton)."""
+    return lax.bitcast_convert_type(v + _RNE, jnp.int32) - _RNE_BITS
+
+
+def _chunk(k: int) -> int:
+    return max(c for c in (128, 256, 512, 1024) if k % c == 0)
+
+
+def _quant_kernel(x_ref, q_ref, s_ref, *, m, bm, bk, nk, dtype):
+    rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    row_ok = rows < m
+    mask = jnp.broadcast_to(row_ok, (bm, bk))
+    qmax = float(INT8_MAX) if dtype == "int8" else fp8_max("e4m3")
+
+    def load(i):
+        chunk = x_ref.at[:, pl.ds(pl.multiple_of(i * bk, bk), bk)]
+        return plgpu.load(chunk, mask=mask, other=0.0).astype(jnp.float32)
+
+    def amax_step(i, a):
+        return jnp.maximum(a, jnp.max(jnp.abs(load(i)), axis=1, keepdims=True))
+
+    amax = lax.fori_loop(0, nk, amax_step, jnp.zeros((bm, 1), jnp.float32))
+    sx = amax / qmax
+    sx = jnp.where(sx > 0, sx, 1.0)
+
+    def cast_step(i, carry):
+        v = load(i) / sx
+        if dtype == "int8":
+            q = jnp.clip(_round_half_even(v), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+        else:
+            q = jnp.clip(v, -qmax, qmax).astype(fp8_dtype("e4m3"))
+        plgpu.store(q_ref.at[:, pl.ds(pl.multiple_of(i * bk, bk), bk)], q, mask=mask)
+        return carry
+
+    lax.fori_loop(0, nk, cast_step, 0)
+    plgpu.store(s_ref, sx, mask=row_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "block_m", "interpret"))
+def quantize_rows(x2, *, dtype: str, block_m: int = 4, interpret: bool = False):
+    """Per-row ``(codes, s_x)`` of ``x2: (M, K)``, ``K % 128 == 0``: ``s_x = max|x|/qmax`` (1 for
+    all-zero rows), codes ``cast(x / s_x)`` as int8 or float8_e4m3fn, like ``W8A8._cast``."""
+    m, k = x2.shape
+    if k % K_ALIGN:
+        raise ShapeError(f"quantize_rows: K = {k} is not a multiple of {K_ALIGN}")
+    bk = _chunk(k)
+    code_dtype = jnp.int8 if dtype == "int8" else fp8_dtype("e4m3")
+    kernel = functools.partial(_quant_kernel, m=m, bm=block_m, bk=bk, nk=k // bk, dtype=dtype)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((m, k), code_dtype),
+            jax.ShapeDtypeStruct((m, 1), jnp.float32),
+        ),
+        grid=(pl.cdiv(m, block_m),),
+        in_specs=[pl.BlockSpec((block_m, k), lambda i: (i, 0))],
+        out_specs=(
+            pl.BlockSpec((block_m, k), lambda i: (i, 0)),
+            pl.BlockSpec((block_m, 1), lambda i: (i, 0)),
+        ),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name=f"qjax_quantize_rows_{dtype}",
+    )(x2)
+
+
+def _is_w8a8(w) -> bool:
+    return isinstance(w, QArray) and isinstance(w.spec, W8A8) and w.layout in LAYOUTS
+
+
+def supports(x: jax.Array, w) -> bool:
+    """Registry predicate: a 2-D W8A8 weight quantized along K, float activations; dynamic
+    activation scales need ``K % 128 == 0`` (the row kernel's chunks)."""
+    return (
+        _is_w8a8(w)
+        and len(w.shape) == 2
+        and w.spec.axis == 0
+        and x.dtype in (jnp.bfloat16, jnp.float32)
+        and x.shape[-1] == w.shape[0]
+        and x.size > 0
+        and (w.spec.act == "static" or w.shape[0] % K_ALIGN == 0)
+    )
+
+
+def w8a8_matmul(x: jax.Array, w: QArray, *, interpret: bool = False) -> jax.Array:
+    """``x @ W`` for a W8A8 weight ``(K, N)``: fused row quantization + XLA's 8-bit GEMM."""
+    if not supports(x, w):
+        got = w.spec.label() if isinstance(w, QArray) else type(w).__name__
+        raise FormatError(
+            f"w8a8_matmul needs a 2-D W8A8 weight (axis 0) and float x with matching K "
+            f"(dynamic: K % {K_ALIGN} == 0); got {got}, x {x.dtype} {tuple(x.shape)}, "
+            f"w {tuple(w.shape)}"
+        )
+    spec = w.spec
+    k, n = w.shape
+    x2 = x.reshape(-1, k)
+    if spec.act == "dynamic":
+        xq, sx = quantize_rows(x2, dtype=spec.dtype, interpret=interpret)
+    else:
+        sx = w.aux["act_scale"]
+        xq = spec._cast(x2.astype(jnp.float32) / sx)
+    if spec.dtype == "int8":
+        out = jnp.int32
+    else:  # float32 accumulation inside the GEMM either way; bf16 halves the bytes it writes
+        out = jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32
+    acc = jnp.matmul(xq, w.codes[0].T, preferred_element_type=out)
+    y = acc.astype(jnp.float32) * sx * w.scales[0]
+    return y.astype(x.dtype).reshape(*x.shape[:-1], n)
+
+
+__all__ = ["LAYOUTS", "quantize_rows", "supports", "w8a8_matmul"]
