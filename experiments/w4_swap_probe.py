@@ -243,6 +243,7 @@ def main(argv=None):
     p.add_argument("--out")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--budget-s", type=float, default=200)
+    p.add_argument("--only", choices=["swap", "w8a8"])
     a = p.parse_args(argv)
     if a.smoke:
         for m in (1, 5, 16):
@@ -251,8 +252,10 @@ def main(argv=None):
         return
     deadline = time.time() + a.budget_s
     swap, w8 = [], []
-    run_w8a8(w8, deadline)
-    run_swap(swap, deadline)
+    if a.only != "swap":
+        run_w8a8(w8, deadline)
+    if a.only != "w8a8":
+        run_swap(swap, deadline)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "w4_swap_probe.json"), "w") as fh:

@@ -21,7 +21,7 @@ def _x(rng, m, k, zero_row=True):
 
 
 @pytest.mark.parametrize("dtype", ["int8", "e4m3"])
-@pytest.mark.parametrize("m,k", [(5, 384), (9, 1024), (1, 128)])
+@pytest.mark.parametrize("m,k", [(5, 384), (9, 1024), (1, 128), (3, 33 * 128)])  # last: > 32 chunks
 def test_quantize_rows_equals_the_formats_cast(dtype, m, k):
     rng = np.random.default_rng(m * k)
     x = _x(rng, m, k)
