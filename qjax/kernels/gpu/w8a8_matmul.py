@@ -63,8 +63,9 @@ def _quant_kernel(x_ref, q_ref, s_ref, *, m, bm, bk, nk, dtype):
     mask = jnp.broadcast_to(row_ok, (bm, bk))
     qmax = float(INT8_MAX) if dtype == "int8" else fp8_max("e4m3")
 
-    def chunk(ref, i):
-        return ref.at[:, pl.ds(pl.multiple_of(i * bk, bk), bk)]
+    def chunk(ref, i):  # i: a Python int (resident rows) or a traced loop index
+        start = i * bk if isinstance(i, int) else pl.multiple_of(i * bk, bk)
+        return ref.at[:, pl.ds(start, bk)]
 
     def load(i):
         return plgpu.load(chunk(x_ref, i), mask=mask, other=0.0).astype(jnp.float32)
