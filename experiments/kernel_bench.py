@@ -220,17 +220,19 @@ def candidates(m: int, bits: int) -> list:
         if bits == 8:
             return [
                 _c("decode", 16, 128, 2, 4, 4),
-                _c("decode", 16, 64, 4, 4, 4),
-                _c("decode", 16, 256, 2, 8, 3),
+                _c("swap", 16, 128, 8, 4, 3),
+                _c("swap", 16, 128, 4, 4, 4),
             ]
-        last = _c("gemv", 16, 32, 8, 2, 3) if m <= 2 else _c("decode", 16, 128, 2, 4, 4, False)
-        return [_c("decode", 16, 128, 2, 4, 4), _c("decode", 16, 64, 4, 4, 4), last]
+        return [
+            _c("swap", 16, 128, 8, 4, 3),
+            _c("swap", 16, 128, 4, 4, 4),
+            _c("decode", 16, 64, 4, 4, 4),
+        ]
     if m <= 32:
-        return [_c("decode", 32, 128, 2, 4, 4), _c("decode", 32, 64, 4, 4, 4)]
+        return [_c("swap", 32, 128, 8, 4, 3), _c("decode", 32, 64, 4, 4, 4)]
     if m <= 64:
         return [
-            _c("decode", 64, 64, 1, 4, 3),
-            _c("decode", 64, 128, 2, 4, 3),
+            _c("swap", 64, 128, 4, 4, 3),
             _c("decode", 64, 64, 1, 4, 3, False),
         ]
     if m <= 128:
@@ -381,6 +383,7 @@ def run_tune(args, results: list, deadline: float) -> None:
 
 
 GEMV = configs.Config("gemv", 16, 64, 2, 4, 3)
+SWAP = configs.Config("swap", 16, 128, 4, 4, 3)
 
 
 def run_check(args, results: list, interpret: bool) -> None:
@@ -397,8 +400,9 @@ def run_check(args, results: list, interpret: bool) -> None:
             w = repack.repack(q, layout)
             x = jax.random.normal(kx, (m, k), jnp.bfloat16)
             ref = np.asarray(x, np.float32) @ np.asarray(q.dequantize(), np.float32)
-            for cfg in [configs.pick(spec.bits, m, k, n), TUNE_DECODE[3], TUNE_TILED[0], GEMV]:
-                if cfg.path in ("decode", "gemv") and m > cfg.block_m:
+            checked = [configs.pick(spec.bits, m, k, n), TUNE_DECODE[3], TUNE_TILED[0], GEMV, SWAP]
+            for cfg in checked:
+                if cfg.path in ("decode", "swap", "gemv") and m > cfg.block_m:
                     continue
                 try:
                     y = np.asarray(int_matmul(x, w, config=cfg, interpret=interpret), np.float32)

@@ -38,6 +38,13 @@ CASES = [  # spec, (M, K, N), config
     (qjax.Int(8, group=128, symmetric=False), (7, 300, 96), _c("decode", split=2)),
     (qjax.Int(8, group=128, symmetric=False), (17, 256, 64), _c("tiled", bm=16)),
     (qjax.Int(8, group=32), (4, 128, 64), _c("gemv", bn=64)),
+    (qjax.Int(4, group=128), (1, 256, 128), _c("swap", bn=64, split=2)),
+    (qjax.Int(4, group=32, symmetric=False), (5, 300, 96), _c("swap", bn=32)),
+    (qjax.Int(4, group=64), (16, 384, 70), _c("swap", bn=64, split=3)),
+    (qjax.Int(4, group=256, symmetric=False), (3, 640, 64), _c("swap", bn=64)),
+    (qjax.Int(4, group="channel", symmetric=False), (9, 384, 64), _c("swap", split=3)),
+    (qjax.Int(8, group="channel"), (2, 256, 96), _c("swap", bn=32, split=2)),
+    (qjax.Int(8, group=64, symmetric=False), (7, 300, 96), _c("swap")),
 ]
 
 
@@ -68,8 +75,8 @@ def test_table_covers_every_bucket():
     for bits in (4, 8):
         for m in (1, 3, 16, 17, 100, 5000, 10**6):
             cfg = configs.pick(bits, m, 4096, 4096)
-            assert cfg.path in ("gemv", "decode", "tiled", "xla")
-            if cfg.path in ("decode", "gemv"):
+            assert cfg.path in ("gemv", "decode", "swap", "tiled", "xla")
+            if cfg.path in ("decode", "swap", "gemv"):
                 assert cfg.block_m >= min(m, 16)
 
 

@@ -9,6 +9,8 @@ Paths:
 * ``"decode"`` — skinny M: per scale group, ``a = x_g · (128 + c)`` on the tensor cores with the raw
   codes, then ``acc += s·a − s·(128 + z)·Σx_g`` (two FMAs per output per group, no per-weight
   scaling); optional split-K over ``split_k`` programs, summed by XLA in float32.
+* ``"swap"`` — skinny M, transposed: ``yᵀ = Ŵᵀ xᵀ`` with the dequantized ``(block_n, 16)`` plane
+  as the MMA's left operand (``c − z`` exact in bf16), the scale on the accumulator per group.
 * ``"gemv"`` — M ≤ 16 on the CUDA cores: ``16 + c`` built in float32 bits, one FMA per weight and
   row, scales per group on the accumulator; split-K as above.
 * ``"tiled"`` — prefill: each ``(128, block_n)`` weight tile (or 16-row plane, ``planes``) is
@@ -25,7 +27,7 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    path: str  # "gemv" | "decode" | "tiled" | "xla"
+    path: str  # "gemv" | "decode" | "swap" | "tiled" | "xla"
     block_m: int = 16
     block_n: int = 64
     split_k: int = 1
@@ -52,12 +54,12 @@ def _c(path, bm, bn, split, warps, stages) -> Config:
 
 # (bits, m_bucket) -> Config; (bits, m_bucket, K, N) entries override for a tuned shape.
 # Winners of `kernel_bench --autotune` on an H100 SXM (experiments/results/kernels/README.md):
-# int4 decode with per-plane MMAs wins up to M = 32, the reshape unpack at M = 64, the tiled
-# kernel at M = 128, and XLA's dequantize + bf16 dot from M = 256 (our tiled kernel is 2-2.5x
-# slower than cuBLAS there).
+# int4 swap up to M = 16 (2-17 % faster than decode), decode with per-plane MMAs at M = 32, the
+# reshape unpack at M = 64, the tiled kernel at M = 128, and XLA's dequantize + bf16 dot from
+# M = 256 (our tiled kernel is 2-2.5x slower than cuBLAS there).
 TABLE: dict[tuple, Config] = {}
 for _b in (1, 2, 4, 8, 16):
-    TABLE[(4, _b)] = _c("decode", 16, 64, 4, 4, 4)
+    TABLE[(4, _b)] = _c("swap", 16, 128, 8, 4, 3)
     TABLE[(8, _b)] = _c("decode", 16, 128, 2, 4, 4)
 TABLE[(4, 32)] = _c("decode", 32, 64, 4, 4, 4)
 TABLE[(8, 32)] = _c("decode", 32, 128, 2, 4, 4)
