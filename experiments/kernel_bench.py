@@ -238,8 +238,8 @@ def candidates(m: int, bits: int) -> list:
     if m <= 128:
         return [
             _c("tiled", 64, 64, 1, 4, 4),
-            _c("tiled", 128, 128, 1, 8, 3),
-            _c("decode", 128, 64, 2, 4, 3),
+            _c("swap", 128, 128, 2, 8, 3),
+            _c("swap", 64, 128, 2, 4, 3),
         ]
     if m <= 1024:
         return [
