@@ -21,8 +21,13 @@ PyTorch's ``(out, in)``), and a QArray outside the decoder linears (a GGUF-nativ
 a quantized untied head) as its exact dequantized values. The Flax model's Q/K rows are already in
 Hugging Face's order (the GGUF loader undoes llama.cpp's permutation), so nothing is permuted.
 
-transformers (5.23, CPU) loads both: GPTQ through ``gptqmodel`` + ``optimum`` (not tested here:
-not installable alongside torch 2.13), compressed-tensors natively. It dequantizes
+transformers (5.23, CPU) loads both: GPTQ through ``gptqmodel`` + ``optimum`` (checked with
+gptqmodel 7.6.0 / optimum 2.3.0 in a separate environment, qjax does not depend on them:
+``experiments/hf_gptq_transformers.py``), compressed-tensors natively. gptqmodel's default CPU
+kernel (``TorchAtenLinear``: torch's int4pack matmul, in bfloat16) needs ``in_features`` to be
+whole groups; for a ragged last group (SmolLM2's 576 with g128) load with
+``quantization_config=GPTQConfig(bits=4, backend="gptq_torch")`` (``TorchLinear``: weights
+dequantized in float16, the scales' dtype). transformers dequantizes
 compressed-tensors weights in the scales' dtype, so float32 scales (``scale_dtype="float32"``)
 give exactly our weights and bfloat16 scales (the default: the QArrays' own, lossless in the
 file) give them rounded to bfloat16. Its default load path rejects *asymmetric* pack-quantized
