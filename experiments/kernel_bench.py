@@ -185,7 +185,7 @@ def time_quant(fmt, n, k, m, cfg=None, interpret=False) -> dict:
         used = "xla"
     elif w0.layout in TABLE_LAYOUTS:
         fn = jax.jit(lambda x, w: table_matmul(x, w, config=cfg, interpret=interpret))
-        used = cfg or (table_pick(m, k, n) if m < XLA_FROM_M else "xla")
+        used = cfg or (table_pick(m, k, n, w0.layout) if m < XLA_FROM_M else "xla")
     else:
         fn = jax.jit(lambda x, w: int_matmul(x, w, config=cfg, interpret=interpret))
         used = cfg or configs.pick(w0.spec.bits, m, k, n)
@@ -250,13 +250,13 @@ def candidates(m: int, bits: int) -> list:
     return [_c("tiled", 128, 256, 1, 8, 3), configs.Config("xla")]
 
 
-def table_candidates(m: int, n: int, k: int) -> list:
+def table_candidates(m: int, n: int, k: int, layout: str) -> list:
     """NF4 / FP8 kernel configs ``--autotune`` tries (``None``: the untuned ``pick``)."""
     if m >= XLA_FROM_M:
         return [None]
     from qjax.kernels.gpu.table_matmul import Config as TableConfig
 
-    d = table_pick(m, k, n)
+    d = table_pick(m, k, n, layout)
     return [
         None,
         TableConfig(d.block_m, 64, max(1, 2 * d.split_k), 4, 4),
@@ -282,7 +282,7 @@ def run_bench(args, results: list, deadline: float) -> None:
                     if not args.autotune or layout is None:
                         tries = [None]
                     elif layout in TABLE_LAYOUTS:
-                        tries = table_candidates(m, n, k)
+                        tries = table_candidates(m, n, k, layout)
                     else:
                         tries = candidates(m, FORMATS[fmt][0].bits)
                     for cfg in tries:

@@ -54,10 +54,10 @@ def _c(path, bm, bn, split, warps, stages) -> Config:
 
 # (bits, m_bucket) -> Config; (bits, m_bucket, K, N) entries override for a tuned shape.
 # Winners of `kernel_bench --autotune` on an H100 SXM (experiments/results/kernels/README.md):
-# int4: swap up to M = 64 (2-17 % faster than decode at M <= 16, 20-45 % at M = 32-64); int8:
-# decode (swap's in-kernel transpose of int8 tiles costs more than it saves). The tiled kernel
-# at M = 128, and XLA's dequantize + bf16 dot from M = 256 (our tiled kernel is 2-2.5x slower
-# than cuBLAS there).
+# int4: swap up to M = 128 (2-17 % faster than decode at M <= 16, 20-45 % at M = 32-64, 25-35 %
+# faster than tiled at 128); int8: decode / tiled (swap's in-kernel transpose of int8 tiles costs
+# more than it saves). XLA's dequantize + bf16 dot from M = 256 (our tiled kernel is 2-2.5x
+# slower than cuBLAS there).
 TABLE: dict[tuple, Config] = {}
 for _b in (1, 2, 4, 8, 16):
     TABLE[(4, _b)] = _c("swap", 16, 128, 8, 4, 3)
@@ -66,8 +66,9 @@ TABLE[(4, 32)] = _c("swap", 32, 128, 8, 4, 3)
 TABLE[(8, 32)] = _c("decode", 32, 128, 2, 4, 4)
 TABLE[(4, 64)] = _c("swap", 64, 128, 4, 4, 3)
 TABLE[(8, 64)] = dataclasses.replace(_c("decode", 64, 64, 1, 4, 3), planes=False)
+TABLE[(4, 128)] = _c("swap", 64, 128, 2, 4, 3)
+TABLE[(8, 128)] = dataclasses.replace(_c("tiled", 64, 64, 1, 4, 4), planes=False)
 for _bits in (4, 8):
-    TABLE[(_bits, 128)] = dataclasses.replace(_c("tiled", 64, 64, 1, 4, 4), planes=False)
     for _b in M_BUCKETS[M_BUCKETS.index(256) :]:
         TABLE[(_bits, _b)] = Config("xla")
 

@@ -58,12 +58,17 @@ class Config:
     num_stages: int = 3
 
 
-def pick(m: int, k: int, n: int) -> Config:
-    """Untuned defaults: 16-row tiles for decode, split K until ≈ 2 waves of 132 SMs."""
+def pick(m: int, k: int, n: int, layout: str = "gpu_f8") -> Config:
+    """Block sizes: 16-row tiles for decode, 64 columns for NF4 (its select tree is register
+    heavy) and 128 for FP8, and the smallest split of the K chunks that gives ≥ 2 waves of 132
+    SMs (H100 autotune, ``experiments/results/kernels/README.md``)."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    bn = 128 if n >= 4096 else 64
+    bn = 64 if layout == "gpu_nf4" or n < 4096 else 128
     tiles = -(-m // bm) * -(-n // bn)
-    split = max(1, min(k // CHUNK, 264 // max(tiles, 1)))
+    chunks = max(1, k // CHUNK)
+    want = -(-264 // tiles)
+    divisors = [d for d in range(1, chunks + 1) if chunks % d == 0]
+    split = min([d for d in divisors if d >= want] or [divisors[-1]])
     return Config(bm, bn, split)
 
 
@@ -205,7 +210,8 @@ def table_matmul(
     if config is None and x2.shape[0] >= XLA_FROM_M:
         y = _xla_matmul(x2, w)
     else:
-        y = _pallas_matmul(x2, w, config or pick(x2.shape[0], x2.shape[1], n), interpret)
+        cfg = config or pick(x2.shape[0], x2.shape[1], n, w.layout)
+        y = _pallas_matmul(x2, w, cfg, interpret)
     return y[:, :n].reshape(*lead, n)
 
 
