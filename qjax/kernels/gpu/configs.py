@@ -54,10 +54,10 @@ def _c(path, bm, bn, split, warps, stages) -> Config:
 
 # (bits, m_bucket) -> Config; (bits, m_bucket, K, N) entries override for a tuned shape.
 # Winners of `kernel_bench --autotune` on an H100 SXM (experiments/results/kernels/README.md):
-# int4: swap up to M = 128 (2-17 % faster than decode at M <= 16, 20-45 % at M = 32-64, 25-35 %
-# faster than tiled at 128); int8: decode / tiled (swap's in-kernel transpose of int8 tiles costs
-# more than it saves). XLA's dequantize + bf16 dot from M = 256 (our tiled kernel is 2-2.5x
-# slower than cuBLAS there).
+# int4: swap up to M = 128 (faster than decode by 3-17 % at M <= 16, 15-27 % at M = 32, 1-62 %
+# at M = 64, and than tiled by 34-50 % at M = 128); int8: decode / tiled (swap's in-kernel
+# transpose of int8 tiles costs more than it saves). XLA's dequantize + bf16 dot from M = 256
+# (our tiled kernel is 2-2.5x slower than cuBLAS there).
 TABLE: dict[tuple, Config] = {}
 for _b in (1, 2, 4, 8, 16):
     TABLE[(4, _b)] = _c("swap", 16, 128, 8, 4, 3)

@@ -22,8 +22,9 @@ Optional split-K writes float32 partials that XLA sums.
 ``(BN, 16)`` tile, is the MMA's *left* operand and ``xᵀ`` the ``(16, BM)`` right one, so the
 weights fill the MMA's large M side instead of padding ``x``'s few rows to 16. A plane is
 ``c − z`` exactly in bf16 (int4: ``(128 + c) − (128 + z)`` from the OR trick; int8: ``q − (z −
-128)``), and the scale multiplies the float32 accumulator once per group. Measured 2–17 % faster
-than decode at M ≤ 16 on the H100 and flat in M (``experiments/w4_swap_probe.py``).
+128)``), and the scale multiplies the float32 accumulator once per group. Measured on the
+H100: 3–17 % faster than decode at M ≤ 16, 15–62 % at M = 32–64, 34–50 % faster than tiled at
+M = 128 (``experiments/results/kernels/README.md``).
 
 **gemv** (CUDA cores, no MMA). Nibble ``j`` is moved to mantissa bits 19..22 of the float32
 ``16.0`` (one shift, one AND/OR), which is exactly ``16 + c``; ``p += (16 + c)·x`` is one FMA per
