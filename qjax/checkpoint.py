@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 
 from qjax.errors import FormatError, QjaxError
 from qjax.formats.base import spec_from_config
+from qjax.memory import trim_heap
 from qjax.qarray import QArray
 
 _META = "qjax.json"
@@ -95,8 +96,6 @@ class _Writer:
             path = _part_dir(self.root, {"part": self.part})
             self.orbax.save(path, args=ocp.args.PyTreeSave(self.buffer))
             self.part, self.nbytes, self.buffer = self.part + 1, 0, {}
-            from qjax.convert.gguf.model_export import trim_heap
-
             trim_heap()  # give the freed part back to the OS: resident memory = what is held
 
 

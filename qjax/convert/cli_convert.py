@@ -170,7 +170,8 @@ def _gguf_to_gguf(src: Path, dst: Path, gtype: GGMLType | None, mix: str | None,
 
     from qjax.convert.gguf import copy_gguf, quants, read_gguf, write_gguf
     from qjax.convert.gguf.constants import GGUFValueType
-    from qjax.convert.gguf.model_export import FILE_TYPES, trim_heap
+    from qjax.convert.gguf.model_export import FILE_TYPES
+    from qjax.memory import trim_heap
 
     reader = read_gguf(src)
     if gtype is None and mix is None:

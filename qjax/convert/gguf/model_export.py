@@ -28,6 +28,7 @@ from qjax.convert.gguf import qarray_export as qx
 from qjax.convert.gguf.constants import GGMLType, GGUFValueType
 from qjax.convert.gguf.writer import permute_qk, write_gguf
 from qjax.errors import FormatError, SpecError
+from qjax.memory import trim_heap
 
 __all__ = ["FILE_TYPES", "export_model_gguf", "gguf_names", "mix_types"]
 
@@ -244,22 +245,3 @@ def _tick(fetch: Callable[[], Any], bar, name: str) -> Callable[[], Any]:
         return out
 
     return run
-
-
-def trim_heap() -> None:
-    """Return freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere), so that a
-    streaming conversion's resident memory follows what it holds, not its past peaks."""
-    global _libc
-    if _libc is None:
-        try:
-            import ctypes
-
-            _libc = ctypes.CDLL("libc.so.6")
-            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-_libc: Any = None
