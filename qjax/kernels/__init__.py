@@ -2,8 +2,9 @@
 
 Weights reach a kernel in the layout it loads fastest, made once, offline, by
 ``qjax.kernels.repack.repack(q, layout)`` (``"gpu_i4p"``: int4, ``"gpu_i8"``: int8, ``"gpu_nf4"``:
-NF4, ``"gpu_f8"``: FP8 e4m3/e5m2; ``"tpu_i4"`` / ``"tpu_i8"`` for the TPU kernels). W8A8 weights
-stay canonical: their GPU kernel quantizes the activations in one fused pass and uses XLA's GEMM.
+NF4, ``"gpu_f8"``: FP8 e4m3/e5m2; ``"tpu_i4"`` / ``"tpu_i8"`` / ``"tpu_nf4"`` / ``"tpu_f8"`` for
+the TPU kernels). W8A8 weights stay canonical: their GPU kernel quantizes the activations in one
+fused pass and uses XLA's GEMM.
 ``qjax.ops.matmul`` dispatches on ``(backend, format, layout)``; a case a kernel's ``supports``
 rejects takes the reference ``dequantize`` + ``dot`` path, logged once with the reason.
 """
@@ -12,12 +13,15 @@ from qjax import ops
 from qjax.kernels import repack
 from qjax.kernels.gpu import int_matmul, table_matmul, w8a8_matmul
 from qjax.kernels.tpu import int_matmul as tpu_int_matmul
+from qjax.kernels.tpu import table_matmul as tpu_table_matmul
 
 _REGISTRY = [  # (backend, format, module, kernel function, kernel name prefix)
     ("gpu", "int", int_matmul, int_matmul.int_matmul, "pallas_triton"),
     ("gpu", "nf4", table_matmul, table_matmul.table_matmul, "pallas_triton"),
     ("gpu", "fp8", table_matmul, table_matmul.table_matmul, "pallas_triton"),
     ("tpu", "int", tpu_int_matmul, tpu_int_matmul.int_matmul, "pallas_mosaic"),
+    ("tpu", "nf4", tpu_table_matmul, tpu_table_matmul.table_matmul, "pallas_mosaic"),
+    ("tpu", "fp8", tpu_table_matmul, tpu_table_matmul.table_matmul, "pallas_mosaic"),
     ("gpu", "w8a8", w8a8_matmul, w8a8_matmul.w8a8_matmul, "pallas_triton"),
 ]
 for _backend, _fmt, _module, _fn, _prefix in _REGISTRY:
@@ -27,4 +31,11 @@ for _backend, _fmt, _module, _fn, _prefix in _REGISTRY:
                 _backend, _fmt, _layout, ops.Kernel(f"{_prefix}_{_layout}", _fn, _module.supports)
             )
 
-__all__ = ["int_matmul", "repack", "table_matmul", "tpu_int_matmul", "w8a8_matmul"]
+__all__ = [
+    "int_matmul",
+    "repack",
+    "table_matmul",
+    "tpu_int_matmul",
+    "tpu_table_matmul",
+    "w8a8_matmul",
+]

@@ -1,16 +1,16 @@
-"""Offline repacking of canonical QArrays into the layouts the GPU kernels load fastest.
+"""Offline repacking of canonical QArrays into the layouts the GPU / TPU kernels load fastest.
 
 ``repack(q, layout)`` runs once, when a model is prepared for serving, never per call. The result
 is a QArray with the same ``spec``, logical ``shape`` and ``dtype`` and a new ``layout`` tag; the
-kernels registered for ``(backend, "int", layout)`` in :mod:`qjax.kernels` consume it.
+kernels registered for ``(backend, format, layout)`` in :mod:`qjax.kernels` consume it.
 ``unrepack`` is the exact inverse (back to ``"canonical"``), and :func:`dequantize` reads either.
 
-Both layouts pad the ``(K, N)`` weight to ``(K_p, N_p)``: ``K_p`` is the canonical padded length
+All layouts pad the ``(K, N)`` weight to ``(K_p, N_p)``: ``K_p`` is the canonical padded length
 ``G·g`` (``G = ceil(K / g)`` groups; ``K`` for ``group="channel"``) rounded up to a multiple of 128,
-``N_p = ceil(N / 64)·64``. The canonical padding codes are kept (so ``unrepack`` is bit-exact), new
-padding is code 0; the kernel zero-pads ``x`` along ``K`` and drops padded output columns. Scales
-and zeros ``(G, N)`` are zero-padded to ``(G_p, N_p)`` with ``G_p = K_p / g`` for ``g ≤ 128``,
-``G`` for larger groups and 1 for ``"channel"``.
+``N_p = ceil(N / 64)·64`` (128 for the ``tpu_*`` layouts). The canonical padding codes are kept
+(so ``unrepack`` is bit-exact), new padding is code 0; the kernel zero-pads ``x`` along ``K`` and
+drops padded output columns. Scales and zeros ``(G, N)`` are zero-padded to ``(G_p, N_p)`` with
+``G_p = K_p / g`` for ``g ≤ 128``, ``G`` for larger groups and 1 for ``"channel"``.
 
 ================  ===============================================================================
 layout            codes
@@ -32,6 +32,9 @@ layout            codes
                   mask and a shift into two contiguous 64-row halves (no lane shuffles). ``N_p``
                   is a multiple of 128 (TPU lanes).
 ``"tpu_i8"``      as ``"gpu_i8"`` (signed ``c − 128``), with ``N_p`` a multiple of 128.
+``"tpu_nf4"``     NF4 level indices in the ``"tpu_i4"`` byte layout; scales as for ``"gpu_nf4"``
+                  (float32 block absmax, double quantization decoded here).
+``"tpu_f8"``      as ``"gpu_f8"``, with ``N_p`` a multiple of 128.
 ================  ===============================================================================
 
 Scales and zeros keep their stored dtype (``scale_dtype``); zeros keep code units (asymmetric:
@@ -62,6 +65,8 @@ LAYOUTS = {  # layout -> bits per code
     "gpu_f8": 8,
     "tpu_i4": 4,
     "tpu_i8": 8,
+    "tpu_nf4": 4,
+    "tpu_f8": 8,
 }
 FORMATS = {  # layout -> spec type
     "gpu_i4p": Int,
@@ -70,12 +75,25 @@ FORMATS = {  # layout -> spec type
     "gpu_f8": FP8,
     "tpu_i4": Int,
     "tpu_i8": Int,
+    "tpu_nf4": NF4,
+    "tpu_f8": FP8,
 }
 _NIBBLES = ("gpu_i4p", "gpu_nf4")  # layouts with the interleaved int32 nibble words
+_HALVES = ("tpu_i4", "tpu_nf4")  # layouts with the half-split uint8 nibble bytes
+_F8 = ("gpu_f8", "tpu_f8")  # fp8 bit patterns as uint8
 
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def split_halves(b: jnp.ndarray) -> jnp.ndarray:
+    """``(K/2, N)`` bytes of the half-split layouts (``"tpu_i4"``, ``"tpu_nf4"``; any integer
+    dtype) → ``(K, N)`` codes: per 128-row chunk the low nibbles, then the high ones. A mask, a
+    shift and a sublane concatenation — also what the TPU kernels run on a ``(bk/2, bn)`` tile."""
+    n = b.shape[-1]
+    b = b.reshape(b.shape[0] // (CHUNK // 2), CHUNK // 2, n)
+    return jnp.concatenate([b & 0xF, (b >> 4) & 0xF], axis=1).reshape(-1, n)
 
 
 def group_size(q: QArray) -> int | str:
@@ -152,7 +170,7 @@ def repack(q: QArray, layout: str) -> QArray:
     check_repackable(q, layout)
     k_p, n_p, g_p = padded_dims(q, layout)
     codes = _pad2(_codes_kn(q), k_p, n_p).astype(jnp.uint32)
-    if layout == "tpu_i4":
+    if layout in _HALVES:
         halves = codes.reshape(k_p // CHUNK, 2, CHUNK // 2, n_p)
         packed = (halves[:, 0] | (halves[:, 1] << 4)).reshape(k_p // 2, n_p).astype(jnp.uint8)
     elif layout in _NIBBLES:
@@ -160,7 +178,7 @@ def repack(q: QArray, layout: str) -> QArray:
         shifts = (4 * jnp.arange(8, dtype=jnp.uint32)).reshape(1, 8, 1, 1)
         words = jnp.sum(planes << shifts, axis=1, dtype=jnp.uint32)  # disjoint bits: sum == or
         packed = words.reshape(k_p // 8, n_p).view(jnp.int32)
-    elif layout == "gpu_f8":
+    elif layout in _F8:
         packed = codes.astype(jnp.uint8)
     else:  # gpu_i8, tpu_i8
         packed = (codes.astype(jnp.int32) - 128).astype(jnp.int8)
@@ -180,14 +198,11 @@ def unpack_codes(q: QArray) -> jnp.ndarray:
         words = words.reshape(k_p // CHUNK, 1, 16, n_p)
         shifts = (4 * jnp.arange(8, dtype=jnp.uint32)).reshape(1, 8, 1, 1)
         codes = ((words >> shifts) & 0xF).reshape(k_p, n_p)
-    elif q.layout == "tpu_i4":
-        b = q.codes.astype(jnp.uint32)
-        k_p, n_p = b.shape[0] * 2, b.shape[1]
-        b = b.reshape(k_p // CHUNK, 1, CHUNK // 2, n_p)
-        codes = jnp.concatenate([b & 0xF, b >> 4], axis=1).reshape(k_p, n_p)
+    elif q.layout in _HALVES:
+        codes = split_halves(q.codes)
     elif q.layout in ("gpu_i8", "tpu_i8"):
         codes = q.codes.astype(jnp.int32) + 128
-    elif q.layout == "gpu_f8":
+    elif q.layout in _F8:
         codes = q.codes
     else:
         raise FormatError(f"unpack_codes: unknown kernel layout {q.layout!r}")
@@ -233,9 +248,9 @@ def dequantize_bf16(q: QArray) -> jnp.ndarray:
     def per_k(a):  # (G_p, N_p) -> (K_p, N_p)
         return jnp.repeat(a.astype(jnp.float32), reps, axis=0, total_repeat_length=k_p)
 
-    if q.layout == "gpu_nf4":
+    if isinstance(q.spec, NF4):
         values = jnp.asarray(nf4_levels())[c]
-    elif q.layout == "gpu_f8":
+    elif isinstance(q.spec, FP8):
         values = jax.lax.bitcast_convert_type(c, fp8_dtype(q.spec.fmt)).astype(jnp.float32)
     elif q.spec.symmetric:
         values = c.astype(jnp.float32) - 2.0 ** (q.spec.bits - 1)
