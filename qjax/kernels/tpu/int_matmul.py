@@ -64,8 +64,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, bits, sym, gk, bk, n_k):
 
     raw = w_ref[...].astype(jnp.int32)
     if bits == 4:  # (bk/2, bn) bytes -> (bk, bn) codes: per 128-row chunk, low half then high
-        b = raw.reshape(bk // CHUNK, CHUNK // 2, raw.shape[-1])
-        codes = jnp.concatenate([b & 0xF, (b >> 4) & 0xF], axis=1).reshape(bk, raw.shape[-1])
+        codes = rp.split_halves(raw)
         zero_sym = 8.0
     else:  # signed c - 128
         codes = raw + 128
@@ -86,34 +85,47 @@ def _kernel(x_ref, w_ref, s_ref, *rest, bits, sym, gk, bk, n_k):
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def _pallas_matmul(x2, w: QArray, cfg: Config, interpret: bool):
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How one K-stepped TPU call tiles ``x2 (M_p, K_p) @ w (K_p, N_p)`` (shared by both kernels):
+    ``gk`` rows per scale group, the code rows per K step, and the block specs."""
+
+    gk: int
+    rows_w: int
+    x_spec: pl.BlockSpec
+    w_spec: pl.BlockSpec
+    s_spec: pl.BlockSpec  # scales (and zeros): per channel, groups in a K step, or steps in a group
+
+
+def tiling(name: str, x2, w: QArray, cfg: Config) -> Tiling:
     m_p, k_p = x2.shape
     n_p = w.scales.shape[1]
-    bits = rp.LAYOUTS[w.layout]
     g = w.spec.group
     gk = k_p if g == "channel" else g
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     if m_p % bm or n_p % bn or k_p % bk or not (bk % gk == 0 or gk % bk == 0):
-        raise ShapeError(f"tpu int_matmul: {cfg} does not tile ({m_p}, {k_p}) x ({k_p}, {n_p})")
-    sym = w.spec.symmetric
-    rows_w = bk // 2 if bits == 4 else bk
+        raise ShapeError(f"{name}: {cfg} does not tile ({m_p}, {k_p}) x ({k_p}, {n_p})")
     if gk == k_p:  # per channel: one scale row
         s_spec = pl.BlockSpec((1, bn), lambda i, j, k: (0, j))
     elif gk <= bk:
         s_spec = pl.BlockSpec((bk // gk, bn), lambda i, j, k: (k, j))
     else:  # one group spans gk / bk K steps: block of one row, its index is the group
         s_spec = pl.BlockSpec((1, bn), lambda i, j, k: (k * bk // gk, j))
-    in_specs = [
+    rows_w = bk * rp.LAYOUTS[w.layout] // 8
+    return Tiling(
+        gk,
+        rows_w,
         pl.BlockSpec((bm, bk), lambda i, j, k: (i, k)),
         pl.BlockSpec((rows_w, bn), lambda i, j, k: (k, j)),
         s_spec,
-    ]
-    args = [x2, w.codes, w.scales]
-    if not sym:
-        in_specs.append(s_spec)
-        args.append(w.zeros)
-    kernel = functools.partial(_kernel, bits=bits, sym=sym, gk=gk, bk=bk, n_k=k_p // bk)
+    )
+
+
+def k_stepped_call(kernel, x2, n_p: int, cfg: Config, in_specs, args, name: str, interpret: bool):
+    """The ``pallas_call`` of both TPU kernels: grid ``(M/bm, N/bn, K/bk)``, K last and sequential,
+    a float32 VMEM accumulator, bf16 ``(bm, bn)`` output blocks."""
+    m_p, k_p = x2.shape
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m_p, n_p), x2.dtype),
@@ -125,8 +137,26 @@ def _pallas_matmul(x2, w: QArray, cfg: Config, interpret: bool):
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         interpret=interpret,
-        name=f"qjax_tpu_w{bits}",
+        name=name,
     )(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def _pallas_matmul(x2, w: QArray, cfg: Config, interpret: bool):
+    t = tiling("tpu int_matmul", x2, w, cfg)
+    bits = rp.LAYOUTS[w.layout]
+    sym = w.spec.symmetric
+    in_specs = [t.x_spec, t.w_spec, t.s_spec]
+    args = [x2, w.codes, w.scales]
+    if not sym:
+        in_specs.append(t.s_spec)
+        args.append(w.zeros)
+    k_p = x2.shape[1]
+    kernel = functools.partial(
+        _kernel, bits=bits, sym=sym, gk=t.gk, bk=cfg.block_k, n_k=k_p // cfg.block_k
+    )
+    n_p = w.scales.shape[1]
+    return k_stepped_call(kernel, x2, n_p, cfg, in_specs, args, f"qjax_tpu_w{bits}", interpret)
 
 
 def supports(x: jax.Array, w: QArray) -> bool:
@@ -134,21 +164,27 @@ def supports(x: jax.Array, w: QArray) -> bool:
     return calls.supports(x, w, LAYOUTS)
 
 
-def int_matmul(
-    x: jax.Array, w: QArray, *, config: Config | None = None, interpret: bool = False
-) -> jax.Array:
-    """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a ``tpu_i4`` / ``tpu_i8`` weight."""
-    calls.check("tpu int_matmul", x, w, LAYOUTS)
+def padded_call(pallas_matmul, x: jax.Array, w: QArray, config: Config | None, interpret: bool):
+    """``x (..., K)`` → rows padded to ``K_p`` and to a multiple of ``block_m``, the kernel's
+    ``pallas_matmul(x2, w, cfg, interpret)``, then the padding dropped (both TPU kernels)."""
     k, n = w.shape
     lead = x.shape[:-1]
-    k_p = w.codes.shape[0] * (2 if w.layout == "tpu_i4" else 1)
+    k_p = w.codes.shape[0] * (8 // rp.LAYOUTS[w.layout])  # nibble layouts pack 2 rows a byte
     x2 = calls.as_rows(x, k_p)
     m = x2.shape[0]
     cfg = config or pick(m, k_p, w.scales.shape[1], w.spec.group)
     m_p = -(-m // cfg.block_m) * cfg.block_m
     x2 = jnp.pad(x2, [(0, m_p - m), (0, 0)])
-    y = _pallas_matmul(x2, w, cfg, interpret)
+    y = pallas_matmul(x2, w, cfg, interpret)
     return y[:m, :n].reshape(*lead, n)
+
+
+def int_matmul(
+    x: jax.Array, w: QArray, *, config: Config | None = None, interpret: bool = False
+) -> jax.Array:
+    """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a ``tpu_i4`` / ``tpu_i8`` weight."""
+    calls.check("tpu int_matmul", x, w, LAYOUTS)
+    return padded_call(_pallas_matmul, x, w, config, interpret)
 
 
 __all__ = ["LAYOUTS", "Config", "int_matmul", "pick", "supports"]

@@ -41,13 +41,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
-from qjax.errors import ShapeError
 from qjax.kernels import calls
 from qjax.kernels import repack as rp
 from qjax.kernels.gpu.table_matmul import f8_to_f16, f8_unit, nf4_select
-from qjax.kernels.tpu.int_matmul import Config, pick
+from qjax.kernels.tpu.int_matmul import Config, k_stepped_call, padded_call, pick, tiling
 from qjax.qarray import QArray
 
 LAYOUTS = ("tpu_nf4", "tpu_f8")
@@ -86,39 +84,17 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, *, fmt, gk, bk, n_k, per_call):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
 def _pallas_matmul(x2, w: QArray, cfg: Config, interpret: bool):
-    m_p, k_p = x2.shape
-    n_p = w.scales.shape[1]
-    g = w.spec.group
-    gk = k_p if g == "channel" else g
+    t = tiling("tpu table_matmul", x2, w, cfg)
+    k_p = x2.shape[1]
     fmt = "nf4" if w.layout == "tpu_nf4" else w.spec.fmt
-    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    if m_p % bm or n_p % bn or k_p % bk or not (bk % gk == 0 or gk % bk == 0):
-        raise ShapeError(f"tpu table_matmul: {cfg} does not tile ({m_p}, {k_p}) x ({k_p}, {n_p})")
-    rows_w = bk // 2 if fmt == "nf4" else bk
-    if gk == k_p:  # per channel: one scale row
-        s_spec = pl.BlockSpec((1, bn), lambda i, j, k: (0, j))
-    elif gk <= bk:
-        s_spec = pl.BlockSpec((bk // gk, bn), lambda i, j, k: (k, j))
-    else:  # one group spans gk / bk K steps: block of one row, its index is the group
-        s_spec = pl.BlockSpec((1, bn), lambda i, j, k: (k * bk // gk, j))
-    kernel = functools.partial(_kernel, fmt=fmt, gk=gk, bk=bk, n_k=k_p // bk, per_call=gk == k_p)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((m_p, n_p), x2.dtype),
-        grid=(m_p // bm, n_p // bn, k_p // bk),
-        in_specs=[
-            pl.BlockSpec((bm, bk), lambda i, j, k: (i, k)),
-            pl.BlockSpec((rows_w, bn), lambda i, j, k: (k, j)),
-            s_spec,
-        ],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
-        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")
-        ),
-        interpret=interpret,
-        name=f"qjax_tpu_{fmt}",
-    )(x2, w.codes, w.scales)
+    bk = cfg.block_k
+    kernel = functools.partial(
+        _kernel, fmt=fmt, gk=t.gk, bk=bk, n_k=k_p // bk, per_call=t.gk == k_p
+    )
+    in_specs = [t.x_spec, t.w_spec, t.s_spec]
+    args = (x2, w.codes, w.scales)
+    n_p = w.scales.shape[1]
+    return k_stepped_call(kernel, x2, n_p, cfg, in_specs, args, f"qjax_tpu_{fmt}", interpret)
 
 
 def supports(x: jax.Array, w: QArray) -> bool:
@@ -131,16 +107,7 @@ def table_matmul(
 ) -> jax.Array:
     """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a ``tpu_nf4`` / ``tpu_f8`` weight."""
     calls.check("tpu table_matmul", x, w, LAYOUTS)
-    k, n = w.shape
-    lead = x.shape[:-1]
-    k_p = w.codes.shape[0] * (2 if w.layout == "tpu_nf4" else 1)
-    x2 = calls.as_rows(x, k_p)
-    m = x2.shape[0]
-    cfg = config or pick(m, k_p, w.scales.shape[1], w.spec.group)
-    m_p = -(-m // cfg.block_m) * cfg.block_m
-    x2 = jnp.pad(x2, [(0, m_p - m), (0, 0)])
-    y = _pallas_matmul(x2, w, cfg, interpret)
-    return y[:m, :n].reshape(*lead, n)
+    return padded_call(_pallas_matmul, x, w, config, interpret)
 
 
 __all__ = ["LAYOUTS", "Config", "pick", "supports", "table_matmul"]
