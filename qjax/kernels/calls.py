@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from qjax.errors import FormatError, ShapeError
 from qjax.qarray import QArray
@@ -50,3 +51,19 @@ def as_rows(x: jax.Array, k_p: int) -> jax.Array:
 def largest_divisor_at_most(n: int, cap: int) -> int:
     """The split-K factor: the largest divisor of ``n`` K chunks not above ``cap`` (at least 1)."""
     return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
+
+
+def split_k_output(split: int, m: int, n_p: int, bm: int, bn: int, dtype, tile, split_id):
+    """``(out_shape, out_spec)`` of a split-K GPU kernel: ``(m, n_p)`` blocks in ``dtype`` when
+    ``split == 1``, else float32 partials ``(split, m, n_p)`` that :func:`sum_splits` adds.
+    ``tile(*grid_ids)`` gives the output tile ``(row, column)``, ``split_id(*grid_ids)`` the
+    split."""
+    if split == 1:
+        return jax.ShapeDtypeStruct((m, n_p), dtype), pl.BlockSpec((bm, bn), tile)
+    spec = pl.BlockSpec((None, bm, bn), lambda *g: (split_id(*g), *tile(*g)))
+    return jax.ShapeDtypeStruct((split, m, n_p), jnp.float32), spec
+
+
+def sum_splits(y: jax.Array, dtype) -> jax.Array:
+    """The kernel's output as is, or its float32 split-K partials summed by XLA into ``dtype``."""
+    return y if y.ndim == 2 else jnp.sum(y, axis=0).astype(dtype)

@@ -308,12 +308,9 @@ def _pallas_matmul(x2, w: QArray, cfg: configs.Config, interpret: bool):
     if not sym:
         in_specs.append(in_specs[-1])
         args.append(w.zeros)
-    if split == 1:
-        out_shape = jax.ShapeDtypeStruct((m, n_p), x2.dtype)
-        out_spec = pl.BlockSpec((bm, bn), tile_map)
-    else:
-        out_shape = jax.ShapeDtypeStruct((split, m, n_p), jnp.float32)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda pid, sid: (sid, *tile_map(pid, sid)))
+    out_shape, out_spec = calls.split_k_output(
+        split, m, n_p, bm, bn, x2.dtype, tile_map, lambda pid, sid: sid
+    )
     kernel = functools.partial(
         _kernel,
         bits=bits,
@@ -339,9 +336,7 @@ def _pallas_matmul(x2, w: QArray, cfg: configs.Config, interpret: bool):
         interpret=interpret,
         name=f"qjax_w{bits}_{cfg.path}",
     )(*args)
-    if split > 1:
-        y = jnp.sum(y, axis=0).astype(x2.dtype)
-    return y
+    return calls.sum_splits(y, x2.dtype)
 
 
 @jax.jit

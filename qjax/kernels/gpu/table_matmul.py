@@ -162,12 +162,9 @@ def _pallas_matmul(x2, w: QArray, cfg: Config, interpret: bool):
         pl.BlockSpec((w.codes.shape[0], bn), lambda i, j, s: (0, j)),
         pl.BlockSpec((w.scales.shape[0], bn), lambda i, j, s: (0, j)),
     ]
-    if split == 1:
-        out_shape = jax.ShapeDtypeStruct((m, n_p), x2.dtype)
-        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((split, m, n_p), jnp.float32)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+    out_shape, out_spec = calls.split_k_output(
+        split, m, n_p, bm, bn, x2.dtype, lambda i, j, s: (i, j), lambda i, j, s: s
+    )
     kernel = functools.partial(_kernel, fmt=fmt, gk=gk, m=m, bm=bm, cps=chunks // split, k_p=k_p)
     y = pl.pallas_call(
         kernel,
@@ -179,9 +176,7 @@ def _pallas_matmul(x2, w: QArray, cfg: Config, interpret: bool):
         interpret=interpret,
         name=f"qjax_{fmt}_matmul",
     )(x2, w.codes, w.scales)
-    if split > 1:
-        y = jnp.sum(y, axis=0).astype(x2.dtype)
-    return y
+    return calls.sum_splits(y, x2.dtype)
 
 
 @jax.jit
