@@ -40,7 +40,7 @@ import numpy as np
 
 import qjax
 from qjax.kernels import repack
-from qjax.kernels.gpu import configs
+from qjax.kernels.gpu import configs, mgpu_int_matmul
 from qjax.kernels.gpu.int_matmul import int_matmul
 from qjax.kernels.gpu.table_matmul import XLA_FROM_M, table_matmul
 from qjax.kernels.gpu.table_matmul import pick as table_pick
@@ -56,6 +56,10 @@ SHAPES = {  # (N, K) per REFERENCE §7
 M_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048, 8192)
 FORMATS = {
     "w4g128": (qjax.Int(4, group=128), "gpu_i4p"),
+    # the same weights for the Mosaic GPU kernel (Hopper wgmma, qjax.kernels.gpu.mgpu_int_matmul)
+    "w4g128t": (qjax.Int(4, group=128), "gpu_i4t"),
+    "w4g128ta": (qjax.Int(4, group=128, symmetric=False), "gpu_i4t"),
+    "w4cht": (qjax.Int(4, group="channel"), "gpu_i4t"),
     "w4g128a": (qjax.Int(4, group=128, symmetric=False), "gpu_i4p"),
     "w4g32": (qjax.Int(4, group=32), "gpu_i4p"),
     "w8ch": (qjax.Int(8, group="channel"), "gpu_i8"),
@@ -84,6 +88,8 @@ def random_weight(fmt: str, k: int, n: int, seed: int):
     c = abstract.codes
     if c.dtype == jnp.int32:
         codes = jax.random.bits(kc, c.shape, jnp.uint32).view(jnp.int32)
+    elif c.dtype == jnp.int4:
+        codes = jax.random.randint(kc, c.shape, -8, 8, jnp.int32).astype(jnp.int4)
     elif c.dtype in (jnp.uint8, jnp.float8_e4m3fn):  # fp8 bit patterns, finite, any sign
         codes = jax.random.randint(kc, c.shape, 0, 0x7F, jnp.int32)
         codes = (codes | (128 * jax.random.bernoulli(kz, 0.5, c.shape))).astype(jnp.uint8)
@@ -183,6 +189,9 @@ def time_quant(fmt, n, k, m, cfg=None, interpret=False) -> dict:
     if w0.layout == "canonical":  # W8A8: qjax.matmul → fused row quantization + XLA 8-bit GEMM
         fn = jax.jit(qjax.matmul)
         used = "xla"
+    elif w0.layout in mgpu_int_matmul.LAYOUTS:
+        fn = jax.jit(lambda x, w: mgpu_int_matmul.int4_matmul(x, w, config=cfg))
+        used = cfg or mgpu_int_matmul.pick(m, w0.codes.shape[1])
     elif w0.layout in TABLE_LAYOUTS:
         fn = jax.jit(lambda x, w: table_matmul(x, w, config=cfg, interpret=interpret))
         used = cfg or (table_pick(m, k, n, w0.layout) if m < XLA_FROM_M else "xla")
@@ -250,6 +259,16 @@ def candidates(m: int, bits: int) -> list:
     return [_c("tiled", 128, 256, 1, 8, 3), configs.Config("xla")]
 
 
+def mgpu_candidates(m: int) -> list:
+    """Mosaic GPU int4 configs ``--autotune`` tries (``None``: the table's ``pick``)."""
+    if m > mgpu_int_matmul.MAX_BLOCK_M:
+        return [None]
+    c = mgpu_int_matmul.Config
+    return [None, c("mgpu", 512, 2, 2), c("mgpu", 512, 2, 3), c("mgpu", 256, 2, 4),
+            c("mgpu", 128, 2, 4), c("mgpu", 512, 4, 2), c("mgpu", 512, 1, 2),
+            c("mgpu", 1024, 2, 1)]  # fmt: skip
+
+
 def table_candidates(m: int, n: int, k: int, layout: str) -> list:
     """NF4 / FP8 kernel configs ``--autotune`` tries (``None``: the untuned ``pick``)."""
     if m >= XLA_FROM_M:
@@ -283,6 +302,8 @@ def run_bench(args, results: list, deadline: float) -> None:
                         tries = [None]
                     elif layout in TABLE_LAYOUTS:
                         tries = table_candidates(m, n, k, layout)
+                    elif layout in mgpu_int_matmul.LAYOUTS:
+                        tries = mgpu_candidates(m)
                     else:
                         tries = candidates(m, FORMATS[fmt][0].bits)
                     for cfg in tries:
@@ -392,8 +413,8 @@ def run_check(args, results: list, interpret: bool) -> None:
     if interpret:
         cases = cases[:1]
     for fmt, (spec, layout) in FORMATS.items():
-        if layout in TABLE_LAYOUTS or layout is None:
-            continue  # tests/kernels/test_table_matmul.py and tests/formats cover these
+        if layout in TABLE_LAYOUTS or layout is None or layout in mgpu_int_matmul.LAYOUTS:
+            continue  # run_check_dispatched / run_check_mgpu, tests/kernels, tests/formats
         for m, k, n in cases:
             kx, kw = jax.random.split(jax.random.key(m * 7 + k))
             q = spec.quantize(jax.random.normal(kw, (k, n)))
@@ -438,6 +459,38 @@ def run_check(args, results: list, interpret: bool) -> None:
                     flush=True,
                 )
     run_check_dispatched(cases, results, interpret)
+    if not interpret:
+        run_check_mgpu(results)
+
+
+def run_check_mgpu(results: list) -> None:
+    """The Mosaic GPU int4 kernel (no interpret mode for its warp-specialized pipeline) vs
+    ``dequantize`` + float32 dot: every table config, ragged K / N, M from 1 to 128, through
+    ``qjax.matmul``'s dispatch as well."""
+    mg = mgpu_int_matmul
+    cases = [(1, 8192, 1024), (16, 640, 384), (100, 4096, 256), (128, 1024, 512), (37, 300, 200)]
+    for fmt in ("w4g128t", "w4g128ta", "w4cht"):
+        spec, layout = FORMATS[fmt]
+        for m, k, n in cases:
+            kx, kw = jax.random.split(jax.random.key(m * 13 + k))
+            q = spec.quantize(jax.random.normal(kw, (k, n)))
+            w = repack.repack(q, layout)
+            x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+            ref = np.asarray(x, np.float32) @ np.asarray(q.dequantize(), np.float32)
+            tries = [None, *(c for c in mg.TABLE.values())]
+            for cfg in tries:
+                if cfg is not None and w.codes.shape[1] % cfg.block_k:
+                    continue
+                if cfg is None:
+                    y = np.asarray(qjax.matmul(x, w), np.float32)
+                else:
+                    y = np.asarray(mg.int4_matmul(x, w, config=cfg), np.float32)
+                err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+                row = {"fmt": fmt, "M": m, "K": k, "N": n, "rel_err": err,
+                       "config": "dispatch" if cfg is None else dataclasses.asdict(cfg),
+                       "ok": bool(np.isfinite(y).all() and err < 1e-2)}  # fmt: skip
+                results.append(row)
+                print(f"check {row}", flush=True)
 
 
 def run_check_dispatched(cases, results: list, interpret: bool) -> None:

@@ -1,22 +1,24 @@
 """Quantized-matmul kernels, registered with :func:`qjax.ops.register_kernel`.
 
 Weights reach a kernel in the layout it loads fastest, made once, offline, by
-``qjax.kernels.repack.repack(q, layout)`` (``"gpu_i4p"``: int4, ``"gpu_i8"``: int8, ``"gpu_nf4"``:
-NF4, ``"gpu_f8"``: FP8 e4m3/e5m2; ``"tpu_i4"`` / ``"tpu_i8"`` / ``"tpu_nf4"`` / ``"tpu_f8"`` for
-the TPU kernels). W8A8 weights stay canonical: their GPU kernel quantizes the activations in one
-fused pass and uses XLA's GEMM.
+``qjax.kernels.repack.repack(q, layout)`` (``"gpu_i4t"``: int4 for the Mosaic GPU kernel (Hopper;
+groups of 128·j or per channel), ``"gpu_i4p"``: int4 for the Triton kernels (any group),
+``"gpu_i8"``: int8, ``"gpu_nf4"``: NF4, ``"gpu_f8"``: FP8 e4m3/e5m2; ``"tpu_i4"`` / ``"tpu_i8"`` /
+``"tpu_nf4"`` / ``"tpu_f8"`` for the TPU kernels). W8A8 weights stay canonical: their GPU kernel
+quantizes the activations in one fused pass and uses XLA's GEMM.
 ``qjax.ops.matmul`` dispatches on ``(backend, format, layout)``; a case a kernel's ``supports``
 rejects takes the reference ``dequantize`` + ``dot`` path, logged once with the reason.
 """
 
 from qjax import ops
 from qjax.kernels import repack
-from qjax.kernels.gpu import int_matmul, table_matmul, w8a8_matmul
+from qjax.kernels.gpu import int_matmul, mgpu_int_matmul, table_matmul, w8a8_matmul
 from qjax.kernels.tpu import int_matmul as tpu_int_matmul
 from qjax.kernels.tpu import table_matmul as tpu_table_matmul
 
 _REGISTRY = [  # (backend, format, module, kernel function, kernel name prefix)
     ("gpu", "int", int_matmul, int_matmul.int_matmul, "pallas_triton"),
+    ("gpu", "int", mgpu_int_matmul, mgpu_int_matmul.int4_matmul, "pallas_mosaic_gpu"),
     ("gpu", "nf4", table_matmul, table_matmul.table_matmul, "pallas_triton"),
     ("gpu", "fp8", table_matmul, table_matmul.table_matmul, "pallas_triton"),
     ("tpu", "int", tpu_int_matmul, tpu_int_matmul.int_matmul, "pallas_mosaic"),
@@ -33,6 +35,7 @@ for _backend, _fmt, _module, _fn, _prefix in _REGISTRY:
 
 __all__ = [
     "int_matmul",
+    "mgpu_int_matmul",
     "repack",
     "table_matmul",
     "tpu_int_matmul",

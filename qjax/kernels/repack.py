@@ -20,6 +20,11 @@ layout            codes
                   code of ``k = 128c + 16j + r``. Shifting a ``(16, BN)`` tile of words by ``4j``
                   gives the 16 consecutive rows ``k = 128c + 16j + [0, 16)`` ("plane" ``j``), so the
                   kernel unpacks with one shift and one mask per code and stacks planes in order.
+``"gpu_i4t"``     int4 for the Mosaic GPU kernel: signed ``c − 8`` as ``jnp.int4 (N_p, K_p)`` (the
+                  weight transposed, two codes per byte), ``N_p`` a multiple of 128; scales and
+                  zeros expanded to one row per 128 codes along K, ``(K_p/128, N_p)``, so every
+                  128-code slice the kernel multiplies has one scale row. Groups must be
+                  multiples of 128 or ``"channel"``.
 ``"gpu_i8"``      int8 ``(K_p, N_p)``, the unsigned code minus 128 (so symmetric codes are the plain
                   signed values ``q`` with ``x̂ = q·s``).
 ``"gpu_nf4"``     NF4 level indices in the ``"gpu_i4p"`` word layout; scales are the per-block
@@ -60,6 +65,7 @@ CHUNK = 128  # K rows per chunk of the int4 layout
 N_ALIGN = 64  # N is padded to a multiple of this
 LAYOUTS = {  # layout -> bits per code
     "gpu_i4p": 4,
+    "gpu_i4t": 4,
     "gpu_i8": 8,
     "gpu_nf4": 4,
     "gpu_f8": 8,
@@ -70,6 +76,7 @@ LAYOUTS = {  # layout -> bits per code
 }
 FORMATS = {  # layout -> spec type
     "gpu_i4p": Int,
+    "gpu_i4t": Int,
     "gpu_i8": Int,
     "gpu_nf4": NF4,
     "gpu_f8": FP8,
@@ -81,6 +88,7 @@ FORMATS = {  # layout -> spec type
 _NIBBLES = ("gpu_i4p", "gpu_nf4")  # layouts with the interleaved int32 nibble words
 _HALVES = ("tpu_i4", "tpu_nf4")  # layouts with the half-split uint8 nibble bytes
 _F8 = ("gpu_f8", "tpu_f8")  # fp8 bit patterns as uint8
+_SLICED = ("gpu_i4t",)  # transposed int4, scales and zeros one row per 128 codes
 
 
 def _round_up(n: int, m: int) -> int:
@@ -121,6 +129,11 @@ def check_repackable(q: QArray, layout: str) -> None:
         )
     if isinstance(g, int) and g < 16:
         raise ShapeError(f"{layout}: group {g} is smaller than the kernels' 16-row MMA step")
+    if layout in _SLICED and isinstance(g, int) and g % CHUNK:
+        raise ShapeError(
+            f"{layout}: group {g} must be a multiple of 128 or 'channel' (one scale row per "
+            f"128 codes); use 'gpu_i4p' for smaller groups"
+        )
 
 
 def _canonical_rows(q: QArray) -> int:
@@ -133,9 +146,11 @@ def padded_dims(q: QArray, layout: str = "gpu_i4p") -> tuple[int, int, int]:
     """``(K_p, N_p, G_p)`` of the repacked arrays (see the module docstring)."""
     k, n = q.shape
     rows = _canonical_rows(q)
-    lanes = 128 if layout.startswith("tpu") else N_ALIGN
+    lanes = 128 if layout.startswith("tpu") or layout in _SLICED else N_ALIGN
     k_p, n_p = _round_up(rows, CHUNK), _round_up(n, lanes)
     g = q.spec.group
+    if layout in _SLICED:
+        return k_p, n_p, k_p // CHUNK
     g_p = 1 if g == "channel" else (k_p // g if g <= CHUNK else rows // g)
     return k_p, n_p, g_p
 
@@ -153,6 +168,17 @@ def _codes_kn(q: QArray) -> jnp.ndarray:
 def _kernel_scales(q: QArray) -> jnp.ndarray:
     """The ``(G, N)`` scales a kernel multiplies by (NF4: decoded absmax, float32)."""
     return q.spec.absmax(q) if isinstance(q.spec, NF4) else q.scales
+
+
+def _slice_rows(a, k_p: int, group: int | str):
+    """Per-group rows ``(G, N)`` → one row per 128 codes, ``(K_p/128, N)`` (rows past the last
+    group repeat it)."""
+    if a is None:
+        return None
+    starts = jnp.arange(k_p // CHUNK) * CHUNK
+    if group == "channel":
+        return a[jnp.zeros_like(starts)]
+    return a[jnp.minimum(starts // group, a.shape[0] - 1)]
 
 
 def _pad2(a, rows: int, cols: int):
@@ -178,6 +204,8 @@ def repack(q: QArray, layout: str) -> QArray:
         shifts = (4 * jnp.arange(8, dtype=jnp.uint32)).reshape(1, 8, 1, 1)
         words = jnp.sum(planes << shifts, axis=1, dtype=jnp.uint32)  # disjoint bits: sum == or
         packed = words.reshape(k_p // 8, n_p).view(jnp.int32)
+    elif layout in _SLICED:
+        packed = (codes.astype(jnp.int32) - 8).T.astype(jnp.int4)
     elif layout in _F8:
         packed = codes.astype(jnp.uint8)
     else:  # gpu_i8, tpu_i8
@@ -185,8 +213,12 @@ def repack(q: QArray, layout: str) -> QArray:
     spec, aux = q.spec, q.aux
     if isinstance(spec, NF4) and spec.double_quant:  # the kernel reads float32 absmaxes
         spec, aux = dataclasses.replace(spec, double_quant=False), {}
-    scales = _pad2(_kernel_scales(q), g_p, n_p)
-    zeros = _pad2(q.zeros, g_p, n_p)
+    if layout in _SLICED:
+        scales = _pad2(_slice_rows(q.scales, k_p, spec.group), g_p, n_p)
+        zeros = _pad2(_slice_rows(q.zeros, k_p, spec.group), g_p, n_p)
+    else:
+        scales = _pad2(_kernel_scales(q), g_p, n_p)
+        zeros = _pad2(q.zeros, g_p, n_p)
     return q.replace(codes=packed, scales=scales, zeros=zeros, aux=aux, spec=spec, layout=layout)
 
 
@@ -200,6 +232,8 @@ def unpack_codes(q: QArray) -> jnp.ndarray:
         codes = ((words >> shifts) & 0xF).reshape(k_p, n_p)
     elif q.layout in _HALVES:
         codes = split_halves(q.codes)
+    elif q.layout in _SLICED:
+        codes = (q.codes.astype(jnp.int32) + 8).T
     elif q.layout in ("gpu_i8", "tpu_i8"):
         codes = q.codes.astype(jnp.int32) + 128
     elif q.layout in _F8:
@@ -223,8 +257,13 @@ def unrepack(q: QArray) -> QArray:
         codes = jax.lax.bitcast_convert_type(codes, fp8_dtype(spec.fmt))
     else:
         codes = packing.pack(codes, spec.code_bits)
-    scales = q.scales[:g_real, :n]
-    zeros = None if q.zeros is None else q.zeros[:g_real, :n]
+    scales, zeros = q.scales, q.zeros
+    if q.layout in _SLICED:  # one row per 128 codes → the first row of each group
+        step = 1 if spec.group == "channel" else spec.group // CHUNK
+        scales = scales[::step]
+        zeros = None if zeros is None else zeros[::step]
+    scales = scales[:g_real, :n]
+    zeros = None if zeros is None else zeros[:g_real, :n]
     return q.replace(codes=codes, scales=scales, zeros=zeros, layout="canonical")
 
 

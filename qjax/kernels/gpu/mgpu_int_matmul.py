@@ -1,0 +1,231 @@
+"""W4A16 uniform-int matmul as a Pallas **Mosaic GPU** kernel (Hopper: TMA, ``wgmma``, warp groups).
+
+Computes ``y = x @ Ŵ`` for bf16 ``x: (M, K)`` and an int4 :class:`~qjax.formats.Int` weight
+repacked to ``"gpu_i4t"`` (:mod:`qjax.kernels.repack`): signed codes ``c − 8`` as ``jnp.int4``
+``(N_p, K_p)`` (two per byte), scales and zeros expanded to one row per 128 codes along K,
+``(K_p/128, N_p)``. ``Ŵ[k, n] = (c − z)·s`` with ``z = 8`` when symmetric.
+
+The product is computed transposed, ``yᵀ = Ŵᵀ xᵀ``, because Hopper's warpgroup MMA may take its
+*left* operand from registers: that is where the dequantized weights are made, so they never go
+back to shared memory (Marlin's idea, Frantar et al. 2024, on ``wgmma``). Per K step of ``BK``
+codes, one memory warp group TMA-copies a ``(128, BK)`` weight tile, the ``(BM, BK)`` tile of
+``x`` and the step's scale (and zero) rows into shared memory, ``stages`` steps ahead; each of
+two compute warp groups loads its ``(64, BK)`` half into registers and, per 128-code slice,
+
+    a = (c − 8 − (z − 8)) · s      (int4 → bf16 by Mosaic GPU's prmt/lop3 converter; ``c − z``
+                                    exact in bf16, one bf16 rounding of the product, as in
+                                    :func:`qjax.kernels.repack.dequantize_bf16`)
+    acc += a @ x_sliceᵀ            (``wgmma``, float32 accumulator, ``xᵀ`` read transposed
+                                    from shared memory)
+
+K is split over a second grid axis (``split_k``) so that skinny products fill the 132 SMs; XLA
+sums the float32 partials, transposes and casts (one small fused pass). Rows of ``x`` are padded
+to a multiple of 16 (``wgmma``'s N); M > 128 takes XLA's dequantize + ``dot`` (cuBLAS wins there).
+
+Measured on the H100 (``experiments/results/kernels/README.md``): at M = 16 the Triton swap
+kernel's 28.4 µs on 8192² becomes 19.1 µs (2.6× XLA bf16); see the README for every shape.
+Tested on the device (``kernel_bench --check``); the CPU tests trace the kernel and check the
+layout, because this jax version's interpreter cannot run warp-specialized pipelines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from qjax.errors import FormatError, ShapeError
+from qjax.kernels import calls
+from qjax.kernels import repack as rp
+from qjax.qarray import QArray
+
+LAYOUTS = ("gpu_i4t",)
+SLICE = 128  # codes per scale row (and per wgmma issue) along K
+BLOCK_N = 64  # weight rows per compute warp group (wgmma M)
+MAX_BLOCK_M = 128  # rows of x per CTA
+SMEM_BYTES = 227 * 1024  # H100 shared memory per block (opt-in maximum)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    path: str  # "mgpu" | "xla"
+    block_k: int = 512
+    split_k: int = 2
+    stages: int = 2  # K steps the memory warp group runs ahead
+
+
+# M bucket -> config; winners of `experiments/w4_mgpu_probe.py` on an H100 SXM (int4 g128, the
+# Llama-3-70B shapes): large K steps amortize the per-step barriers at decode sizes.
+TABLE = {
+    16: Config("mgpu", 512, 2, 2),
+    32: Config("mgpu", 512, 2, 2),
+    64: Config("mgpu", 256, 2, 4),
+    128: Config("mgpu", 128, 2, 4),
+}
+
+
+def pick(m: int, k_p: int) -> Config:
+    """The table's config for ``m`` rows and ``K_p`` codes, its K step fitted to ``K_p`` and its
+    pipeline depth to shared memory."""
+    bucket = next((b for b in TABLE if m <= b), None)
+    if bucket is None:
+        return Config("xla")
+    cfg = TABLE[bucket]
+    bk = cfg.block_k
+    while k_p % bk:
+        bk //= 2
+    bm = max(16, -(-m // 16) * 16)
+    per_stage = 2 * BLOCK_N * bk // 2 + bm * bk * 2 + 2 * (bk // SLICE) * 2 * BLOCK_N * 2
+    stages = max(1, min(cfg.stages, (SMEM_BYTES - 2 * BLOCK_N * bm * 4) // per_stage))
+    return dataclasses.replace(cfg, block_k=bk, stages=stages)
+
+
+def _tiled(minor_elems: int, bits: int, what: str):
+    """TMA tiling + swizzle transforms for a shared-memory tile whose rows are ``minor_elems``."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    sw = plgpu.find_swizzle(minor_elems * bits, what)
+    return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
+
+
+def _partials(x2, codes, scales, zeros, cfg: Config):
+    """``(split, N_p, M_p)`` float32 partial products ``Ŵᵀ xᵀ`` (module docstring)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m_p, k_p = x2.shape
+    n_p = codes.shape[0]
+    bm = min(m_p, MAX_BLOCK_M)
+    bk = cfg.block_k
+    cta_n = 2 * BLOCK_N
+    steps_all = k_p // bk
+    split = calls.largest_divisor_at_most(steps_all, cfg.split_k)
+    steps = steps_all // split
+    per = bk // SLICE  # scale rows per step
+    sym = zeros is None
+
+    def kernel(w_gmem, x_gmem, s_gmem, *rest, o_smem):
+        z_gmem = None if sym else rest[0]
+        o_gmem = rest[-1]
+        ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
+
+        def body(_, w_smem, x_smem, s_smem, *rest):
+            z_smem = None if sym else rest[0]
+            acc_ref = rest[-1]
+            rows = pl.ds(lax.axis_index("wg") * BLOCK_N, BLOCK_N)
+            for j in range(per):
+                cols = pl.ds(j * SLICE, SLICE)
+                a = w_smem[rows, cols].astype(jnp.bfloat16)
+                if not sym:  # (c − 8) − (z − 8) = c − z, exact in bf16
+                    a = a - lax.broadcast_in_dim(z_smem[j, rows] - 8, (BLOCK_N, SLICE), (0,))
+                a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, SLICE), (0,))
+                plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].T)
+            plgpu.wgmma_wait(0)
+            return acc_ref
+
+        def compute_context(eval_pipeline):
+            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((BLOCK_N, bm), jnp.float32))
+            def _(acc_ref):
+                eval_pipeline(acc_ref)
+                wg = lax.axis_index("wg")
+                o_smem[wg] = acc_ref[...]
+                plgpu.commit_smem()
+                rows = pl.ds(ni * cta_n + wg * BLOCK_N, BLOCK_N)
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, rows, pl.ds(mi * bm, bm)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (kk, 0))
+        in_specs = [
+            plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk), transforms=_tiled(SLICE, 4, "lhs")),
+            plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=_tiled(SLICE, 16, "rhs")),
+            row_spec,
+        ] + ([] if sym else [row_spec])
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(steps,),
+            memory_registers=40,
+            in_specs=in_specs,
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=cfg.stages,
+            compute_context=compute_context,
+        )
+        n_rows, k_cols = pl.ds(ni * cta_n, cta_n), pl.ds(si * steps * bk, steps * bk)
+        s_rows = pl.ds(si * steps * per, steps * per)
+        refs = [
+            w_gmem.at[n_rows, k_cols],
+            x_gmem.at[pl.ds(mi * bm, bm), k_cols],
+            s_gmem.at[s_rows, n_rows],
+        ] + ([] if sym else [z_gmem.at[s_rows, n_rows]])
+        pipeline(*refs)
+
+    args = [codes, x2, scales] + ([] if sym else [zeros])
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((split, n_p, m_p), jnp.float32),
+        grid=(n_p // cta_n, m_p // bm, split),
+        grid_names=("n", "m", "s"),
+        num_threads=3,
+        thread_name="wg",
+        scratch_types=dict(
+            o_smem=plgpu.SMEM((2, BLOCK_N, bm), jnp.float32, transforms=_tiled(bm, 32, "out"))
+        ),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _mgpu_matmul(x2, w: QArray, cfg: Config):
+    m = x2.shape[0]
+    m_p = max(16, -(-m // 16) * 16)
+    if m_p > MAX_BLOCK_M:
+        m_p = -(-m // MAX_BLOCK_M) * MAX_BLOCK_M
+    xp = jnp.pad(x2, [(0, m_p - m), (0, 0)]) if m_p > m else x2
+    y = _partials(xp, w.codes, w.scales, w.zeros, cfg)
+    return jnp.sum(y, axis=0).T[:m].astype(x2.dtype)
+
+
+@jax.jit
+def _xla_matmul(x2, w: QArray):
+    wd = rp.dequantize_bf16(w)
+    return jnp.dot(x2, wd, preferred_element_type=jnp.float32).astype(x2.dtype)
+
+
+def check_supported(x: jax.Array, w: QArray) -> None:
+    """Raises a :class:`~qjax.QjaxError` saying why ``int4_matmul(x, w)`` cannot run."""
+    calls.check("mgpu_int_matmul", x, w, LAYOUTS)
+
+
+def supports(x: jax.Array, w: QArray) -> bool:
+    """Registry predicate: bf16 activations and a ``"gpu_i4t"`` weight."""
+    return calls.supports(x, w, LAYOUTS)
+
+
+def int4_matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Array:
+    """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a ``"gpu_i4t"`` int4 weight ``(K, N)``.
+
+    Needs a Hopper GPU for M ≤ 128 (``config`` overrides the table); larger M runs XLA.
+    """
+    check_supported(x, w)
+    k, n = w.shape
+    lead = x.shape[:-1]
+    x2 = calls.as_rows(x, w.codes.shape[1])
+    cfg = config or pick(x2.shape[0], w.codes.shape[1])
+    if cfg.path == "xla":
+        y = _xla_matmul(x2, w)
+    else:
+        if jax.default_backend() != "gpu":
+            raise FormatError(
+                f"mgpu_int_matmul: the Mosaic GPU kernel needs a GPU, backend is "
+                f"{jax.default_backend()!r}"
+            )
+        if cfg.block_k % SLICE or w.codes.shape[1] % cfg.block_k:
+            raise ShapeError(f"mgpu_int_matmul: block_k {cfg.block_k} must be a multiple of "
+                             f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
+        y = _mgpu_matmul(x2, w, cfg)
+    if y.shape[1] != n:
+        y = y[:, :n]
+    return y.reshape(*lead, n)
