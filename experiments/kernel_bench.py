@@ -191,7 +191,7 @@ def time_quant(fmt, n, k, m, cfg=None, interpret=False) -> dict:
         used = "xla"
     elif w0.layout in mgpu_int_matmul.LAYOUTS:
         fn = jax.jit(lambda x, w: mgpu_int_matmul.int4_matmul(x, w, config=cfg))
-        used = cfg or mgpu_int_matmul.pick(m, w0.codes.shape[1])
+        used = cfg or mgpu_int_matmul.pick(m, w0.codes.shape[1], w0.codes.shape[0])
     elif w0.layout in TABLE_LAYOUTS:
         fn = jax.jit(lambda x, w: table_matmul(x, w, config=cfg, interpret=interpret))
         used = cfg or (table_pick(m, k, n, w0.layout) if m < XLA_FROM_M else "xla")
@@ -264,9 +264,8 @@ def mgpu_candidates(m: int) -> list:
     if m > mgpu_int_matmul.MAX_BLOCK_M:
         return [None]
     c = mgpu_int_matmul.Config
-    return [None, c("mgpu", 512, 2, 2), c("mgpu", 512, 2, 3), c("mgpu", 256, 2, 4),
-            c("mgpu", 128, 2, 4), c("mgpu", 512, 4, 2), c("mgpu", 512, 1, 2),
-            c("mgpu", 1024, 2, 1)]  # fmt: skip
+    return [None, c("mgpu", 512, 2, 2), c("mgpu", 512, 4, 2), c("mgpu", 256, 2, 2),
+            c("mgpu", 256, 4, 2), c("mgpu", 128, 2, 4)]  # fmt: skip
 
 
 def table_candidates(m: int, n: int, k: int, layout: str) -> list:
@@ -575,6 +574,8 @@ def config_label(c: dict) -> str:
     """Short label of a config dict, e.g. ``decode 16×64 k4 w4 s4`` (table kernels: ``pallas``)."""
     if c == "xla" or c.get("path") == "xla":
         return "xla"
+    if c.get("path") == "mgpu":  # Mosaic GPU int4: K step, split, pipeline depth
+        return f"mgpu bk{c['block_k']} k{c['split_k']} st{c['stages']}"
     unpack = "" if c.get("planes", True) else " reshape"
     return (
         f"{c.get('path', 'pallas')} {c['block_m']}×{c['block_n']} k{c['split_k']} "

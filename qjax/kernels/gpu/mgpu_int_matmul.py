@@ -53,23 +53,42 @@ SMEM_BYTES = 227 * 1024  # H100 shared memory per block (opt-in maximum)
 class Config:
     path: str  # "mgpu" | "xla"
     block_k: int = 512
-    split_k: int = 2
+    split_k: int | None = None  # None: chosen by `split_for` to fill the SMs in whole waves
     stages: int = 2  # K steps the memory warp group runs ahead
 
 
-# M bucket -> config; winners of `experiments/w4_mgpu_probe.py` on an H100 SXM (int4 g128, the
-# Llama-3-70B shapes): large K steps amortize the per-step barriers at decode sizes.
+# M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
+# Llama-3-70B shapes, experiments/results/kernels/): large K steps amortize the per-step barriers.
 TABLE = {
-    16: Config("mgpu", 512, 2, 2),
-    32: Config("mgpu", 512, 2, 2),
-    64: Config("mgpu", 256, 2, 4),
-    128: Config("mgpu", 128, 2, 4),
+    16: Config("mgpu", 512, None, 2),
+    32: Config("mgpu", 512, None, 2),
+    64: Config("mgpu", 256, None, 4),
+    128: Config("mgpu", 128, None, 4),
 }
+NUM_SMS = 132  # H100 SXM; one CTA per SM (three warp groups and their registers fill it)
 
 
-def pick(m: int, k_p: int) -> Config:
-    """The table's config for ``m`` rows and ``K_p`` codes, its K step fitted to ``K_p`` and its
-    pipeline depth to shared memory."""
+def smem_bytes(bm: int, bk: int, stages: int) -> int:
+    """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows) + the
+    float32 output tiles of the two compute warp groups (matches Mosaic GPU's count)."""
+    per_stage = 2 * BLOCK_N * bk // 2 + bm * bk * 2 + 2 * (bk // SLICE) * 2 * BLOCK_N * 2
+    return stages * per_stage + 2 * BLOCK_N * bm * 4
+
+
+def split_for(n_p: int, m_tiles: int, steps: int) -> int:
+    """Split-K factor in {1, 2, 4} (dividing the K steps) whose CTAs fill whole waves of the SMs
+    best; ties go to the smaller split (less partial-sum traffic)."""
+
+    def fill(split: int) -> float:
+        ctas = n_p // (2 * BLOCK_N) * m_tiles * split
+        return ctas / (-(-ctas // NUM_SMS) * NUM_SMS)
+
+    return max((s for s in (1, 2, 4) if steps % s == 0), key=lambda s: (fill(s), -s))
+
+
+def pick(m: int, k_p: int, n_p: int) -> Config:
+    """The table's config for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step fitted to
+    ``K_p``, its pipeline depth to shared memory and its split to the SMs."""
     bucket = next((b for b in TABLE if m <= b), None)
     if bucket is None:
         return Config("xla")
@@ -78,9 +97,11 @@ def pick(m: int, k_p: int) -> Config:
     while k_p % bk:
         bk //= 2
     bm = max(16, -(-m // 16) * 16)
-    per_stage = 2 * BLOCK_N * bk // 2 + bm * bk * 2 + 2 * (bk // SLICE) * 2 * BLOCK_N * 2
-    stages = max(1, min(cfg.stages, (SMEM_BYTES - 2 * BLOCK_N * bm * 4) // per_stage))
-    return dataclasses.replace(cfg, block_k=bk, stages=stages)
+    stages = cfg.stages
+    while stages > 1 and smem_bytes(bm, bk, stages) > SMEM_BYTES:
+        stages -= 1
+    split = split_for(n_p, -(-bm // MAX_BLOCK_M), k_p // bk)
+    return dataclasses.replace(cfg, block_k=bk, stages=stages, split_k=split)
 
 
 def _tiled(minor_elems: int, bits: int, what: str):
@@ -102,7 +123,8 @@ def _partials(x2, codes, scales, zeros, cfg: Config):
     bk = cfg.block_k
     cta_n = 2 * BLOCK_N
     steps_all = k_p // bk
-    split = calls.largest_divisor_at_most(steps_all, cfg.split_k)
+    split = cfg.split_k or split_for(n_p, m_p // bm, steps_all)
+    split = calls.largest_divisor_at_most(steps_all, split)
     steps = steps_all // split
     per = bk // SLICE  # scale rows per step
     sym = zeros is None
@@ -213,7 +235,7 @@ def int4_matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax
     k, n = w.shape
     lead = x.shape[:-1]
     x2 = calls.as_rows(x, w.codes.shape[1])
-    cfg = config or pick(x2.shape[0], w.codes.shape[1])
+    cfg = config or pick(x2.shape[0], w.codes.shape[1], w.codes.shape[0])
     if cfg.path == "xla":
         y = _xla_matmul(x2, w)
     else:
