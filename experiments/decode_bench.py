@@ -6,7 +6,8 @@ The model (SmolLM2-135M by default, from its GGUF) runs in bf16. Variants:
 
 * ``bf16``            — every weight bf16, XLA ``dot``;
 * ``int4 g128 kernel`` — linear layers RTN int4 sym g128, repacked once to ``gpu_i4p`` so that
-  ``qjax.ops.matmul`` dispatches to the Pallas kernel (embeddings / tied head stay bf16);
+  ``qjax.ops.matmul`` dispatches to the Pallas (Triton) kernel (embeddings / tied head stay bf16);
+* ``int4 g128 Mosaic GPU`` — the same weights repacked to ``gpu_i4t``: the Mosaic GPU kernel;
 * ``int4 g128 XLA``    — the same QArrays in the canonical layout: XLA dequantize + ``dot``.
 
 Each variant prefills a real prompt (``--prompt`` tokens of the Wikipedia test text, repeated
@@ -80,12 +81,20 @@ def variants(model) -> dict:
     state = nnx.state(model, nnx.Param)
     spec = qjax.Int(4, group=128)
     q = qjax.quantize(state, [(LINEARS, spec)], default=None)
-    packed = jax.tree_util.tree_map(
-        lambda x: repack.repack(x, "gpu_i4p") if isinstance(x, qjax.QArray) else x,
-        q,
-        is_leaf=lambda x: isinstance(x, qjax.QArray),
-    )
-    return {"bf16": state, "int4 g128 kernel": packed, "int4 g128 XLA": q}
+
+    def packed(layout):
+        return jax.tree_util.tree_map(
+            lambda x: repack.repack(x, layout) if isinstance(x, qjax.QArray) else x,
+            q,
+            is_leaf=lambda x: isinstance(x, qjax.QArray),
+        )
+
+    return {
+        "bf16": state,
+        "int4 g128 kernel": packed("gpu_i4p"),
+        "int4 g128 Mosaic GPU": packed("gpu_i4t"),
+        "int4 g128 XLA": q,
+    }
 
 
 def main(argv=None) -> int:

@@ -190,6 +190,8 @@ def time_quant(fmt, n, k, m, cfg=None, interpret=False) -> dict:
         fn = jax.jit(qjax.matmul)
         used = "xla"
     elif w0.layout in mgpu_int_matmul.LAYOUTS:
+        k_p, n_p = w0.codes.shape[1], w0.codes.shape[0]
+        cfg = cfg and mgpu_int_matmul.fit(cfg, m, k_p, n_p)
         fn = jax.jit(lambda x, w: mgpu_int_matmul.int4_matmul(x, w, config=cfg))
         used = cfg or mgpu_int_matmul.pick(m, w0.codes.shape[1], w0.codes.shape[0])
     elif w0.layout in TABLE_LAYOUTS:
@@ -476,10 +478,9 @@ def run_check_mgpu(results: list) -> None:
             w = repack.repack(q, layout)
             x = jax.random.normal(kx, (m, k), jnp.bfloat16)
             ref = np.asarray(x, np.float32) @ np.asarray(q.dequantize(), np.float32)
-            tries = [None, *(c for c in mg.TABLE.values())]
+            k_p, n_p = w.codes.shape[1], w.codes.shape[0]
+            tries = [None, *(mg.fit(c, m, k_p, n_p) for c in mg.TABLE.values())]
             for cfg in tries:
-                if cfg is not None and w.codes.shape[1] % cfg.block_k:
-                    continue
                 if cfg is None:
                     y = np.asarray(qjax.matmul(x, w), np.float32)
                 else:

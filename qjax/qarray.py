@@ -25,6 +25,17 @@ if TYPE_CHECKING:
     from qjax.formats.base import QSpec
 
 
+def _bits(dtype) -> int:
+    """Storage bits of one element: 4 for ``int4`` / ``uint4`` / ``float4`` (two per byte)."""
+    dt = np.dtype(dtype)
+    for info in (jnp.iinfo, jnp.finfo):
+        try:
+            return int(info(dt).bits)
+        except ValueError:
+            pass
+    return 8 * dt.itemsize
+
+
 @jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True, eq=False)
 class QArray:
@@ -84,9 +95,7 @@ class QArray:
     @property
     def nbytes(self) -> int:
         """Exact storage in bytes: the sum over every stored array."""
-        return sum(
-            int(math.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.stored_arrays()
-        )
+        return sum(-(-int(math.prod(a.shape)) * _bits(a.dtype) // 8) for a in self.stored_arrays())
 
     @property
     def bits_per_weight(self) -> float:

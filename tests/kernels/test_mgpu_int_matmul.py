@@ -116,3 +116,11 @@ def test_large_m_takes_xla_and_matches_float64(spec):
 def test_registered_for_gpu_int_gpu_i4t():
     names = [k.name for k in ops._KERNELS[("gpu", "int", "gpu_i4t")]]
     assert names == ["pallas_mosaic_gpu_gpu_i4t"]
+
+
+def test_stored_bytes_count_two_codes_per_byte():
+    q = _weight(SPECS[0], 1024, 256, 4)
+    r = rp.repack(q, "gpu_i4t")
+    # int4 codes, bf16 scales one row per 128 codes: 4 + 16/128 = 4.125 bits per weight
+    assert r.nbytes == 256 * 1024 // 2 + 2 * (1024 // 128) * 256
+    assert r.bits_per_weight == pytest.approx(4.125)

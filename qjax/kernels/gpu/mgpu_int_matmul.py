@@ -86,22 +86,26 @@ def split_for(n_p: int, m_tiles: int, steps: int) -> int:
     return max((s for s in (1, 2, 4) if steps % s == 0), key=lambda s: (fill(s), -s))
 
 
-def pick(m: int, k_p: int, n_p: int) -> Config:
-    """The table's config for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step fitted to
-    ``K_p``, its pipeline depth to shared memory and its split to the SMs."""
-    bucket = next((b for b in TABLE if m <= b), None)
-    if bucket is None:
-        return Config("xla")
-    cfg = TABLE[bucket]
+def fit(cfg: Config, m: int, k_p: int, n_p: int) -> Config:
+    """``cfg`` made runnable for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step
+    halved until it divides ``K_p``, its pipeline depth cut to shared memory, its split (when
+    ``None``) chosen by :func:`split_for`."""
     bk = cfg.block_k
     while k_p % bk:
         bk //= 2
-    bm = max(16, -(-m // 16) * 16)
+    bm = min(max(16, -(-m // 16) * 16), MAX_BLOCK_M)
     stages = cfg.stages
     while stages > 1 and smem_bytes(bm, bk, stages) > SMEM_BYTES:
         stages -= 1
-    split = split_for(n_p, -(-bm // MAX_BLOCK_M), k_p // bk)
+    split = cfg.split_k or split_for(n_p, -(-m // bm), k_p // bk)
     return dataclasses.replace(cfg, block_k=bk, stages=stages, split_k=split)
+
+
+def pick(m: int, k_p: int, n_p: int) -> Config:
+    """The table's config for ``m`` rows, ``K_p`` codes and ``N_p`` columns, :func:`fit` to them;
+    ``"xla"`` above 128 rows."""
+    bucket = next((b for b in TABLE if m <= b), None)
+    return Config("xla") if bucket is None else fit(TABLE[bucket], m, k_p, n_p)
 
 
 def _tiled(minor_elems: int, bits: int, what: str):
@@ -247,6 +251,12 @@ def int4_matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax
         if cfg.block_k % SLICE or w.codes.shape[1] % cfg.block_k:
             raise ShapeError(f"mgpu_int_matmul: block_k {cfg.block_k} must be a multiple of "
                              f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
+        bm = min(max(16, -(-x2.shape[0] // 16) * 16), MAX_BLOCK_M)
+        if smem_bytes(bm, cfg.block_k, cfg.stages) > SMEM_BYTES:
+            raise ShapeError(
+                f"mgpu_int_matmul: {cfg} needs {smem_bytes(bm, cfg.block_k, cfg.stages)} bytes "
+                f"of shared memory for {x2.shape[0]} rows, more than {SMEM_BYTES} (use fit())"
+            )
         y = _mgpu_matmul(x2, w, cfg)
     if y.shape[1] != n:
         y = y[:, :n]
