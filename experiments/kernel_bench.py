@@ -267,7 +267,8 @@ def mgpu_candidates(m: int) -> list:
         return [None]
     c = mgpu_int_matmul.Config
     return [None, c("mgpu", 512, 2, 2), c("mgpu", 512, 4, 2), c("mgpu", 256, 2, 2),
-            c("mgpu", 256, 4, 2), c("mgpu", 128, 2, 4)]  # fmt: skip
+            c("mgpu", 256, 4, 2), c("mgpu", 128, 2, 4), c("mgpu", 1024, 2, 2),
+            c("mgpu", 1024, 4, 2), c("mgpu", 1024, None, 2)]  # fmt: skip
 
 
 def table_candidates(m: int, n: int, k: int, layout: str) -> list:
@@ -543,6 +544,9 @@ def targets(rows: list) -> list[str]:
         ("w4g128", "W4 g128, M=64", lambda m: m == 64, 2.5),
         ("w4g128", "W4 g128, M=128", lambda m: m == 128, 1.8),
         ("w4g128", "W4 g128, M>=2048", lambda m: m >= 2048, 0.9),
+        ("w4g128t", "W4 g128 Mosaic GPU, M<=16", lambda m: m <= 16, 3.3),
+        ("w4g128t", "W4 g128 Mosaic GPU, M=64", lambda m: m == 64, 2.5),
+        ("w4g128t", "W4 g128 Mosaic GPU, M=128", lambda m: m == 128, 1.8),
         ("w8ch", "W8 per-channel, M<=16", lambda m: m <= 16, 1.8),
         ("fp8", "FP8 e4m3 weights, M<=16", lambda m: m <= 16, 1.8),
         ("w8a8", "W8A8 int8, M>=4096", lambda m: m >= 4096, 1.5),
