@@ -44,7 +44,8 @@ Rows of ``x`` beyond ``M`` are masked (no padding of ``x`` along M); ``K`` and `
 once, at repack time (``x`` is zero-padded along ``K`` only when ``K`` is not a multiple of 128).
 On Hopper, int4 weights with groups of 128·j (or per channel) run 1.1–2.1× faster in the Mosaic
 GPU kernel (:mod:`qjax.kernels.gpu.mgpu_int_matmul`, layout ``"gpu_i4t"``); this one serves every
-group size, int8, older GPUs and the interpret-mode tests (``experiments/results/kernels/README.md``).
+group size, int8, older GPUs and the interpret-mode tests
+(``experiments/results/kernels/README.md``).
 """
 
 from __future__ import annotations
