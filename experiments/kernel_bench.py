@@ -60,6 +60,7 @@ FORMATS = {
     "w4g128t": (qjax.Int(4, group=128), "gpu_i4t"),
     "w4g128ta": (qjax.Int(4, group=128, symmetric=False), "gpu_i4t"),
     "w4cht": (qjax.Int(4, group="channel"), "gpu_i4t"),
+    "w8cht": (qjax.Int(8, group="channel"), "gpu_i8t"),
     "w4g128a": (qjax.Int(4, group=128, symmetric=False), "gpu_i4p"),
     "w4g32": (qjax.Int(4, group=32), "gpu_i4p"),
     "w8ch": (qjax.Int(8, group="channel"), "gpu_i8"),
@@ -191,9 +192,10 @@ def time_quant(fmt, n, k, m, cfg=None, interpret=False) -> dict:
         used = "xla"
     elif w0.layout in mgpu_int_matmul.LAYOUTS:
         k_p, n_p = w0.codes.shape[1], w0.codes.shape[0]
-        cfg = cfg and mgpu_int_matmul.fit(cfg, m, k_p, n_p)
-        fn = jax.jit(lambda x, w: mgpu_int_matmul.int4_matmul(x, w, config=cfg))
-        used = cfg or mgpu_int_matmul.pick(m, w0.codes.shape[1], w0.codes.shape[0])
+        bits = mgpu_int_matmul.code_bits(w0)
+        cfg = cfg and mgpu_int_matmul.fit(cfg, m, k_p, n_p, bits)
+        fn = jax.jit(lambda x, w: mgpu_int_matmul.int_matmul(x, w, config=cfg))
+        used = cfg or mgpu_int_matmul.pick(m, k_p, n_p, bits)
     elif w0.layout in TABLE_LAYOUTS:
         fn = jax.jit(lambda x, w: table_matmul(x, w, config=cfg, interpret=interpret))
         used = cfg or (table_pick(m, k, n, w0.layout) if m < XLA_FROM_M else "xla")
@@ -471,7 +473,7 @@ def run_check_mgpu(results: list) -> None:
     ``qjax.matmul``'s dispatch as well."""
     mg = mgpu_int_matmul
     cases = [(1, 8192, 1024), (16, 640, 384), (100, 4096, 256), (128, 1024, 512), (37, 300, 200)]
-    for fmt in ("w4g128t", "w4g128ta", "w4cht"):
+    for fmt in ("w4g128t", "w4g128ta", "w4cht", "w8cht"):
         spec, layout = FORMATS[fmt]
         for m, k, n in cases:
             kx, kw = jax.random.split(jax.random.key(m * 13 + k))
@@ -480,12 +482,13 @@ def run_check_mgpu(results: list) -> None:
             x = jax.random.normal(kx, (m, k), jnp.bfloat16)
             ref = np.asarray(x, np.float32) @ np.asarray(q.dequantize(), np.float32)
             k_p, n_p = w.codes.shape[1], w.codes.shape[0]
-            tries = [None, *(mg.fit(c, m, k_p, n_p) for c in mg.TABLE.values())]
+            bits = mg.code_bits(w)
+            tries = [None, *(mg.fit(c, m, k_p, n_p, bits) for c in mg.TABLE.values())]
             for cfg in tries:
                 if cfg is None:
                     y = np.asarray(qjax.matmul(x, w), np.float32)
                 else:
-                    y = np.asarray(mg.int4_matmul(x, w, config=cfg), np.float32)
+                    y = np.asarray(mg.int_matmul(x, w, config=cfg), np.float32)
                 err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
                 row = {"fmt": fmt, "M": m, "K": k, "N": n, "rel_err": err,
                        "config": "dispatch" if cfg is None else dataclasses.asdict(cfg),

@@ -18,7 +18,7 @@ from qjax.kernels.tpu import table_matmul as tpu_table_matmul
 
 _REGISTRY = [  # (backend, format, module, kernel function, kernel name prefix)
     ("gpu", "int", int_matmul, int_matmul.int_matmul, "pallas_triton"),
-    ("gpu", "int", mgpu_int_matmul, mgpu_int_matmul.int4_matmul, "pallas_mosaic_gpu"),
+    ("gpu", "int", mgpu_int_matmul, mgpu_int_matmul.int_matmul, "pallas_mosaic_gpu"),
     ("gpu", "nf4", table_matmul, table_matmul.table_matmul, "pallas_triton"),
     ("gpu", "fp8", table_matmul, table_matmul.table_matmul, "pallas_triton"),
     ("tpu", "int", tpu_int_matmul, tpu_int_matmul.int_matmul, "pallas_mosaic"),

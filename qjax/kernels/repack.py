@@ -25,6 +25,8 @@ layout            codes
                   zeros expanded to one row per 128 codes along K, ``(K_p/128, N_p)``, so every
                   128-code slice the kernel multiplies has one scale row. Groups must be
                   multiples of 128 or ``"channel"``.
+``"gpu_i8t"``     int8 for the Mosaic GPU kernel: ``c − 128`` as ``int8 (N_p, K_p)``, scales and
+                  zeros as for ``"gpu_i4t"``.
 ``"gpu_i8"``      int8 ``(K_p, N_p)``, the unsigned code minus 128 (so symmetric codes are the plain
                   signed values ``q`` with ``x̂ = q·s``).
 ``"gpu_nf4"``     NF4 level indices in the ``"gpu_i4p"`` word layout; scales are the per-block
@@ -66,6 +68,7 @@ N_ALIGN = 64  # N is padded to a multiple of this
 LAYOUTS = {  # layout -> bits per code
     "gpu_i4p": 4,
     "gpu_i4t": 4,
+    "gpu_i8t": 8,
     "gpu_i8": 8,
     "gpu_nf4": 4,
     "gpu_f8": 8,
@@ -77,6 +80,7 @@ LAYOUTS = {  # layout -> bits per code
 FORMATS = {  # layout -> spec type
     "gpu_i4p": Int,
     "gpu_i4t": Int,
+    "gpu_i8t": Int,
     "gpu_i8": Int,
     "gpu_nf4": NF4,
     "gpu_f8": FP8,
@@ -88,7 +92,8 @@ FORMATS = {  # layout -> spec type
 _NIBBLES = ("gpu_i4p", "gpu_nf4")  # layouts with the interleaved int32 nibble words
 _HALVES = ("tpu_i4", "tpu_nf4")  # layouts with the half-split uint8 nibble bytes
 _F8 = ("gpu_f8", "tpu_f8")  # fp8 bit patterns as uint8
-_SLICED = ("gpu_i4t",)  # transposed int4, scales and zeros one row per 128 codes
+_SLICED = ("gpu_i4t", "gpu_i8t")  # transposed signed codes, one scale row per 128 codes
+SLICED_DTYPES = {"gpu_i4t": jnp.int4, "gpu_i8t": jnp.int8}
 
 
 def _round_up(n: int, m: int) -> int:
@@ -205,7 +210,8 @@ def repack(q: QArray, layout: str) -> QArray:
         words = jnp.sum(planes << shifts, axis=1, dtype=jnp.uint32)  # disjoint bits: sum == or
         packed = words.reshape(k_p // 8, n_p).view(jnp.int32)
     elif layout in _SLICED:
-        packed = (codes.astype(jnp.int32) - 8).T.astype(jnp.int4)
+        half = 1 << (LAYOUTS[layout] - 1)
+        packed = (codes.astype(jnp.int32) - half).T.astype(SLICED_DTYPES[layout])
     elif layout in _F8:
         packed = codes.astype(jnp.uint8)
     else:  # gpu_i8, tpu_i8
@@ -233,7 +239,7 @@ def unpack_codes(q: QArray) -> jnp.ndarray:
     elif q.layout in _HALVES:
         codes = split_halves(q.codes)
     elif q.layout in _SLICED:
-        codes = (q.codes.astype(jnp.int32) + 8).T
+        codes = (q.codes.astype(jnp.int32) + (1 << (LAYOUTS[q.layout] - 1))).T
     elif q.layout in ("gpu_i8", "tpu_i8"):
         codes = q.codes.astype(jnp.int32) + 128
     elif q.layout in _F8:

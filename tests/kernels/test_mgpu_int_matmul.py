@@ -1,4 +1,4 @@
-"""The Mosaic GPU int4 kernel's layout (``gpu_i4t``), config table and tracing, on the CPU.
+"""The Mosaic GPU int kernel's layouts (``gpu_i4t``, ``gpu_i8t``), configs and tracing, on the CPU.
 
 This jax version cannot interpret a warp-specialized Mosaic GPU pipeline on the CPU, so the
 kernel's numbers are checked on the H100 (``python -m experiments.kernel_bench --check``,
@@ -23,7 +23,13 @@ SPECS = [
     qjax.Int(4, group=128, symmetric=False),
     qjax.Int(4, group=256),
     qjax.Int(4, group="channel", symmetric=False),
+    qjax.Int(8, group="channel"),
+    qjax.Int(8, group=128, symmetric=False),
 ]
+
+
+def _layout(spec):
+    return "gpu_i4t" if spec.bits == 4 else "gpu_i8t"
 
 
 def _weight(spec, k, n, seed):
@@ -36,9 +42,10 @@ def _weight(spec, k, n, seed):
 def test_repack_is_exact_and_dequantizes_to_reference(spec, shape):
     seed = int(np.random.default_rng().integers(1 << 30))
     q = _weight(spec, *shape, seed)
-    r = rp.repack(q, "gpu_i4t")
-    k_p, n_p, g_p = rp.padded_dims(q, "gpu_i4t")
-    assert r.codes.dtype == jnp.int4 and r.codes.shape == (n_p, k_p) and n_p % 128 == 0
+    r = rp.repack(q, _layout(spec))
+    k_p, n_p, g_p = rp.padded_dims(q, _layout(spec))
+    assert r.codes.dtype == (jnp.int4 if spec.bits == 4 else jnp.int8)
+    assert r.codes.shape == (n_p, k_p) and n_p % 128 == 0
     assert r.scales.shape == (k_p // 128, n_p)
     back = rp.unrepack(r)
     for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(back), strict=True):
@@ -46,7 +53,7 @@ def test_repack_is_exact_and_dequantizes_to_reference(spec, shape):
     # (c − z)·s in float64 from the canonical codes, vs the kernel layout's bf16 dequantization
     codes = np.asarray(rp.unpack_codes(r), np.float64)[: shape[0], : shape[1]]
     np.testing.assert_array_equal(
-        codes - 8, np.asarray(r.codes, np.float64).T[: shape[0], : shape[1]]
+        codes - 2 ** (spec.bits - 1), np.asarray(r.codes, np.float64).T[: shape[0], : shape[1]]
     )
     ref = np.asarray(q.dequantize(), np.float64)
     got = np.asarray(rp.dequantize_bf16(r), np.float64)[: shape[0], : shape[1]]
@@ -60,15 +67,16 @@ def test_small_groups_are_refused_with_the_layout_named(group):
         rp.repack(q, "gpu_i4t")
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [1, 16, 32, 64, 100, 128])
 @pytest.mark.parametrize(("k", "n"), [(8192, 8192), (8192, 57344), (28672, 8192), (640, 384)])
-def test_table_configs_fit_shared_memory_and_divide_k(m, k, n):
-    cfg = mg.pick(m, k, n)
+def test_table_configs_fit_shared_memory_and_divide_k(bits, m, k, n):
+    cfg = mg.pick(m, k, n, bits)
     bm = max(16, -(-m // 16) * 16)
     assert cfg.path == "mgpu"
     assert k % cfg.block_k == 0 and cfg.block_k % mg.SLICE == 0
     assert (k // cfg.block_k) % cfg.split_k == 0
-    assert mg.smem_bytes(bm, cfg.block_k, cfg.stages) <= mg.SMEM_BYTES
+    assert mg.smem_bytes(bm, cfg.block_k, cfg.stages, bits) <= mg.SMEM_BYTES
     assert mg.pick(129, k, n).path == "xla"
 
 
@@ -80,12 +88,12 @@ def test_split_fills_whole_waves():
     assert mg.split_for(640, 1, 5) == 1
 
 
-@pytest.mark.parametrize("spec", SPECS[:2], ids=lambda s: s.label())
+@pytest.mark.parametrize("spec", [*SPECS[:2], *SPECS[4:]], ids=lambda s: s.label())
 @pytest.mark.parametrize("m", [1, 16, 64, 128])
 def test_kernel_traces_for_every_table_config(spec, m):
-    w = rp.repack(_weight(spec, 1024, 256, 1), "gpu_i4t")
+    w = rp.repack(_weight(spec, 1024, 256, 1), _layout(spec))
     x = jax.random.normal(jax.random.key(2), (m, 1024), jnp.bfloat16)
-    cfg = mg.pick(m, 1024, 256)
+    cfg = mg.pick(m, 1024, 256, spec.bits)
     out = jax.eval_shape(lambda x, w: mg._mgpu_matmul(x, w, cfg), x, w)
     assert out.shape == (m, 256) and out.dtype == jnp.bfloat16
     jaxpr = str(jax.make_jaxpr(lambda x, w: mg._mgpu_matmul(x, w, cfg))(x, w))
@@ -96,26 +104,27 @@ def test_direct_call_on_cpu_says_it_needs_a_gpu():
     w = rp.repack(_weight(SPECS[0], 256, 128, 3), "gpu_i4t")
     x = jnp.ones((4, 256), jnp.bfloat16)
     with pytest.raises(FormatError, match="needs a GPU"):
-        mg.int4_matmul(x, w)
+        mg.int_matmul(x, w)
     with pytest.raises(FormatError, match="gpu_i4t"):
-        mg.int4_matmul(x, rp.repack(_weight(SPECS[0], 256, 128, 3), "gpu_i4p"))
+        mg.int_matmul(x, rp.repack(_weight(SPECS[0], 256, 128, 3), "gpu_i4p"))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label())
 def test_large_m_takes_xla_and_matches_float64(spec):
     seed = int(np.random.default_rng().integers(1 << 30))
     q = _weight(spec, 384, 200, seed)
-    w = rp.repack(q, "gpu_i4t")
+    w = rp.repack(q, _layout(spec))
     x = jax.random.normal(jax.random.key(seed + 1), (2, 150, 384), jnp.bfloat16)
-    y = np.asarray(mg.int4_matmul(x, w), np.float64)
+    y = np.asarray(mg.int_matmul(x, w), np.float64)
     ref = np.asarray(x, np.float64) @ np.asarray(q.dequantize(), np.float64)
     assert y.shape == (2, 150, 200)
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-2
 
 
-def test_registered_for_gpu_int_gpu_i4t():
-    names = [k.name for k in ops._KERNELS[("gpu", "int", "gpu_i4t")]]
-    assert names == ["pallas_mosaic_gpu_gpu_i4t"]
+@pytest.mark.parametrize("layout", ["gpu_i4t", "gpu_i8t"])
+def test_registered_for_gpu_int(layout):
+    names = [k.name for k in ops._KERNELS[("gpu", "int", layout)]]
+    assert names == [f"pallas_mosaic_gpu_{layout}"]
 
 
 def test_stored_bytes_count_two_codes_per_byte():

@@ -1,9 +1,10 @@
-"""W4A16 uniform-int matmul as a Pallas **Mosaic GPU** kernel (Hopper: TMA, ``wgmma``, warp groups).
+"""W4A16 / W8A16 uniform-int matmul as a Pallas **Mosaic GPU** kernel (Hopper: TMA, ``wgmma``).
 
-Computes ``y = x @ Ŵ`` for bf16 ``x: (M, K)`` and an int4 :class:`~qjax.formats.Int` weight
-repacked to ``"gpu_i4t"`` (:mod:`qjax.kernels.repack`): signed codes ``c − 8`` as ``jnp.int4``
-``(N_p, K_p)`` (two per byte), scales and zeros expanded to one row per 128 codes along K,
-``(K_p/128, N_p)``. ``Ŵ[k, n] = (c − z)·s`` with ``z = 8`` when symmetric.
+Computes ``y = x @ Ŵ`` for bf16 ``x: (M, K)`` and an int4 / int8 :class:`~qjax.formats.Int` weight
+repacked to ``"gpu_i4t"`` / ``"gpu_i8t"`` (:mod:`qjax.kernels.repack`): signed codes ``c − h``
+(``h = 2^(b−1)``: 8 or 128) as ``jnp.int4`` (two per byte) / ``jnp.int8`` ``(N_p, K_p)``, scales
+and zeros expanded to one row per 128 codes along K, ``(K_p/128, N_p)``.
+``Ŵ[k, n] = (c − z)·s`` with ``z = h`` when symmetric.
 
 The product is computed transposed, ``yᵀ = Ŵᵀ xᵀ``, because Hopper's warpgroup MMA may take its
 *left* operand from registers: that is where the dequantized weights are made, so they never go
@@ -12,7 +13,7 @@ codes, one memory warp group TMA-copies a ``(128, BK)`` weight tile, the ``(BM, 
 ``x`` and the step's scale (and zero) rows into shared memory, ``stages`` steps ahead; each of
 two compute warp groups loads its ``(64, BK)`` half into registers and, per 128-code slice,
 
-    a = (c − 8 − (z − 8)) · s      (int4 → bf16 by Mosaic GPU's prmt/lop3 converter; ``c − z``
+    a = (c − h − (z − h)) · s      (int → bf16 by Mosaic GPU's prmt/lop3 converters; ``c − z``
                                     exact in bf16, one bf16 rounding of the product, as in
                                     :func:`qjax.kernels.repack.dequantize_bf16`)
     acc += a @ x_sliceᵀ            (``wgmma``, float32 accumulator, ``xᵀ`` read transposed
@@ -42,7 +43,7 @@ from qjax.kernels import calls
 from qjax.kernels import repack as rp
 from qjax.qarray import QArray
 
-LAYOUTS = ("gpu_i4t",)
+LAYOUTS = ("gpu_i4t", "gpu_i8t")
 SLICE = 128  # codes per scale row (and per wgmma issue) along K
 BLOCK_N = 64  # weight rows per compute warp group (wgmma M)
 MAX_BLOCK_M = 128  # rows of x per CTA
@@ -68,10 +69,10 @@ TABLE = {
 NUM_SMS = 132  # H100 SXM; one CTA per SM (three warp groups and their registers fill it)
 
 
-def smem_bytes(bm: int, bk: int, stages: int) -> int:
+def smem_bytes(bm: int, bk: int, stages: int, bits: int = 4) -> int:
     """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows) + the
     float32 output tiles of the two compute warp groups (matches Mosaic GPU's count)."""
-    per_stage = 2 * BLOCK_N * bk // 2 + bm * bk * 2 + 2 * (bk // SLICE) * 2 * BLOCK_N * 2
+    per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // SLICE) * 2 * BLOCK_N * 2
     return stages * per_stage + 2 * BLOCK_N * bm * 4
 
 
@@ -86,7 +87,7 @@ def split_for(n_p: int, m_tiles: int, steps: int) -> int:
     return max((s for s in (1, 2, 4) if steps % s == 0), key=lambda s: (fill(s), -s))
 
 
-def fit(cfg: Config, m: int, k_p: int, n_p: int) -> Config:
+def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4) -> Config:
     """``cfg`` made runnable for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step
     halved until it divides ``K_p``, its pipeline depth cut to shared memory, its split (when
     ``None``) chosen by :func:`split_for`."""
@@ -95,17 +96,22 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int) -> Config:
         bk //= 2
     bm = min(max(16, -(-m // 16) * 16), MAX_BLOCK_M)
     stages = cfg.stages
-    while stages > 1 and smem_bytes(bm, bk, stages) > SMEM_BYTES:
+    while stages > 1 and smem_bytes(bm, bk, stages, bits) > SMEM_BYTES:
         stages -= 1
     split = cfg.split_k or split_for(n_p, -(-m // bm), k_p // bk)
     return dataclasses.replace(cfg, block_k=bk, stages=stages, split_k=split)
 
 
-def pick(m: int, k_p: int, n_p: int) -> Config:
-    """The table's config for ``m`` rows, ``K_p`` codes and ``N_p`` columns, :func:`fit` to them;
-    ``"xla"`` above 128 rows."""
+def pick(m: int, k_p: int, n_p: int, bits: int = 4) -> Config:
+    """The table's config for ``m`` rows, ``K_p`` codes and ``N_p`` columns of ``bits``-bit
+    codes, :func:`fit` to them; ``"xla"`` above 128 rows."""
     bucket = next((b for b in TABLE if m <= b), None)
-    return Config("xla") if bucket is None else fit(TABLE[bucket], m, k_p, n_p)
+    return Config("xla") if bucket is None else fit(TABLE[bucket], m, k_p, n_p, bits)
+
+
+def code_bits(w: QArray) -> int:
+    """4 for ``"gpu_i4t"``, 8 for ``"gpu_i8t"``."""
+    return rp.LAYOUTS[w.layout]
 
 
 def _tiled(minor_elems: int, bits: int, what: str):
@@ -132,6 +138,8 @@ def _partials(x2, codes, scales, zeros, cfg: Config):
     steps = steps_all // split
     per = bk // SLICE  # scale rows per step
     sym = zeros is None
+    bits = 4 if codes.dtype == jnp.int4 else 8
+    half = 1 << (bits - 1)  # codes are stored as c − half
 
     def kernel(w_gmem, x_gmem, s_gmem, *rest, o_smem):
         z_gmem = None if sym else rest[0]
@@ -145,8 +153,9 @@ def _partials(x2, codes, scales, zeros, cfg: Config):
             for j in range(per):
                 cols = pl.ds(j * SLICE, SLICE)
                 a = w_smem[rows, cols].astype(jnp.bfloat16)
-                if not sym:  # (c − 8) − (z − 8) = c − z, exact in bf16
-                    a = a - lax.broadcast_in_dim(z_smem[j, rows] - 8, (BLOCK_N, SLICE), (0,))
+                if not sym:  # (c − h) − (z − h) = c − z, exact in bf16 (|c − z| < 256)
+                    zh = z_smem[j, rows] - half
+                    a = a - lax.broadcast_in_dim(zh, (BLOCK_N, SLICE), (0,))
                 a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, SLICE), (0,))
                 plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].T)
             plgpu.wgmma_wait(0)
@@ -165,7 +174,7 @@ def _partials(x2, codes, scales, zeros, cfg: Config):
 
         row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (kk, 0))
         in_specs = [
-            plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk), transforms=_tiled(SLICE, 4, "lhs")),
+            plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk), transforms=_tiled(SLICE, bits, "lhs")),
             plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=_tiled(SLICE, 16, "rhs")),
             row_spec,
         ] + ([] if sym else [row_spec])
@@ -221,17 +230,18 @@ def _xla_matmul(x2, w: QArray):
 
 
 def check_supported(x: jax.Array, w: QArray) -> None:
-    """Raises a :class:`~qjax.QjaxError` saying why ``int4_matmul(x, w)`` cannot run."""
+    """Raises a :class:`~qjax.QjaxError` saying why ``int_matmul(x, w)`` cannot run."""
     calls.check("mgpu_int_matmul", x, w, LAYOUTS)
 
 
 def supports(x: jax.Array, w: QArray) -> bool:
-    """Registry predicate: bf16 activations and a ``"gpu_i4t"`` weight."""
+    """Registry predicate: bf16 activations and a ``"gpu_i4t"`` / ``"gpu_i8t"`` weight."""
     return calls.supports(x, w, LAYOUTS)
 
 
-def int4_matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Array:
-    """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a ``"gpu_i4t"`` int4 weight ``(K, N)``.
+def int_matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Array:
+    """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a ``"gpu_i4t"`` / ``"gpu_i8t"`` weight
+    ``(K, N)``.
 
     Needs a Hopper GPU for M ≤ 128 (``config`` overrides the table); larger M runs XLA.
     """
@@ -239,7 +249,8 @@ def int4_matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax
     k, n = w.shape
     lead = x.shape[:-1]
     x2 = calls.as_rows(x, w.codes.shape[1])
-    cfg = config or pick(x2.shape[0], w.codes.shape[1], w.codes.shape[0])
+    bits = code_bits(w)
+    cfg = config or pick(x2.shape[0], w.codes.shape[1], w.codes.shape[0], bits)
     if cfg.path == "xla":
         y = _xla_matmul(x2, w)
     else:
@@ -252,9 +263,10 @@ def int4_matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax
             raise ShapeError(f"mgpu_int_matmul: block_k {cfg.block_k} must be a multiple of "
                              f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
         bm = min(max(16, -(-x2.shape[0] // 16) * 16), MAX_BLOCK_M)
-        if smem_bytes(bm, cfg.block_k, cfg.stages) > SMEM_BYTES:
+        if smem_bytes(bm, cfg.block_k, cfg.stages, bits) > SMEM_BYTES:
+            need = smem_bytes(bm, cfg.block_k, cfg.stages, bits)
             raise ShapeError(
-                f"mgpu_int_matmul: {cfg} needs {smem_bytes(bm, cfg.block_k, cfg.stages)} bytes "
+                f"mgpu_int_matmul: {cfg} needs {need} bytes "
                 f"of shared memory for {x2.shape[0]} rows, more than {SMEM_BYTES} (use fit())"
             )
         y = _mgpu_matmul(x2, w, cfg)
