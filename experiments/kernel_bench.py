@@ -551,6 +551,7 @@ def targets(rows: list) -> list[str]:
         ("w4g128t", "W4 g128 Mosaic GPU, M=64", lambda m: m == 64, 2.5),
         ("w4g128t", "W4 g128 Mosaic GPU, M=128", lambda m: m == 128, 1.8),
         ("w8ch", "W8 per-channel, M<=16", lambda m: m <= 16, 1.8),
+        ("w8cht", "W8 per-channel Mosaic GPU, M<=16", lambda m: m <= 16, 1.8),
         ("fp8", "FP8 e4m3 weights, M<=16", lambda m: m <= 16, 1.8),
         ("w8a8", "W8A8 int8, M>=4096", lambda m: m >= 4096, 1.5),
         ("w8a8f8", "W8A8 fp8, M>=4096", lambda m: m >= 4096, 1.5),

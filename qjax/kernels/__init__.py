@@ -1,11 +1,11 @@
 """Quantized-matmul kernels, registered with :func:`qjax.ops.register_kernel`.
 
 Weights reach a kernel in the layout it loads fastest, made once, offline, by
-``qjax.kernels.repack.repack(q, layout)`` (``"gpu_i4t"``: int4 for the Mosaic GPU kernel (Hopper;
-groups of 128·j or per channel), ``"gpu_i4p"``: int4 for the Triton kernels (any group),
-``"gpu_i8"``: int8, ``"gpu_nf4"``: NF4, ``"gpu_f8"``: FP8 e4m3/e5m2; ``"tpu_i4"`` / ``"tpu_i8"`` /
-``"tpu_nf4"`` / ``"tpu_f8"`` for the TPU kernels). W8A8 weights stay canonical: their GPU kernel
-quantizes the activations in one fused pass and uses XLA's GEMM.
+``qjax.kernels.repack.repack(q, layout)``: ``"gpu_i4t"`` / ``"gpu_i8t"`` (int4 / int8 for the
+Mosaic GPU kernel; Hopper, groups of 128·j or per channel), ``"gpu_i4p"`` / ``"gpu_i8"`` (int4 /
+int8 for the Triton kernels, any group), ``"gpu_nf4"`` (NF4), ``"gpu_f8"`` (FP8 e4m3/e5m2);
+``"tpu_i4"`` / ``"tpu_i8"`` / ``"tpu_nf4"`` / ``"tpu_f8"`` for the TPU kernels. W8A8 weights stay
+canonical: their GPU kernel quantizes the activations in one fused pass and uses XLA's GEMM.
 ``qjax.ops.matmul`` dispatches on ``(backend, format, layout)``; a case a kernel's ``supports``
 rejects takes the reference ``dequantize`` + ``dot`` path, logged once with the reason.
 """

@@ -24,7 +24,8 @@ sums the float32 partials, transposes and casts (one small fused pass). Rows of 
 to a multiple of 16 (``wgmma``'s N); M > 128 takes XLA's dequantize + ``dot`` (cuBLAS wins there).
 
 Measured on the H100 (``experiments/results/kernels/README.md``): at M = 16 the Triton swap
-kernel's 28.4 µs on 8192² becomes 19.1 µs (2.6× XLA bf16); see the README for every shape.
+kernel's 28.5 µs on 8192² becomes 19.3 µs (2.6× XLA bf16); int8 per-channel at M ≤ 16 runs at
+1.4–1.8× (Triton: 1.0–1.6×); see the README for every shape.
 Tested on the device (``kernel_bench --check``); the CPU tests trace the kernel and check the
 layout, because this jax version's interpreter cannot run warp-specialized pipelines.
 """
@@ -89,15 +90,18 @@ def split_for(n_p: int, m_tiles: int, steps: int) -> int:
 
 def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4) -> Config:
     """``cfg`` made runnable for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step
-    halved until it divides ``K_p``, its pipeline depth cut to shared memory, its split (when
-    ``None``) chosen by :func:`split_for`."""
+    halved until it divides ``K_p``, its pipeline depth (then its K step) cut to shared memory,
+    its split (when ``None``) chosen by :func:`split_for`."""
     bk = cfg.block_k
     while k_p % bk:
         bk //= 2
     bm = min(max(16, -(-m // 16) * 16), MAX_BLOCK_M)
     stages = cfg.stages
-    while stages > 1 and smem_bytes(bm, bk, stages, bits) > SMEM_BYTES:
-        stages -= 1
+    while smem_bytes(bm, bk, stages, bits) > SMEM_BYTES and (stages > 1 or bk > SLICE):
+        if stages > 1:
+            stages -= 1
+        else:
+            bk //= 2
     split = cfg.split_k or split_for(n_p, -(-m // bm), k_p // bk)
     return dataclasses.replace(cfg, block_k=bk, stages=stages, split_k=split)
 
