@@ -1,7 +1,6 @@
 """W8A8 GPU path (fused row quantization + 8-bit GEMM) in Pallas interpret mode, against the
 format's own reference (codes bit-exact) and a float64 oracle of the product."""
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -99,5 +98,4 @@ def test_registered_for_gpu_w8a8():
     from qjax import ops
 
     names = [kern.name for kern in ops._KERNELS.get(("gpu", "w8a8", "canonical"), [])]
-    assert names == ["pallas_triton_canonical"] or any("w8a8" in nm for nm in names), names
-    assert jax.default_backend() == "cpu" or names
+    assert names == ["pallas_triton_canonical"]
