@@ -411,6 +411,16 @@ GEMV = configs.Config("gemv", 16, 64, 2, 4, 3)
 SWAP = configs.Config("swap", 16, 128, 4, 4, 3)
 
 
+def check_case(spec, layout: str, m: int, k: int, n: int, seed: int):
+    """A fresh random ``(k, n)`` weight quantized by ``spec`` and repacked to ``layout``, bf16
+    ``x: (m, k)``, and the float32 reference ``x @ dequantize(q)``."""
+    kx, kw = jax.random.split(jax.random.key(seed))
+    q = spec.quantize(jax.random.normal(kw, (k, n)))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    ref = np.asarray(x, np.float32) @ np.asarray(q.dequantize(), np.float32)
+    return repack.repack(q, layout), x, ref
+
+
 def run_check(args, results: list, interpret: bool) -> None:
     """Kernel vs ``dequantize`` + float32 dot on fresh random weights, every path and format."""
     cases = [(3, 200, 96), (16, 1024, 320), (100, 640, 384), (1, 4096, 4096)][: args.check_cases]
@@ -420,11 +430,7 @@ def run_check(args, results: list, interpret: bool) -> None:
         if layout in TABLE_LAYOUTS or layout is None or layout in mgpu_int_matmul.LAYOUTS:
             continue  # run_check_dispatched / run_check_mgpu, tests/kernels, tests/formats
         for m, k, n in cases:
-            kx, kw = jax.random.split(jax.random.key(m * 7 + k))
-            q = spec.quantize(jax.random.normal(kw, (k, n)))
-            w = repack.repack(q, layout)
-            x = jax.random.normal(kx, (m, k), jnp.bfloat16)
-            ref = np.asarray(x, np.float32) @ np.asarray(q.dequantize(), np.float32)
+            w, x, ref = check_case(spec, layout, m, k, n, seed=m * 7 + k)
             checked = [configs.pick(spec.bits, m, k, n), TUNE_DECODE[3], TUNE_TILED[0], GEMV, SWAP]
             for cfg in checked:
                 if cfg.path in ("decode", "swap", "gemv") and m > cfg.block_m:
@@ -476,11 +482,7 @@ def run_check_mgpu(results: list) -> None:
     for fmt in ("w4g128t", "w4g128ta", "w4cht", "w8cht"):
         spec, layout = FORMATS[fmt]
         for m, k, n in cases:
-            kx, kw = jax.random.split(jax.random.key(m * 13 + k))
-            q = spec.quantize(jax.random.normal(kw, (k, n)))
-            w = repack.repack(q, layout)
-            x = jax.random.normal(kx, (m, k), jnp.bfloat16)
-            ref = np.asarray(x, np.float32) @ np.asarray(q.dequantize(), np.float32)
+            w, x, ref = check_case(spec, layout, m, k, n, seed=m * 13 + k)
             k_p, n_p = w.codes.shape[1], w.codes.shape[0]
             bits = mg.code_bits(w)
             tries = [None, *(mg.fit(c, m, k_p, n_p, bits) for c in mg.TABLE.values())]

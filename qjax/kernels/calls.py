@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from qjax.errors import FormatError, ShapeError
+from qjax.kernels import repack as rp
 from qjax.qarray import QArray
 
 
@@ -67,3 +68,11 @@ def split_k_output(split: int, m: int, n_p: int, bm: int, bn: int, dtype, tile, 
 def sum_splits(y: jax.Array, dtype) -> jax.Array:
     """The kernel's output as is, or its float32 split-K partials summed by XLA into ``dtype``."""
     return y if y.ndim == 2 else jnp.sum(y, axis=0).astype(dtype)
+
+
+@jax.jit
+def dequantized_matmul(x2: jax.Array, w: QArray) -> jax.Array:
+    """The GPU kernels' large-M path: :func:`qjax.kernels.repack.dequantize_bf16` (one fused XLA
+    pass from the kernel layout) then XLA's bf16 ``dot`` with float32 accumulation."""
+    wd = rp.dequantize_bf16(w)
+    return jnp.dot(x2, wd, preferred_element_type=jnp.float32).astype(x2.dtype)

@@ -342,12 +342,6 @@ def _pallas_matmul(x2, w: QArray, cfg: configs.Config, interpret: bool):
     return calls.sum_splits(y, x2.dtype)
 
 
-@jax.jit
-def _xla_matmul(x2, w: QArray):
-    wd = rp.dequantize_bf16(w)
-    return jnp.dot(x2, wd, preferred_element_type=jnp.float32).astype(x2.dtype)
-
-
 def check_supported(x: jax.Array, w: QArray) -> None:
     """Raises a :class:`~qjax.QjaxError` saying why ``int_matmul(x, w)`` cannot run."""
     calls.check("int_matmul", x, w, LAYOUTS)
@@ -372,7 +366,7 @@ def int_matmul(
     x2 = calls.as_rows(x, w.codes.shape[0] * (8 if w.layout == "gpu_i4p" else 1))
     cfg = config or configs.pick(rp.LAYOUTS[w.layout], x2.shape[0], k, n)
     if cfg.path == "xla":
-        y = _xla_matmul(x2, w)
+        y = calls.dequantized_matmul(x2, w)
     else:
         y = _pallas_matmul(x2, w, cfg, interpret)
     if y.shape[1] != n:

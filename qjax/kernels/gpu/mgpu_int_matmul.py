@@ -70,6 +70,15 @@ TABLE = {
 NUM_SMS = 132  # H100 SXM; one CTA per SM (three warp groups and their registers fill it)
 
 
+def padded_rows(m: int) -> tuple[int, int]:
+    """``(M_p, BM)``: ``m`` rows of ``x`` padded to a multiple of 16 (``wgmma``'s N), and of
+    :data:`MAX_BLOCK_M` above it; ``BM`` rows per CTA."""
+    m_p = max(16, -(-m // 16) * 16)
+    if m_p > MAX_BLOCK_M:
+        m_p = -(-m // MAX_BLOCK_M) * MAX_BLOCK_M
+    return m_p, min(m_p, MAX_BLOCK_M)
+
+
 def smem_bytes(bm: int, bk: int, stages: int, bits: int = 4) -> int:
     """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows) + the
     float32 output tiles of the two compute warp groups (matches Mosaic GPU's count)."""
@@ -95,14 +104,14 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4) -> Config:
     bk = cfg.block_k
     while k_p % bk:
         bk //= 2
-    bm = min(max(16, -(-m // 16) * 16), MAX_BLOCK_M)
+    m_p, bm = padded_rows(m)
     stages = cfg.stages
     while smem_bytes(bm, bk, stages, bits) > SMEM_BYTES and (stages > 1 or bk > SLICE):
         if stages > 1:
             stages -= 1
         else:
             bk //= 2
-    split = cfg.split_k or split_for(n_p, -(-m // bm), k_p // bk)
+    split = cfg.split_k or split_for(n_p, m_p // bm, k_p // bk)
     return dataclasses.replace(cfg, block_k=bk, stages=stages, split_k=split)
 
 
@@ -219,18 +228,10 @@ def _partials(x2, codes, scales, zeros, cfg: Config):
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _mgpu_matmul(x2, w: QArray, cfg: Config):
     m = x2.shape[0]
-    m_p = max(16, -(-m // 16) * 16)
-    if m_p > MAX_BLOCK_M:
-        m_p = -(-m // MAX_BLOCK_M) * MAX_BLOCK_M
+    m_p, _ = padded_rows(m)
     xp = jnp.pad(x2, [(0, m_p - m), (0, 0)]) if m_p > m else x2
     y = _partials(xp, w.codes, w.scales, w.zeros, cfg)
     return jnp.sum(y, axis=0).T[:m].astype(x2.dtype)
-
-
-@jax.jit
-def _xla_matmul(x2, w: QArray):
-    wd = rp.dequantize_bf16(w)
-    return jnp.dot(x2, wd, preferred_element_type=jnp.float32).astype(x2.dtype)
 
 
 def check_supported(x: jax.Array, w: QArray) -> None:
@@ -256,7 +257,7 @@ def int_matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.
     bits = code_bits(w)
     cfg = config or pick(x2.shape[0], w.codes.shape[1], w.codes.shape[0], bits)
     if cfg.path == "xla":
-        y = _xla_matmul(x2, w)
+        y = calls.dequantized_matmul(x2, w)
     else:
         if jax.default_backend() != "gpu":
             raise FormatError(
@@ -266,7 +267,7 @@ def int_matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.
         if cfg.block_k % SLICE or w.codes.shape[1] % cfg.block_k:
             raise ShapeError(f"mgpu_int_matmul: block_k {cfg.block_k} must be a multiple of "
                              f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
-        bm = min(max(16, -(-x2.shape[0] // 16) * 16), MAX_BLOCK_M)
+        _, bm = padded_rows(x2.shape[0])
         if smem_bytes(bm, cfg.block_k, cfg.stages, bits) > SMEM_BYTES:
             need = smem_bytes(bm, cfg.block_k, cfg.stages, bits)
             raise ShapeError(

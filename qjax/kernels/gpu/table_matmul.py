@@ -179,11 +179,6 @@ def _pallas_matmul(x2, w: QArray, cfg: Config, interpret: bool):
     return calls.sum_splits(y, x2.dtype)
 
 
-@jax.jit
-def _xla_matmul(x2, w: QArray):
-    return jnp.dot(x2, rp.dequantize_bf16(w), preferred_element_type=jnp.float32).astype(x2.dtype)
-
-
 def supports(x: jax.Array, w: QArray) -> bool:
     """Registry predicate: bf16 activations and a weight in ``gpu_nf4`` / ``gpu_f8``."""
     return calls.supports(x, w, LAYOUTS)
@@ -202,7 +197,7 @@ def table_matmul(
     lead = x.shape[:-1]
     x2 = calls.as_rows(x, w.codes.shape[0] * (8 if w.layout == "gpu_nf4" else 1))
     if config is None and x2.shape[0] >= XLA_FROM_M:
-        y = _xla_matmul(x2, w)
+        y = calls.dequantized_matmul(x2, w)
     else:
         cfg = config or pick(x2.shape[0], x2.shape[1], n, w.layout)
         y = _pallas_matmul(x2, w, cfg, interpret)
