@@ -7,10 +7,11 @@ kernels registered for ``(backend, format, layout)`` in :mod:`qjax.kernels` cons
 
 All layouts pad the ``(K, N)`` weight to ``(K_p, N_p)``: ``K_p`` is the canonical padded length
 ``G·g`` (``G = ceil(K / g)`` groups; ``K`` for ``group="channel"``) rounded up to a multiple of 128,
-``N_p = ceil(N / 64)·64`` (128 for the ``tpu_*`` layouts). The canonical padding codes are kept
-(so ``unrepack`` is bit-exact), new padding is code 0; the kernel zero-pads ``x`` along ``K`` and
-drops padded output columns. Scales and zeros ``(G, N)`` are zero-padded to ``(G_p, N_p)`` with
-``G_p = K_p / g`` for ``g ≤ 128``, ``G`` for larger groups and 1 for ``"channel"``.
+``N_p = ceil(N / 64)·64`` (128 for the ``tpu_*``, ``gpu_i4t`` and ``gpu_i8t`` layouts). The
+canonical padding codes are kept (so ``unrepack`` is bit-exact), new padding is code 0; the kernel
+zero-pads ``x`` along ``K`` and drops padded output columns. Scales and zeros ``(G, N)`` are
+zero-padded to ``(G_p, N_p)`` with ``G_p = K_p / g`` for ``g ≤ 128``, ``G`` for larger groups
+and 1 for ``"channel"`` (``gpu_i4t`` / ``gpu_i8t``: ``K_p / 128``, see below).
 
 ================  ===============================================================================
 layout            codes
@@ -94,6 +95,7 @@ _HALVES = ("tpu_i4", "tpu_nf4")  # layouts with the half-split uint8 nibble byte
 _F8 = ("gpu_f8", "tpu_f8")  # fp8 bit patterns as uint8
 _SLICED = ("gpu_i4t", "gpu_i8t")  # transposed signed codes, one scale row per 128 codes
 SLICED_DTYPES = {"gpu_i4t": jnp.int4, "gpu_i8t": jnp.int8}
+_TRITON_LAYOUT = {"gpu_i4t": "gpu_i4p", "gpu_i8t": "gpu_i8"}  # the same bits, any group
 
 
 def _round_up(n: int, m: int) -> int:
@@ -137,7 +139,7 @@ def check_repackable(q: QArray, layout: str) -> None:
     if layout in _SLICED and isinstance(g, int) and g % CHUNK:
         raise ShapeError(
             f"{layout}: group {g} must be a multiple of 128 or 'channel' (one scale row per "
-            f"128 codes); use 'gpu_i4p' for smaller groups"
+            f"128 codes); use {_TRITON_LAYOUT[layout]!r} for smaller groups"
         )
 
 

@@ -61,10 +61,13 @@ def test_repack_is_exact_and_dequantizes_to_reference(spec, shape):
 
 
 @pytest.mark.parametrize("group", [32, 64])
-def test_small_groups_are_refused_with_the_layout_named(group):
-    q = _weight(qjax.Int(4, group=group), 256, 128, 0)
-    with pytest.raises(ShapeError, match="gpu_i4t.*gpu_i4p"):
-        rp.repack(q, "gpu_i4t")
+@pytest.mark.parametrize(
+    ("bits", "layout", "other"), [(4, "gpu_i4t", "gpu_i4p"), (8, "gpu_i8t", "gpu_i8")]
+)
+def test_small_groups_are_refused_with_the_layout_named(group, bits, layout, other):
+    q = _weight(qjax.Int(bits, group=group), 256, 128, 0)
+    with pytest.raises(ShapeError, match=f"{layout}.*'{other}'"):
+        rp.repack(q, layout)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
