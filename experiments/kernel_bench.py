@@ -40,7 +40,7 @@ import numpy as np
 
 import qjax
 from qjax.kernels import repack
-from qjax.kernels.gpu import configs, mgpu_int_matmul
+from qjax.kernels.gpu import configs, mgpu_matmul
 from qjax.kernels.gpu.int_matmul import int_matmul
 from qjax.kernels.gpu.table_matmul import XLA_FROM_M, table_matmul
 from qjax.kernels.gpu.table_matmul import pick as table_pick
@@ -56,7 +56,7 @@ SHAPES = {  # (N, K) per REFERENCE §7
 M_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048, 8192)
 FORMATS = {
     "w4g128": (qjax.Int(4, group=128), "gpu_i4p"),
-    # the same weights for the Mosaic GPU kernel (Hopper wgmma, qjax.kernels.gpu.mgpu_int_matmul)
+    # the same weights for the Mosaic GPU kernel (Hopper wgmma, qjax.kernels.gpu.mgpu_matmul)
     "w4g128t": (qjax.Int(4, group=128), "gpu_i4t"),
     "w4g128ta": (qjax.Int(4, group=128, symmetric=False), "gpu_i4t"),
     "w4cht": (qjax.Int(4, group="channel"), "gpu_i4t"),
@@ -190,12 +190,12 @@ def time_quant(fmt, n, k, m, cfg=None, interpret=False) -> dict:
     if w0.layout == "canonical":  # W8A8: qjax.matmul → fused row quantization + XLA 8-bit GEMM
         fn = jax.jit(qjax.matmul)
         used = "xla"
-    elif w0.layout in mgpu_int_matmul.LAYOUTS:
+    elif w0.layout in mgpu_matmul.LAYOUTS:
         k_p, n_p = w0.codes.shape[1], w0.codes.shape[0]
-        bits = mgpu_int_matmul.code_bits(w0)
-        cfg = cfg and mgpu_int_matmul.fit(cfg, m, k_p, n_p, bits)
-        fn = jax.jit(lambda x, w: mgpu_int_matmul.int_matmul(x, w, config=cfg))
-        used = cfg or mgpu_int_matmul.pick(m, k_p, n_p, bits)
+        bits = mgpu_matmul.code_bits(w0)
+        cfg = cfg and mgpu_matmul.fit(cfg, m, k_p, n_p, bits)
+        fn = jax.jit(lambda x, w: mgpu_matmul.matmul(x, w, config=cfg))
+        used = cfg or mgpu_matmul.pick(m, k_p, n_p, bits)
     elif w0.layout in TABLE_LAYOUTS:
         fn = jax.jit(lambda x, w: table_matmul(x, w, config=cfg, interpret=interpret))
         used = cfg or (table_pick(m, k, n, w0.layout) if m < XLA_FROM_M else "xla")
@@ -265,9 +265,9 @@ def candidates(m: int, bits: int) -> list:
 
 def mgpu_candidates(m: int) -> list:
     """Mosaic GPU int4 configs ``--autotune`` tries (``None``: the table's ``pick``)."""
-    if m > mgpu_int_matmul.MAX_BLOCK_M:
+    if m > mgpu_matmul.MAX_BLOCK_M:
         return [None]
-    c = mgpu_int_matmul.Config
+    c = mgpu_matmul.Config
     return [None, c("mgpu", 512, 2, 2), c("mgpu", 512, 4, 2), c("mgpu", 256, 2, 2),
             c("mgpu", 256, 4, 2), c("mgpu", 128, 2, 4), c("mgpu", 1024, 2, 2),
             c("mgpu", 1024, 4, 2), c("mgpu", 1024, None, 2)]  # fmt: skip
@@ -306,7 +306,7 @@ def run_bench(args, results: list, deadline: float) -> None:
                         tries = [None]
                     elif layout in TABLE_LAYOUTS:
                         tries = table_candidates(m, n, k, layout)
-                    elif layout in mgpu_int_matmul.LAYOUTS:
+                    elif layout in mgpu_matmul.LAYOUTS:
                         tries = mgpu_candidates(m)
                     else:
                         tries = candidates(m, FORMATS[fmt][0].bits)
@@ -427,7 +427,7 @@ def run_check(args, results: list, interpret: bool) -> None:
     if interpret:
         cases = cases[:1]
     for fmt, (spec, layout) in FORMATS.items():
-        if layout in TABLE_LAYOUTS or layout is None or layout in mgpu_int_matmul.LAYOUTS:
+        if layout in TABLE_LAYOUTS or layout is None or layout in mgpu_matmul.LAYOUTS:
             continue  # run_check_dispatched / run_check_mgpu, tests/kernels, tests/formats
         for m, k, n in cases:
             w, x, ref = check_case(spec, layout, m, k, n, seed=m * 7 + k)
@@ -477,7 +477,7 @@ def run_check_mgpu(results: list) -> None:
     """The Mosaic GPU int4 kernel (no interpret mode for its warp-specialized pipeline) vs
     ``dequantize`` + float32 dot: every table config, ragged K / N, M from 1 to 128, through
     ``qjax.matmul``'s dispatch as well."""
-    mg = mgpu_int_matmul
+    mg = mgpu_matmul
     cases = [(1, 8192, 1024), (16, 640, 384), (100, 4096, 256), (128, 1024, 512), (37, 300, 200)]
     for fmt in ("w4g128t", "w4g128ta", "w4cht", "w8cht"):
         spec, layout = FORMATS[fmt]
@@ -490,7 +490,7 @@ def run_check_mgpu(results: list) -> None:
                 if cfg is None:
                     y = np.asarray(qjax.matmul(x, w), np.float32)
                 else:
-                    y = np.asarray(mg.int_matmul(x, w, config=cfg), np.float32)
+                    y = np.asarray(mg.matmul(x, w, config=cfg), np.float32)
                 err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
                 row = {"fmt": fmt, "M": m, "K": k, "N": n, "rel_err": err,
                        "config": "dispatch" if cfg is None else dataclasses.asdict(cfg),

@@ -12,13 +12,13 @@ rejects takes the reference ``dequantize`` + ``dot`` path, logged once with the 
 
 from qjax import ops
 from qjax.kernels import repack
-from qjax.kernels.gpu import int_matmul, mgpu_int_matmul, table_matmul, w8a8_matmul
+from qjax.kernels.gpu import int_matmul, mgpu_matmul, table_matmul, w8a8_matmul
 from qjax.kernels.tpu import int_matmul as tpu_int_matmul
 from qjax.kernels.tpu import table_matmul as tpu_table_matmul
 
 _REGISTRY = [  # (backend, format, module, kernel function, kernel name prefix)
     ("gpu", "int", int_matmul, int_matmul.int_matmul, "pallas_triton"),
-    ("gpu", "int", mgpu_int_matmul, mgpu_int_matmul.int_matmul, "pallas_mosaic_gpu"),
+    ("gpu", "int", mgpu_matmul, mgpu_matmul.matmul, "pallas_mosaic_gpu"),
     ("gpu", "nf4", table_matmul, table_matmul.table_matmul, "pallas_triton"),
     ("gpu", "fp8", table_matmul, table_matmul.table_matmul, "pallas_triton"),
     ("tpu", "int", tpu_int_matmul, tpu_int_matmul.int_matmul, "pallas_mosaic"),
@@ -35,7 +35,7 @@ for _backend, _fmt, _module, _fn, _prefix in _REGISTRY:
 
 __all__ = [
     "int_matmul",
-    "mgpu_int_matmul",
+    "mgpu_matmul",
     "repack",
     "table_matmul",
     "tpu_int_matmul",

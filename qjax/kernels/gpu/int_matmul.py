@@ -43,7 +43,7 @@ bf16 ``dot``: on H100 cuBLAS beats the tiled kernel from M ≈ 256 on.
 Rows of ``x`` beyond ``M`` are masked (no padding of ``x`` along M); ``K`` and ``N`` are padded
 once, at repack time (``x`` is zero-padded along ``K`` only when ``K`` is not a multiple of 128).
 On Hopper, int4 weights with groups of 128·j (or per channel) run 1.1–2.1× faster in the Mosaic
-GPU kernel (:mod:`qjax.kernels.gpu.mgpu_int_matmul`, layout ``"gpu_i4t"``); this one serves every
+GPU kernel (:mod:`qjax.kernels.gpu.mgpu_matmul`, layout ``"gpu_i4t"``); this one serves every
 group size, int8, older GPUs and the interpret-mode tests
 (``experiments/results/kernels/README.md``).
 """

@@ -16,7 +16,7 @@ import qjax
 from qjax import ops
 from qjax.errors import FormatError, ShapeError
 from qjax.kernels import repack as rp
-from qjax.kernels.gpu import mgpu_int_matmul as mg
+from qjax.kernels.gpu import mgpu_matmul as mg
 
 SPECS = [
     qjax.Int(4, group=128),
@@ -107,9 +107,9 @@ def test_direct_call_on_cpu_says_it_needs_a_gpu():
     w = rp.repack(_weight(SPECS[0], 256, 128, 3), "gpu_i4t")
     x = jnp.ones((4, 256), jnp.bfloat16)
     with pytest.raises(FormatError, match="needs a GPU"):
-        mg.int_matmul(x, w)
+        mg.matmul(x, w)
     with pytest.raises(FormatError, match="gpu_i4t"):
-        mg.int_matmul(x, rp.repack(_weight(SPECS[0], 256, 128, 3), "gpu_i4p"))
+        mg.matmul(x, rp.repack(_weight(SPECS[0], 256, 128, 3), "gpu_i4p"))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label())
@@ -118,7 +118,7 @@ def test_large_m_takes_xla_and_matches_float64(spec):
     q = _weight(spec, 384, 200, seed)
     w = rp.repack(q, _layout(spec))
     x = jax.random.normal(jax.random.key(seed + 1), (2, 150, 384), jnp.bfloat16)
-    y = np.asarray(mg.int_matmul(x, w), np.float64)
+    y = np.asarray(mg.matmul(x, w), np.float64)
     ref = np.asarray(x, np.float64) @ np.asarray(q.dequantize(), np.float64)
     assert y.shape == (2, 150, 200)
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-2

@@ -135,10 +135,16 @@ def _tiled(minor_elems: int, bits: int, what: str):
     return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
 
 
-def _partials(x2, codes, scales, zeros, cfg: Config):
-    """``(split, N_p, M_p)`` float32 partial products ``Ŵᵀ xᵀ`` (module docstring)."""
+def _partials(x2, codes, scales, zeros, cfg: Config, decode: str = "mosaic", slice_codes=SLICE):
+    """``(split, N_p, M_p)`` float32 partial products ``Ŵᵀ xᵀ`` (module docstring).
+
+    ``decode``: ``"mosaic"`` (codes in logical K order, Mosaic GPU's load + relayout + convert)
+    or a :func:`qjax.kernels.gpu.mgpu_decode.decode` kind for codes in its stored order;
+    ``scales`` ``None``: no in-kernel scale (applied by the caller)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    from qjax.kernels.gpu import mgpu_decode as dec
 
     m_p, k_p = x2.shape
     n_p = codes.shape[0]
@@ -149,27 +155,36 @@ def _partials(x2, codes, scales, zeros, cfg: Config):
     split = cfg.split_k or split_for(n_p, m_p // bm, steps_all)
     split = calls.largest_divisor_at_most(steps_all, split)
     steps = steps_all // split
-    per = bk // SLICE  # scale rows per step
+    per = bk // slice_codes  # scale rows (and decoded slices) per step
     sym = zeros is None
+    scaled = scales is not None
     bits = 4 if codes.dtype == jnp.int4 else 8
-    half = 1 << (bits - 1)  # codes are stored as c − half
+    half = 1 << (bits - 1)  # int codes are stored as c − half
+    fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
 
-    def kernel(w_gmem, x_gmem, s_gmem, *rest, o_smem):
-        z_gmem = None if sym else rest[0]
+    def kernel(w_gmem, x_gmem, *rest, o_smem):
         o_gmem = rest[-1]
         ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
 
-        def body(_, w_smem, x_smem, s_smem, *rest):
-            z_smem = None if sym else rest[0]
+        def body(_, w_smem, x_smem, *rest):
+            s_smem = rest[0] if scaled else None
+            z_smem = None if sym else rest[1]
             acc_ref = rest[-1]
             rows = pl.ds(lax.axis_index("wg") * BLOCK_N, BLOCK_N)
             for j in range(per):
-                cols = pl.ds(j * SLICE, SLICE)
-                a = w_smem[rows, cols].astype(jnp.bfloat16)
+                cols = pl.ds(j * slice_codes, slice_codes)
+                if decode == "mosaic":
+                    a = w_smem[rows, cols].astype(jnp.bfloat16)
+                else:
+                    raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
+                    a = dec.decode(decode, raw)
+                    if decode in dec.FP8_SHIFT:
+                        a = a * jnp.bfloat16(fp8_factor)
                 if not sym:  # (c − h) − (z − h) = c − z, exact in bf16 (|c − z| < 256)
                     zh = z_smem[j, rows] - half
-                    a = a - lax.broadcast_in_dim(zh, (BLOCK_N, SLICE), (0,))
-                a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, SLICE), (0,))
+                    a = a - lax.broadcast_in_dim(zh, (BLOCK_N, slice_codes), (0,))
+                if scaled:
+                    a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, slice_codes), (0,))
                 plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].T)
             plgpu.wgmma_wait(0)
             return acc_ref
@@ -187,10 +202,13 @@ def _partials(x2, codes, scales, zeros, cfg: Config):
 
         row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (kk, 0))
         in_specs = [
-            plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk), transforms=_tiled(SLICE, bits, "lhs")),
-            plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=_tiled(SLICE, 16, "rhs")),
-            row_spec,
-        ] + ([] if sym else [row_spec])
+            plgpu.BlockSpec(
+                (cta_n, bk), lambda kk: (0, kk), transforms=_tiled(slice_codes, bits, "lhs")
+            ),
+            plgpu.BlockSpec(
+                (bm, bk), lambda kk: (0, kk), transforms=_tiled(slice_codes, 16, "rhs")
+            ),
+        ] + [row_spec] * (int(scaled) + int(not sym))
         pipeline = plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(steps,),
@@ -203,14 +221,11 @@ def _partials(x2, codes, scales, zeros, cfg: Config):
         )
         n_rows, k_cols = pl.ds(ni * cta_n, cta_n), pl.ds(si * steps * bk, steps * bk)
         s_rows = pl.ds(si * steps * per, steps * per)
-        refs = [
-            w_gmem.at[n_rows, k_cols],
-            x_gmem.at[pl.ds(mi * bm, bm), k_cols],
-            s_gmem.at[s_rows, n_rows],
-        ] + ([] if sym else [z_gmem.at[s_rows, n_rows]])
+        refs = [w_gmem.at[n_rows, k_cols], x_gmem.at[pl.ds(mi * bm, bm), k_cols]]
+        refs += [r.at[s_rows, n_rows] for r in rest[:-1]]
         pipeline(*refs)
 
-    args = [codes, x2, scales] + ([] if sym else [zeros])
+    args = [codes, x2] + ([scales] if scaled else []) + ([] if sym else [zeros])
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((split, n_p, m_p), jnp.float32),
@@ -235,8 +250,8 @@ def _mgpu_matmul(x2, w: QArray, cfg: Config):
 
 
 def check_supported(x: jax.Array, w: QArray) -> None:
-    """Raises a :class:`~qjax.QjaxError` saying why ``int_matmul(x, w)`` cannot run."""
-    calls.check("mgpu_int_matmul", x, w, LAYOUTS)
+    """Raises a :class:`~qjax.QjaxError` saying why ``matmul(x, w)`` cannot run."""
+    calls.check("mgpu_matmul", x, w, LAYOUTS)
 
 
 def supports(x: jax.Array, w: QArray) -> bool:
@@ -244,7 +259,7 @@ def supports(x: jax.Array, w: QArray) -> bool:
     return calls.supports(x, w, LAYOUTS)
 
 
-def int_matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Array:
+def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Array:
     """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a ``"gpu_i4t"`` / ``"gpu_i8t"`` weight
     ``(K, N)``.
 
@@ -261,17 +276,17 @@ def int_matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.
     else:
         if jax.default_backend() != "gpu":
             raise FormatError(
-                f"mgpu_int_matmul: the Mosaic GPU kernel needs a GPU, backend is "
+                f"mgpu_matmul: the Mosaic GPU kernel needs a GPU, backend is "
                 f"{jax.default_backend()!r}"
             )
         if cfg.block_k % SLICE or w.codes.shape[1] % cfg.block_k:
-            raise ShapeError(f"mgpu_int_matmul: block_k {cfg.block_k} must be a multiple of "
+            raise ShapeError(f"mgpu_matmul: block_k {cfg.block_k} must be a multiple of "
                              f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
         _, bm = padded_rows(x2.shape[0])
         if smem_bytes(bm, cfg.block_k, cfg.stages, bits) > SMEM_BYTES:
             need = smem_bytes(bm, cfg.block_k, cfg.stages, bits)
             raise ShapeError(
-                f"mgpu_int_matmul: {cfg} needs {need} bytes "
+                f"mgpu_matmul: {cfg} needs {need} bytes "
                 f"of shared memory for {x2.shape[0]} rows, more than {SMEM_BYTES} (use fit())"
             )
         y = _mgpu_matmul(x2, w, cfg)

@@ -1,0 +1,231 @@
+"""Register-level weight decoders of the Mosaic GPU kernel: codes in shared memory → the bf16
+left operand of Hopper's ``wgmma``, with no data exchanged between threads.
+
+**Why a stored permutation.** ``wgmma`` wants its register operand in the "WGMMA layout": in each
+8-column block a thread holds columns ``2q, 2q + 1`` (``q`` = lane mod 4). A thread loading
+4-bit or 8-bit codes that way reads one or two bytes at a time, so Mosaic GPU loads them 32 bits
+per thread ("upcast" layouts: 8 consecutive int4 / 4 consecutive int8 columns) and moves them
+into place with warp shuffles — two per 8 int4 codes. Here the weight's K axis is stored
+permuted instead (:func:`stored_order`, applied once by the repack), so that the 32-bit load
+already holds, in order, exactly the columns the WGMMA layout gives the thread: the decoded
+vector is split into pairs and relabelled (:func:`as_wgmma`), no shuffle, no ``prmt`` blend.
+
+Within each block of ``4v`` columns (``v`` codes per 32-bit load: 8 for 4-bit, 4 for 8-bit)
+stored column ``v·q + 2i + t`` holds logical column ``8i + 2q + t`` (``q < 4``, ``i < v/2``,
+``t < 2``).
+
+**Decoders** (each a few ``prmt`` / ``lop3`` per 32-bit register, written as PTX):
+
+* int4 / int8 — Mosaic GPU's own converters (``prmt`` + ``lop3`` + ``sub.bf16x2``), exact;
+* FP8 — the byte ``s eeee mmm`` (e4m3) is moved to the bf16 bit pattern ``s 000eeee mmm 0000``,
+  which is *exactly* ``value · 2⁻¹²⁰`` for normal and subnormal e4m3 alike (bf16's subnormals
+  cover e4m3's); e5m2 ``s eeeee mm`` → ``s 00eeeee mm 000`` = ``value · 2⁻¹¹²``. The kernel
+  multiplies by ``2¹²⁰`` / ``2¹¹²`` (exact);
+* NF4 — a 16-entry table lookup with byte permutes: the low and the high bytes of the 16 bf16
+  levels live in immediates, ``prmt`` picks a byte for 4 codes at once from each half of a table
+  (codes 0–7, 8–15), a third ``prmt`` chooses by the code's top bit, and two more interleave the
+  low and high bytes into bf16 pairs (2.6 instructions per code).
+
+The bit manipulations are mirrored by :func:`emulate` (numpy) so that the CPU tests check every
+code against ``ml_dtypes`` and the NF4 table; the kernels themselves run on Hopper only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from qjax.formats.nf4 import nf4_levels
+
+VEC = {4: 8, 8: 4}  # bits per code -> codes per 32-bit register of the load layout
+FP8_SHIFT = {"e4m3": 4, "e5m2": 3}  # right shift of the lane holding the byte in its high half
+FP8_SCALE_LOG2 = {"e4m3": 120, "e5m2": 112}  # the decoded pattern is value · 2^-this
+
+
+# -- the stored order --------------------------------------------------------------------------
+def stored_order(k: int, bits: int) -> np.ndarray:
+    """``order`` with ``stored[..., p] = logical[..., order[p]]`` for ``k`` columns of ``bits``-bit
+    codes (``k`` a multiple of ``4·v``); an involution (``order[order] == arange``)."""
+    v = VEC[bits]
+    q, i, t = np.meshgrid(np.arange(4), np.arange(v // 2), np.arange(2), indexing="ij")
+    block = (8 * i + 2 * q + t).reshape(-1)  # stored position v·q + 2i + t, C order over (q, i, t)
+    span = 4 * v
+    return np.arange(k) // span * span + np.tile(block, k // span)
+
+
+# -- NF4 lookup constants ------------------------------------------------------------------------
+@functools.cache
+def nf4_tables() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(low, high)``: four 32-bit words each, the low / high bytes of the bf16 NF4 levels indexed
+    by the stored nibble ``u = c ^ 8`` (codes are stored as ``c − 8`` in ``jnp.int4``, whose bits
+    are ``c ^ 8``). Word ``w`` holds entries ``4w .. 4w + 3``, entry ``4w + b`` in byte ``b``."""
+    import ml_dtypes
+
+    levels = np.asarray(nf4_levels(), np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    by_u = levels[np.arange(16) ^ 8].astype(np.uint32)
+    lo, hi = by_u & 0xFF, by_u >> 8
+
+    def words(b):
+        return tuple(int(sum(int(b[4 * w + j]) << (8 * j) for j in range(4))) for w in range(4))
+
+    return words(lo), words(hi)
+
+
+# -- numpy mirror of the PTX -----------------------------------------------------------------------
+def prmt(a, b, sel):
+    """PTX ``prmt.b32`` (default mode) on uint32 numpy arrays: byte ``i`` of the result is byte
+    ``sel[4i + 2 : 4i]`` of ``{b, a}`` (``a`` bytes 0–3, ``b`` bytes 4–7), or that byte's sign
+    replicated when bit ``4i + 3`` of ``sel`` is set."""
+    a, b, sel = (np.asarray(v, np.uint64) for v in (a, b, sel))
+    pool = a | (b << np.uint64(32))
+    out = np.zeros(np.broadcast(a, b, sel).shape, np.uint64)
+    for i in range(4):
+        nib = (sel >> np.uint64(4 * i)) & np.uint64(0xF)
+        byte = (pool >> ((nib & np.uint64(7)) * np.uint64(8))) & np.uint64(0xFF)
+        sign = np.where(byte & np.uint64(0x80), np.uint64(0xFF), np.uint64(0))
+        byte = np.where(nib & np.uint64(8), sign, byte)
+        out |= byte << np.uint64(8 * i)
+    return out.astype(np.uint32)
+
+
+def emulate(kind: str, words: np.ndarray) -> np.ndarray:
+    """The decoder's output registers for 32-bit input ``words`` (uint32): ``(..., n)`` uint32,
+    two bf16 bit patterns each (element ``2j`` in the low half of register ``j``)."""
+    x = np.asarray(words, np.uint32)
+    if kind in FP8_SHIFT:
+        mask = 0x7F << (8 - FP8_SHIFT[kind])
+        mask = np.uint32(mask | mask << 16)
+        outs = []
+        for sel in (0x1404, 0x3424):  # bytes 0,1 / 2,3 into the high byte of each half
+            lane = prmt(x, 0, sel)
+            outs.append((lane & np.uint32(0x80008000)) | ((lane >> FP8_SHIFT[kind]) & mask))
+        return np.stack(outs, -1)
+    if kind == "nf4":
+        lo, hi = nf4_tables()
+        i7 = x & np.uint32(0x77777777)
+        s2 = ((x >> 1) & np.uint32(0x44444444)) | np.uint32(0x32103210)
+        outs = []
+        for idx, pick in ((i7, s2), (i7 >> 16, s2 >> 16)):
+            pl = prmt(prmt(lo[0], lo[1], idx), prmt(lo[2], lo[3], idx), pick)
+            ph = prmt(prmt(hi[0], hi[1], idx), prmt(hi[2], hi[3], idx), pick)
+            outs += [prmt(pl, ph, 0x5140), prmt(pl, ph, 0x7362)]
+        return np.stack(outs, -1)
+    raise ValueError(f"emulate: unknown decoder {kind!r}")
+
+
+# -- the PTX (Mosaic GPU, inside plgpu.inline_mgpu) ----------------------------------------------
+def _fp8_ptx(kind: str) -> str:
+    mask = 0x7F << (8 - FP8_SHIFT[kind])  # the 7 magnitude bits after the shift
+    lines = ["{", ".reg .b32 lane, mag;"]
+    for out, sel in enumerate((0x1404, 0x3424)):  # bytes 0,1 / 2,3 into each half's high byte
+        lines += [
+            f"prmt.b32 lane, $2, 0, {sel:#06x};",
+            f"shr.b32 mag, lane, {FP8_SHIFT[kind]};",
+            f"and.b32 mag, mag, {mask | mask << 16:#010x};",
+            f"lop3.b32 ${out}, lane, 0x80008000, mag, 0xEA;",  # (lane & 0x8000_8000) | mag
+        ]
+    return "\n".join(lines + ["}"])
+
+
+def _nf4_ptx() -> str:
+    lo, hi = nf4_tables()
+    lines = [
+        "{",
+        ".reg .b32 i7, i7h, xs, s2, s2h, a, b, pl, ph;",
+        "and.b32 i7, $4, 0x77777777;",
+        "shr.b32 i7h, i7, 16;",
+        "shr.b32 xs, $4, 1;",
+        "lop3.b32 s2, xs, 0x44444444, 0x32103210, 0xEA;",
+        "shr.b32 s2h, s2, 16;",
+    ]
+    for half, (idx, pick) in enumerate((("i7", "s2"), ("i7h", "s2h"))):
+        for plane, t in (("pl", lo), ("ph", hi)):
+            lines += [
+                f"prmt.b32 a, {t[0]:#010x}, {t[1]:#010x}, {idx};",
+                f"prmt.b32 b, {t[2]:#010x}, {t[3]:#010x}, {idx};",
+                f"prmt.b32 {plane}, a, b, {pick};",
+            ]
+        lines += [
+            f"prmt.b32 ${2 * half}, pl, ph, 0x5140;",
+            f"prmt.b32 ${2 * half + 1}, pl, ph, 0x7362;",
+        ]
+    return "\n".join(lines + ["}"])
+
+
+def as_wgmma(arr):
+    """A Mosaic GPU ``FragmentedArray`` in a 32-bit-load layout (``WGMMA_LAYOUT_UPCAST_4X`` or
+    ``WGMMA_LAYOUT_8BIT``) relabelled as ``WGMMA_LAYOUT``: register ``(…, b, …)`` of ``v`` values
+    becomes registers ``(…, b·v/2 + i, …)`` of its pairs ``2i, 2i + 1`` — valid because the
+    weight was stored in :func:`stored_order`."""
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils
+
+    v = arr.layout.vector_length
+    out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(arr.shape), dtype=object)
+    for idx, reg in np.ndenumerate(arr.registers):
+        for i in range(v // 2):
+            out[(idx[0], idx[1] * (v // 2) + i, *idx[2:])] = utils.vector_slice(
+                reg, slice(2 * i, 2 * i + 2)
+            )
+    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+
+def _asm_map(arr, ptx: str, n_out: int):
+    """Applies ``ptx`` (one 32-bit input ``$n_out``, ``n_out`` 32-bit outputs) to each 32-bit
+    register of ``arr``; returns the array of ``2·n_out``-bf16 registers in ``arr``'s layout."""
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import llvm, vector
+
+    i32 = ir.IntegerType.get_signless(32)
+    bf16 = ir.BF16Type.get()
+    out = np.empty(arr.registers.shape, dtype=object)
+    for idx, reg in np.ndenumerate(arr.registers):
+        word = utils.bitcast(reg, i32)
+        constraints = ",".join(["=r"] * n_out + ["r"])
+        if n_out == 1:
+            regs = [llvm.inline_asm(i32, [word], ptx, constraints)]
+        else:
+            struct = llvm.inline_asm(
+                llvm.StructType.get_literal([i32] * n_out), [word], ptx, constraints
+            )
+            regs = [llvm.extractvalue(i32, struct, [j]) for j in range(n_out)]
+        vec = utils.vector_concat([vector.broadcast(ir.VectorType.get((1,), i32), r) for r in regs])
+        out[idx] = utils.bitcast(vec, ir.VectorType.get((2 * n_out,), bf16))
+    return mgpu.FragmentedArray(_registers=out, _layout=arr.layout, _is_signed=None)
+
+
+def load_layout(bits: int):
+    """The Pallas layout of the 32-bit-per-thread code loads (``bits`` = 4 or 8)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return plgpu.Layout.WGMMA_UPCAST_4X if bits == 4 else plgpu.Layout.WGMMA_8BIT
+
+
+def decode(kind: str, codes):
+    """``codes`` (a ``(64, S)`` Pallas array loaded in :func:`load_layout`) → bf16 in the WGMMA
+    layout. ``kind``: ``"int"`` (signed int4 / int8 values), ``"e4m3"`` / ``"e5m2"``
+    (``value · 2^-FP8_SCALE_LOG2``), ``"nf4"`` (the bf16 NF4 level)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+
+    bits = 4 if codes.dtype == jnp.int4 else 8
+    ret = plgpu.ShapeDtypeStruct(codes.shape, jnp.bfloat16, plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(load_layout(bits),), return_type=ret)
+    def run(_, arr):
+        from jaxlib.mlir import ir
+
+        if kind == "int":
+            vals = arr.astype(ir.BF16Type.get())
+        elif kind in FP8_SHIFT:
+            vals = _asm_map(arr, _fp8_ptx(kind), 2)
+        elif kind == "nf4":
+            vals = _asm_map(arr, _nf4_ptx(), 4)
+        else:
+            raise ValueError(f"decode: unknown decoder {kind!r}")
+        return as_wgmma(vals)
+
+    return run(codes)
