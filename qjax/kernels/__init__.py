@@ -1,9 +1,10 @@
 """Quantized-matmul kernels, registered with :func:`qjax.ops.register_kernel`.
 
 Weights reach a kernel in the layout it loads fastest, made once, offline, by
-``qjax.kernels.repack.repack(q, layout)``: ``"gpu_i4t"`` / ``"gpu_i8t"`` (int4 / int8 for the
-Mosaic GPU kernel; Hopper, groups of 128·j or per channel), ``"gpu_i4p"`` / ``"gpu_i8"`` (int4 /
-int8 for the Triton kernels, any group), ``"gpu_nf4"`` (NF4), ``"gpu_f8"`` (FP8 e4m3/e5m2);
+``qjax.kernels.repack.repack(q, layout)``: ``"gpu_i4t"`` / ``"gpu_i8t"`` / ``"gpu_nf4t"`` /
+``"gpu_f8t"`` (int4 / int8 with groups of 128·j or per channel, NF4 with blocks of 64·j, per-channel
+FP8, for the Mosaic GPU kernel on Hopper), ``"gpu_i4p"`` / ``"gpu_i8"`` (int4 / int8 for the
+Triton kernels, any group), ``"gpu_nf4"`` (NF4), ``"gpu_f8"`` (FP8 e4m3/e5m2, any group);
 ``"tpu_i4"`` / ``"tpu_i8"`` / ``"tpu_nf4"`` / ``"tpu_f8"`` for the TPU kernels. W8A8 weights stay
 canonical: their GPU kernel quantizes the activations in one fused pass and uses XLA's GEMM.
 ``qjax.ops.matmul`` dispatches on ``(backend, format, layout)``; a case a kernel's ``supports``
@@ -19,6 +20,8 @@ from qjax.kernels.tpu import table_matmul as tpu_table_matmul
 _REGISTRY = [  # (backend, format, module, kernel function, kernel name prefix)
     ("gpu", "int", int_matmul, int_matmul.int_matmul, "pallas_triton"),
     ("gpu", "int", mgpu_matmul, mgpu_matmul.matmul, "pallas_mosaic_gpu"),
+    ("gpu", "nf4", mgpu_matmul, mgpu_matmul.matmul, "pallas_mosaic_gpu"),
+    ("gpu", "fp8", mgpu_matmul, mgpu_matmul.matmul, "pallas_mosaic_gpu"),
     ("gpu", "nf4", table_matmul, table_matmul.table_matmul, "pallas_triton"),
     ("gpu", "fp8", table_matmul, table_matmul.table_matmul, "pallas_triton"),
     ("tpu", "int", tpu_int_matmul, tpu_int_matmul.int_matmul, "pallas_mosaic"),

@@ -7,11 +7,12 @@ kernels registered for ``(backend, format, layout)`` in :mod:`qjax.kernels` cons
 
 All layouts pad the ``(K, N)`` weight to ``(K_p, N_p)``: ``K_p`` is the canonical padded length
 ``G·g`` (``G = ceil(K / g)`` groups; ``K`` for ``group="channel"``) rounded up to a multiple of 128,
-``N_p = ceil(N / 64)·64`` (128 for the ``tpu_*``, ``gpu_i4t`` and ``gpu_i8t`` layouts). The
+``N_p = ceil(N / 64)·64`` (128 for the ``tpu_*`` and the Mosaic GPU ``gpu_*t`` layouts). The
 canonical padding codes are kept (so ``unrepack`` is bit-exact), new padding is code 0; the kernel
 zero-pads ``x`` along ``K`` and drops padded output columns. Scales and zeros ``(G, N)`` are
 zero-padded to ``(G_p, N_p)`` with ``G_p = K_p / g`` for ``g ≤ 128``, ``G`` for larger groups
-and 1 for ``"channel"`` (``gpu_i4t`` / ``gpu_i8t``: ``K_p / 128``, see below).
+and 1 for ``"channel"`` (``gpu_i4t`` / ``gpu_i8t`` / ``gpu_nf4t``: one row per 128 / 64 codes,
+see below).
 
 ================  ===============================================================================
 layout            codes
@@ -22,12 +23,21 @@ layout            codes
                   gives the 16 consecutive rows ``k = 128c + 16j + [0, 16)`` ("plane" ``j``), so the
                   kernel unpacks with one shift and one mask per code and stacks planes in order.
 ``"gpu_i4t"``     int4 for the Mosaic GPU kernel: signed ``c − 8`` as ``jnp.int4 (N_p, K_p)`` (the
-                  weight transposed, two codes per byte), ``N_p`` a multiple of 128; scales and
-                  zeros expanded to one row per 128 codes along K, ``(K_p/128, N_p)``, so every
-                  128-code slice the kernel multiplies has one scale row. Groups must be
-                  multiples of 128 or ``"channel"``.
-``"gpu_i8t"``     int8 for the Mosaic GPU kernel: ``c − 128`` as ``int8 (N_p, K_p)``, scales and
-                  zeros as for ``"gpu_i4t"``.
+                  weight transposed, two codes per byte), K permuted within blocks of 32 into the
+                  kernel's register order (:func:`qjax.kernels.gpu.mgpu_decode.stored_order`),
+                  ``N_p`` a multiple of 128; scales and zeros expanded to one row per 128 codes
+                  along K, ``(K_p/128, N_p)``, so every 128-code slice the kernel multiplies has
+                  one scale row. Groups must be multiples of 128 or ``"channel"``.
+``"gpu_i8t"``     int8 for the Mosaic GPU kernel: ``c − 128`` as ``int8 (N_p, K_p)`` (K permuted
+                  within blocks of 16), scales and zeros as for ``"gpu_i4t"``.
+``"gpu_nf4t"``    NF4 for the Mosaic GPU kernel: ``c − 8`` as ``jnp.int4`` like ``"gpu_i4t"``; the
+                  block absmax (double quantization decoded) rounded to bf16, one row per 64 codes,
+                  ``(K_p/64, N_p)``. Blocks must be multiples of 64. The kernel and
+                  :func:`dequantize_bf16` use the bf16-rounded levels: ``x̂ = bf16(L[c]·a)`` with
+                  ``L`` and ``a`` in bf16, as bitsandbytes' bf16 4-bit kernels compute it.
+``"gpu_f8t"``     FP8 for the Mosaic GPU kernel: the bit patterns as ``uint8 (N_p, K_p)``, K
+                  permuted as for ``"gpu_i8t"``; per-channel float32 scales ``(1, N_p)``, which the
+                  kernel applies to its float32 result.
 ``"gpu_i8"``      int8 ``(K_p, N_p)``, the unsigned code minus 128 (so symmetric codes are the plain
                   signed values ``q`` with ``x̂ = q·s``).
 ``"gpu_nf4"``     NF4 level indices in the ``"gpu_i4p"`` word layout; scales are the per-block
@@ -62,6 +72,7 @@ from qjax.formats import packing
 from qjax.formats.fp8 import FP8, fp8_dtype
 from qjax.formats.nf4 import NF4, nf4_levels
 from qjax.formats.uniform import Int
+from qjax.kernels.gpu.mgpu_decode import to_logical, to_stored
 from qjax.qarray import QArray
 
 CHUNK = 128  # K rows per chunk of the int4 layout
@@ -70,6 +81,8 @@ LAYOUTS = {  # layout -> bits per code
     "gpu_i4p": 4,
     "gpu_i4t": 4,
     "gpu_i8t": 8,
+    "gpu_nf4t": 4,
+    "gpu_f8t": 8,
     "gpu_i8": 8,
     "gpu_nf4": 4,
     "gpu_f8": 8,
@@ -82,6 +95,8 @@ FORMATS = {  # layout -> spec type
     "gpu_i4p": Int,
     "gpu_i4t": Int,
     "gpu_i8t": Int,
+    "gpu_nf4t": NF4,
+    "gpu_f8t": FP8,
     "gpu_i8": Int,
     "gpu_nf4": NF4,
     "gpu_f8": FP8,
@@ -93,9 +108,21 @@ FORMATS = {  # layout -> spec type
 _NIBBLES = ("gpu_i4p", "gpu_nf4")  # layouts with the interleaved int32 nibble words
 _HALVES = ("tpu_i4", "tpu_nf4")  # layouts with the half-split uint8 nibble bytes
 _F8 = ("gpu_f8", "tpu_f8")  # fp8 bit patterns as uint8
-_SLICED = ("gpu_i4t", "gpu_i8t")  # transposed signed codes, one scale row per 128 codes
-SLICED_DTYPES = {"gpu_i4t": jnp.int4, "gpu_i8t": jnp.int8}
-_TRITON_LAYOUT = {"gpu_i4t": "gpu_i4p", "gpu_i8t": "gpu_i8"}  # the same bits, any group
+# the Mosaic GPU kernel's layouts: transposed codes in its register order, scale rows per slice
+_SLICED = ("gpu_i4t", "gpu_i8t", "gpu_nf4t", "gpu_f8t")
+SLICED_DTYPES = {
+    "gpu_i4t": jnp.int4,
+    "gpu_i8t": jnp.int8,
+    "gpu_nf4t": jnp.int4,
+    "gpu_f8t": jnp.uint8,
+}
+SLICE_CODES = {"gpu_i4t": CHUNK, "gpu_i8t": CHUNK, "gpu_nf4t": 64}  # codes per scale row
+_TRITON_LAYOUT = {  # the same bits for the Triton kernels, any group
+    "gpu_i4t": "gpu_i4p",
+    "gpu_i8t": "gpu_i8",
+    "gpu_nf4t": "gpu_nf4",
+    "gpu_f8t": "gpu_f8",
+}
 
 
 def _round_up(n: int, m: int) -> int:
@@ -136,10 +163,13 @@ def check_repackable(q: QArray, layout: str) -> None:
         )
     if isinstance(g, int) and g < 16:
         raise ShapeError(f"{layout}: group {g} is smaller than the kernels' 16-row MMA step")
-    if layout in _SLICED and isinstance(g, int) and g % CHUNK:
+    if layout == "gpu_f8t" and g != "channel":
+        raise ShapeError(f"{layout}: takes per-channel scales, got group {g!r}; use 'gpu_f8'")
+    span = SLICE_CODES.get(layout)
+    if span and isinstance(g, int) and g % span:
         raise ShapeError(
-            f"{layout}: group {g} must be a multiple of 128 or 'channel' (one scale row per "
-            f"128 codes); use {_TRITON_LAYOUT[layout]!r} for smaller groups"
+            f"{layout}: group {g} must be a multiple of {span} or 'channel' (one scale row per "
+            f"{span} codes); use {_TRITON_LAYOUT[layout]!r} for smaller groups"
         )
 
 
@@ -157,7 +187,7 @@ def padded_dims(q: QArray, layout: str = "gpu_i4p") -> tuple[int, int, int]:
     k_p, n_p = _round_up(rows, CHUNK), _round_up(n, lanes)
     g = q.spec.group
     if layout in _SLICED:
-        return k_p, n_p, k_p // CHUNK
+        return k_p, n_p, (k_p // SLICE_CODES[layout] if layout in SLICE_CODES else 1)
     g_p = 1 if g == "channel" else (k_p // g if g <= CHUNK else rows // g)
     return k_p, n_p, g_p
 
@@ -177,12 +207,12 @@ def _kernel_scales(q: QArray) -> jnp.ndarray:
     return q.spec.absmax(q) if isinstance(q.spec, NF4) else q.scales
 
 
-def _slice_rows(a, k_p: int, group: int | str):
-    """Per-group rows ``(G, N)`` → one row per 128 codes, ``(K_p/128, N)`` (rows past the last
-    group repeat it)."""
+def _slice_rows(a, k_p: int, group: int | str, span: int = CHUNK):
+    """Per-group rows ``(G, N)`` → one row per ``span`` codes, ``(K_p/span, N)`` (rows past the
+    last group repeat it)."""
     if a is None:
         return None
-    starts = jnp.arange(k_p // CHUNK) * CHUNK
+    starts = jnp.arange(k_p // span) * span
     if group == "channel":
         return a[jnp.zeros_like(starts)]
     return a[jnp.minimum(starts // group, a.shape[0] - 1)]
@@ -212,8 +242,9 @@ def repack(q: QArray, layout: str) -> QArray:
         words = jnp.sum(planes << shifts, axis=1, dtype=jnp.uint32)  # disjoint bits: sum == or
         packed = words.reshape(k_p // 8, n_p).view(jnp.int32)
     elif layout in _SLICED:
-        half = 1 << (LAYOUTS[layout] - 1)
-        packed = (codes.astype(jnp.int32) - half).T.astype(SLICED_DTYPES[layout])
+        bits = LAYOUTS[layout]
+        signed = codes.astype(jnp.int32) - (0 if layout == "gpu_f8t" else 1 << (bits - 1))
+        packed = to_stored(signed.T, bits).astype(SLICED_DTYPES[layout])
     elif layout in _F8:
         packed = codes.astype(jnp.uint8)
     else:  # gpu_i8, tpu_i8
@@ -221,9 +252,15 @@ def repack(q: QArray, layout: str) -> QArray:
     spec, aux = q.spec, q.aux
     if isinstance(spec, NF4) and spec.double_quant:  # the kernel reads float32 absmaxes
         spec, aux = dataclasses.replace(spec, double_quant=False), {}
-    if layout in _SLICED:
-        scales = _pad2(_slice_rows(q.scales, k_p, spec.group), g_p, n_p)
-        zeros = _pad2(_slice_rows(q.zeros, k_p, spec.group), g_p, n_p)
+    if layout == "gpu_f8t":
+        scales, zeros = _pad2(q.scales, g_p, n_p), None
+    elif layout in _SLICED:
+        span = SLICE_CODES[layout]
+        scales = _slice_rows(_kernel_scales(q), k_p, spec.group, span)
+        if layout == "gpu_nf4t":  # the kernel multiplies in bf16
+            scales = scales.astype(jnp.bfloat16)
+        scales = _pad2(scales, g_p, n_p)
+        zeros = _pad2(_slice_rows(q.zeros, k_p, spec.group, span), g_p, n_p)
     else:
         scales = _pad2(_kernel_scales(q), g_p, n_p)
         zeros = _pad2(q.zeros, g_p, n_p)
@@ -241,7 +278,9 @@ def unpack_codes(q: QArray) -> jnp.ndarray:
     elif q.layout in _HALVES:
         codes = split_halves(q.codes)
     elif q.layout in _SLICED:
-        codes = (q.codes.astype(jnp.int32) + (1 << (LAYOUTS[q.layout] - 1))).T
+        bits = LAYOUTS[q.layout]
+        logical = to_logical(q.codes, bits).astype(jnp.int32)
+        codes = (logical + (0 if q.layout == "gpu_f8t" else 1 << (bits - 1))).T
     elif q.layout in ("gpu_i8", "tpu_i8"):
         codes = q.codes.astype(jnp.int32) + 128
     elif q.layout in _F8:
@@ -266,10 +305,12 @@ def unrepack(q: QArray) -> QArray:
     else:
         codes = packing.pack(codes, spec.code_bits)
     scales, zeros = q.scales, q.zeros
-    if q.layout in _SLICED:  # one row per 128 codes → the first row of each group
-        step = 1 if spec.group == "channel" else spec.group // CHUNK
+    if q.layout in SLICE_CODES:  # one row per slice → the first row of each group
+        step = 1 if spec.group == "channel" else spec.group // SLICE_CODES[q.layout]
         scales = scales[::step]
         zeros = None if zeros is None else zeros[::step]
+    if q.layout == "gpu_nf4t":  # canonical NF4 keeps float32 absmaxes
+        scales = scales.astype(jnp.float32)
     scales = scales[:g_real, :n]
     zeros = None if zeros is None else zeros[:g_real, :n]
     return q.replace(codes=codes, scales=scales, zeros=zeros, layout="canonical")
@@ -296,7 +337,10 @@ def dequantize_bf16(q: QArray) -> jnp.ndarray:
         return jnp.repeat(a.astype(jnp.float32), reps, axis=0, total_repeat_length=k_p)
 
     if isinstance(q.spec, NF4):
-        values = jnp.asarray(nf4_levels())[c]
+        levels = jnp.asarray(nf4_levels())
+        if q.layout == "gpu_nf4t":  # the Mosaic GPU kernel's bf16 levels
+            levels = levels.astype(jnp.bfloat16).astype(jnp.float32)
+        values = levels[c]
     elif isinstance(q.spec, FP8):
         values = jax.lax.bitcast_convert_type(c, fp8_dtype(q.spec.fmt)).astype(jnp.float32)
     elif q.spec.symmetric:

@@ -1,10 +1,13 @@
-"""The Mosaic GPU int kernel's layouts (``gpu_i4t``, ``gpu_i8t``), configs and tracing, on the CPU.
+"""The Mosaic GPU kernel's layouts (``gpu_i4t``, ``gpu_i8t``, ``gpu_nf4t``, ``gpu_f8t``), register
+decoders, configs and lowering, on the CPU.
 
 This jax version cannot interpret a warp-specialized Mosaic GPU pipeline on the CPU, so the
 kernel's numbers are checked on the H100 (``python -m experiments.kernel_bench --check``,
-``experiments/results/kernels/``); here: the repack is exact, the layout dequantizes to the
-float64 reference, every table config traces to a kernel that fits shared memory, the large-M
-path is right, and a direct call on the CPU fails with a clear error.
+``experiments/results/kernels/``); here: the repack is exact, the layouts dequantize to the
+float64 reference, the decoders' bit manipulations (mirrored in numpy) give every FP8 byte and
+NF4 code exactly, every table config traces to a kernel that fits shared memory and lowers to
+Mosaic GPU code with ``wgmma``, the large-M path is right, and a direct call on the CPU fails
+with a clear error.
 """
 
 import jax
@@ -15,10 +18,12 @@ import pytest
 import qjax
 from qjax import ops
 from qjax.errors import FormatError, ShapeError
+from qjax.formats.nf4 import nf4_levels
 from qjax.kernels import repack as rp
+from qjax.kernels.gpu import mgpu_decode as dec
 from qjax.kernels.gpu import mgpu_matmul as mg
 
-SPECS = [
+INT_SPECS = [
     qjax.Int(4, group=128),
     qjax.Int(4, group=128, symmetric=False),
     qjax.Int(4, group=256),
@@ -26,10 +31,24 @@ SPECS = [
     qjax.Int(8, group="channel"),
     qjax.Int(8, group=128, symmetric=False),
 ]
+SPECS = INT_SPECS + [
+    qjax.NF4(),
+    qjax.NF4(block=128, double_quant=True),
+    qjax.FP8("e4m3", group="channel"),
+    qjax.FP8("e5m2", group="channel"),
+]
 
 
 def _layout(spec):
+    if isinstance(spec, qjax.NF4):
+        return "gpu_nf4t"
+    if isinstance(spec, qjax.FP8):
+        return "gpu_f8t"
     return "gpu_i4t" if spec.bits == 4 else "gpu_i8t"
+
+
+def _bits(spec):
+    return rp.LAYOUTS[_layout(spec)]
 
 
 def _weight(spec, k, n, seed):
@@ -43,21 +62,34 @@ def test_repack_is_exact_and_dequantizes_to_reference(spec, shape):
     seed = int(np.random.default_rng().integers(1 << 30))
     q = _weight(spec, *shape, seed)
     r = rp.repack(q, _layout(spec))
-    k_p, n_p, g_p = rp.padded_dims(q, _layout(spec))
-    assert r.codes.dtype == (jnp.int4 if spec.bits == 4 else jnp.int8)
+    layout = _layout(spec)
+    k_p, n_p, g_p = rp.padded_dims(q, layout)
+    assert r.codes.dtype == rp.SLICED_DTYPES[layout]
     assert r.codes.shape == (n_p, k_p) and n_p % 128 == 0
-    assert r.scales.shape == (k_p // 128, n_p)
+    assert r.scales.shape == (g_p, n_p)
     back = rp.unrepack(r)
-    for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(back), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # (c − z)·s in float64 from the canonical codes, vs the kernel layout's bf16 dequantization
-    codes = np.asarray(rp.unpack_codes(r), np.float64)[: shape[0], : shape[1]]
-    np.testing.assert_array_equal(
-        codes - 2 ** (spec.bits - 1), np.asarray(r.codes, np.float64).T[: shape[0], : shape[1]]
-    )
+    if isinstance(spec, qjax.Int):  # bit-exact (NF4 absmaxes are rounded to bf16, FP8 below)
+        for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(back), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(back.codes), np.asarray(q.codes))
+    # stored codes = the canonical codes, shifted, transposed, in the kernel's register order
+    codes = np.asarray(rp.unpack_codes(r), np.int64)
+    shift = 0 if layout == "gpu_f8t" else 2 ** (_bits(spec) - 1)
+    stored = np.asarray(r.codes.astype(jnp.int32) if _bits(spec) == 4 else r.codes, np.int64)
+    np.testing.assert_array_equal((codes.T - shift)[:, dec.stored_order(k_p, _bits(spec))], stored)
     ref = np.asarray(q.dequantize(), np.float64)
     got = np.asarray(rp.dequantize_bf16(r), np.float64)[: shape[0], : shape[1]]
-    np.testing.assert_allclose(got, ref, rtol=2**-8, atol=1e-6 * np.abs(ref).max())
+    if isinstance(spec, qjax.NF4):  # exactly bf16(L[c]·a), L and a rounded to bf16 first
+        import ml_dtypes
+
+        bf = ml_dtypes.bfloat16
+        levels = np.asarray(nf4_levels(), np.float32).astype(bf).astype(np.float64)
+        a = np.asarray(spec.absmax(q), np.float32).astype(bf).astype(np.float64)
+        a_k = np.repeat(a, spec.block, axis=0)[: shape[0], : shape[1]]
+        want = (levels[codes[: shape[0], : shape[1]]] * a_k).astype(bf).astype(np.float64)
+        np.testing.assert_array_equal(got, want)
+    rtol = 2**-6 if isinstance(spec, qjax.NF4) else 2**-8  # NF4: three bf16 roundings
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-6 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("group", [32, 64])
@@ -68,6 +100,79 @@ def test_small_groups_are_refused_with_the_layout_named(group, bits, layout, oth
     q = _weight(qjax.Int(bits, group=group), 256, 128, 0)
     with pytest.raises(ShapeError, match=f"{layout}.*'{other}'"):
         rp.repack(q, layout)
+
+
+@pytest.mark.parametrize(
+    ("spec", "layout", "other"),
+    [
+        (qjax.NF4(block=32), "gpu_nf4t", "gpu_nf4"),
+        (qjax.FP8("e4m3", group=128), "gpu_f8t", "gpu_f8"),
+    ],
+)
+def test_nf4_small_blocks_and_fp8_groups_are_refused(spec, layout, other):
+    with pytest.raises(ShapeError, match=f"{layout}.*'{other}'"):
+        rp.repack(_weight(spec, 256, 128, 0), layout)
+
+
+# -- the stored order and the register decoders (numpy mirror of the PTX) ----------------------
+@pytest.mark.parametrize("bits", [4, 8])
+def test_stored_order_puts_each_threads_wgmma_columns_in_its_32_bit_load(bits):
+    # WGMMA layout: in each 8-column block, lane q (mod 4) holds columns 2q, 2q + 1; the 32-bit
+    # load gives lane q the v stored columns v·q .. v·q + v − 1 of each block of 4v
+    v, k = dec.VEC[bits], 256
+    order = dec.stored_order(k, bits)
+    assert sorted(order) == list(range(k))
+    for block in range(k // (4 * v)):
+        for q in range(4):
+            got = order[block * 4 * v + v * q : block * 4 * v + v * (q + 1)]
+            want = [c for c in range(block * 4 * v, (block + 1) * 4 * v) if c % 8 // 2 == q]
+            assert list(got) == want
+    x = np.random.default_rng().integers(0, 99, (3, k))
+    np.testing.assert_array_equal(dec.to_stored(x, bits), x[:, order])
+    np.testing.assert_array_equal(dec.to_logical(dec.to_stored(x, bits), bits), x)
+
+
+def _bf16_values(regs):
+    """Decoder output registers (uint32, two bf16 each) → float64 values in element order."""
+    import ml_dtypes
+
+    halves = np.stack([regs & 0xFFFF, regs >> 16], -1).astype(np.uint16)
+    return halves.reshape(*regs.shape[:-1], -1).view(ml_dtypes.bfloat16).astype(np.float64)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_decoder_is_exact_for_every_byte(fmt):
+    import ml_dtypes
+
+    b = np.arange(256, dtype=np.uint32)
+    words = b[0::4] | b[1::4] << 8 | b[2::4] << 16 | b[3::4] << 24
+    got = _bf16_values(dec.emulate(fmt, words)).reshape(-1) * 2.0 ** dec.FP8_SCALE_LOG2[fmt]
+    dtype = ml_dtypes.float8_e4m3fn if fmt == "e4m3" else ml_dtypes.float8_e5m2
+    ref = b.astype(np.uint8).view(dtype).astype(np.float64)
+    finite = np.isfinite(ref)
+    np.testing.assert_array_equal(got[finite], ref[finite])
+    np.testing.assert_array_equal(np.signbit(got[finite]), np.signbit(ref[finite]))
+
+
+def test_nf4_decoder_gives_the_bf16_level_of_every_code_in_every_position():
+    import ml_dtypes
+
+    rng = np.random.default_rng()
+    c = np.concatenate([np.arange(16).repeat(8).reshape(16, 8), rng.integers(0, 16, (500, 8))])
+    words = np.zeros(len(c), np.uint32)
+    for j in range(8):  # stored as c − 8 in int4: the nibble is c ^ 8
+        words |= ((c[:, j] ^ 8).astype(np.uint32)) << (4 * j)
+    got = _bf16_values(dec.emulate("nf4", words))
+    levels = np.asarray(nf4_levels(), np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    np.testing.assert_array_equal(got, levels[c])
+
+
+def test_ptx_uses_the_emulated_constants():
+    lo, hi = dec.nf4_tables()
+    ptx = dec._nf4_ptx()
+    assert all(f"{w:#010x}" in ptx for w in lo + hi)
+    assert ptx.count("prmt.b32") == 16
+    assert "shr.b32 mag, lane, 3;" in dec._fp8_ptx("e5m2")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -96,11 +201,29 @@ def test_split_fills_whole_waves():
 def test_kernel_traces_for_every_table_config(spec, m):
     w = rp.repack(_weight(spec, 1024, 256, 1), _layout(spec))
     x = jax.random.normal(jax.random.key(2), (m, 1024), jnp.bfloat16)
-    cfg = mg.pick(m, 1024, 256, spec.bits)
+    cfg = mg.config_for(w, m)
     out = jax.eval_shape(lambda x, w: mg._mgpu_matmul(x, w, cfg), x, w)
     assert out.shape == (m, 256) and out.dtype == jnp.bfloat16
     jaxpr = str(jax.make_jaxpr(lambda x, w: mg._mgpu_matmul(x, w, cfg))(x, w))
-    assert "wgmma" in jaxpr
+    assert "wgmma" in jaxpr and "inline_mgpu" in jaxpr
+
+
+@pytest.mark.parametrize(
+    ("spec", "m"),
+    [(SPECS[1], 16), (SPECS[4], 1), (SPECS[6], 16), (SPECS[8], 100), (SPECS[0], 128)],
+    ids=lambda v: v.label() if hasattr(v, "label") else str(v),
+)
+def test_kernel_lowers_to_mosaic_gpu_with_its_decoder(spec, m):
+    # lowering for CUDA runs on the CPU: layout inference, the decoders' inline_mgpu bodies
+    # (their PTX strings) and the wgmma / TMA pipeline are all built; only ptxas needs the GPU
+    w = rp.repack(_weight(spec, 1024, 256, 1), _layout(spec))
+    x = jax.random.normal(jax.random.key(2), (m, 1024), jnp.bfloat16)
+    cfg = mg.config_for(w, m)
+    lowered = jax.jit(lambda x, w: mg._mgpu_matmul(x, w, cfg)).trace(x, w)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    if isinstance(spec, qjax.NF4):
+        assert "prmt.b32" in text
 
 
 def test_direct_call_on_cpu_says_it_needs_a_gpu():
@@ -124,9 +247,12 @@ def test_large_m_takes_xla_and_matches_float64(spec):
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-2
 
 
-@pytest.mark.parametrize("layout", ["gpu_i4t", "gpu_i8t"])
-def test_registered_for_gpu_int(layout):
-    names = [k.name for k in ops._KERNELS[("gpu", "int", layout)]]
+@pytest.mark.parametrize(
+    ("fmt", "layout"),
+    [("int", "gpu_i4t"), ("int", "gpu_i8t"), ("nf4", "gpu_nf4t"), ("fp8", "gpu_f8t")],
+)
+def test_registered_for_gpu(fmt, layout):
+    names = [k.name for k in ops._KERNELS[("gpu", fmt, layout)]]
     assert names == [f"pallas_mosaic_gpu_{layout}"]
 
 

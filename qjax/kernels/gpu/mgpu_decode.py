@@ -46,12 +46,29 @@ FP8_SCALE_LOG2 = {"e4m3": 120, "e5m2": 112}  # the decoded pattern is value · 2
 # -- the stored order --------------------------------------------------------------------------
 def stored_order(k: int, bits: int) -> np.ndarray:
     """``order`` with ``stored[..., p] = logical[..., order[p]]`` for ``k`` columns of ``bits``-bit
-    codes (``k`` a multiple of ``4·v``); an involution (``order[order] == arange``)."""
+    codes (``k`` a multiple of ``4·v``); ``np.argsort(order)`` takes stored back to logical."""
     v = VEC[bits]
     q, i, t = np.meshgrid(np.arange(4), np.arange(v // 2), np.arange(2), indexing="ij")
     block = (8 * i + 2 * q + t).reshape(-1)  # stored position v·q + 2i + t, C order over (q, i, t)
     span = 4 * v
     return np.arange(k) // span * span + np.tile(block, k // span)
+
+
+def to_stored(codes, bits: int):
+    """``codes[..., K]`` in logical K order → :func:`stored_order` (a reshape and a transpose,
+    which XLA fuses; ``jnp`` or ``numpy`` arrays)."""
+    v = VEC[bits]
+    *lead, k = codes.shape
+    blocks = codes.reshape(*lead, k // (4 * v), v // 2, 4, 2)  # logical (i, q, t)
+    return blocks.swapaxes(-3, -2).reshape(*lead, k)
+
+
+def to_logical(codes, bits: int):
+    """Inverse of :func:`to_stored`."""
+    v = VEC[bits]
+    *lead, k = codes.shape
+    blocks = codes.reshape(*lead, k // (4 * v), 4, v // 2, 2)  # stored (q, i, t)
+    return blocks.swapaxes(-3, -2).reshape(*lead, k)
 
 
 # -- NF4 lookup constants ------------------------------------------------------------------------

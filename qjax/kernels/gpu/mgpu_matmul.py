@@ -44,7 +44,7 @@ from qjax.kernels import calls
 from qjax.kernels import repack as rp
 from qjax.qarray import QArray
 
-LAYOUTS = ("gpu_i4t", "gpu_i8t")
+LAYOUTS = ("gpu_i4t", "gpu_i8t", "gpu_nf4t", "gpu_f8t")
 SLICE = 128  # codes per scale row (and per wgmma issue) along K
 BLOCK_N = 64  # weight rows per compute warp group (wgmma M)
 MAX_BLOCK_M = 128  # rows of x per CTA
@@ -79,10 +79,11 @@ def padded_rows(m: int) -> tuple[int, int]:
     return m_p, min(m_p, MAX_BLOCK_M)
 
 
-def smem_bytes(bm: int, bk: int, stages: int, bits: int = 4) -> int:
-    """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows) + the
-    float32 output tiles of the two compute warp groups (matches Mosaic GPU's count)."""
-    per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // SLICE) * 2 * BLOCK_N * 2
+def smem_bytes(bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE) -> int:
+    """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows, one per
+    ``span`` codes) + the float32 output tiles of the two compute warp groups (Mosaic GPU's
+    count, for asymmetric int; an upper bound for the other formats)."""
+    per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * BLOCK_N * 2
     return stages * per_stage + 2 * BLOCK_N * bm * 4
 
 
@@ -97,7 +98,7 @@ def split_for(n_p: int, m_tiles: int, steps: int) -> int:
     return max((s for s in (1, 2, 4) if steps % s == 0), key=lambda s: (fill(s), -s))
 
 
-def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4) -> Config:
+def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
     """``cfg`` made runnable for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step
     halved until it divides ``K_p``, its pipeline depth (then its K step) cut to shared memory,
     its split (when ``None``) chosen by :func:`split_for`."""
@@ -106,7 +107,7 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4) -> Config:
         bk //= 2
     m_p, bm = padded_rows(m)
     stages = cfg.stages
-    while smem_bytes(bm, bk, stages, bits) > SMEM_BYTES and (stages > 1 or bk > SLICE):
+    while smem_bytes(bm, bk, stages, bits, span) > SMEM_BYTES and (stages > 1 or bk > SLICE):
         if stages > 1:
             stages -= 1
         else:
@@ -115,16 +116,34 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4) -> Config:
     return dataclasses.replace(cfg, block_k=bk, stages=stages, split_k=split)
 
 
-def pick(m: int, k_p: int, n_p: int, bits: int = 4) -> Config:
+def pick(m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
     """The table's config for ``m`` rows, ``K_p`` codes and ``N_p`` columns of ``bits``-bit
-    codes, :func:`fit` to them; ``"xla"`` above 128 rows."""
+    codes with a scale row per ``span`` codes, :func:`fit` to them; ``"xla"`` above 128 rows."""
     bucket = next((b for b in TABLE if m <= b), None)
-    return Config("xla") if bucket is None else fit(TABLE[bucket], m, k_p, n_p, bits)
+    return Config("xla") if bucket is None else fit(TABLE[bucket], m, k_p, n_p, bits, span)
 
 
 def code_bits(w: QArray) -> int:
-    """4 for ``"gpu_i4t"``, 8 for ``"gpu_i8t"``."""
+    """Bits per stored code: 4 (``gpu_i4t``, ``gpu_nf4t``) or 8 (``gpu_i8t``, ``gpu_f8t``)."""
     return rp.LAYOUTS[w.layout]
+
+
+def slice_codes(w: QArray) -> int:
+    """Codes per decoded slice (and per scale row): 64 for ``"gpu_nf4t"``, else 128."""
+    return rp.SLICE_CODES.get(w.layout, SLICE)
+
+
+def decoder(w: QArray) -> str:
+    """The :func:`qjax.kernels.gpu.mgpu_decode.decode` kind of ``w``'s layout."""
+    if w.layout == "gpu_f8t":
+        return w.spec.fmt
+    return "nf4" if w.layout == "gpu_nf4t" else "int"
+
+
+def config_for(w: QArray, m: int) -> Config:
+    """:func:`pick` for ``m`` rows of ``x`` times the repacked weight ``w``."""
+    n_p, k_p = w.codes.shape
+    return pick(m, k_p, n_p, code_bits(w), slice_codes(w))
 
 
 def _tiled(minor_elems: int, bits: int, what: str):
@@ -135,12 +154,12 @@ def _tiled(minor_elems: int, bits: int, what: str):
     return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
 
 
-def _partials(x2, codes, scales, zeros, cfg: Config, decode: str = "mosaic", slice_codes=SLICE):
+def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     """``(split, N_p, M_p)`` float32 partial products ``Ŵᵀ xᵀ`` (module docstring).
 
-    ``decode``: ``"mosaic"`` (codes in logical K order, Mosaic GPU's load + relayout + convert)
-    or a :func:`qjax.kernels.gpu.mgpu_decode.decode` kind for codes in its stored order;
-    ``scales`` ``None``: no in-kernel scale (applied by the caller)."""
+    ``codes`` in :func:`~qjax.kernels.gpu.mgpu_decode.stored_order`, decoded by ``decode`` (a
+    :func:`~qjax.kernels.gpu.mgpu_decode.decode` kind) ``span`` codes at a time, one row of
+    ``scales`` (and ``zeros``) per ``span`` codes; ``scales=None``: applied by the caller."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -155,7 +174,7 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str = "mosaic", sli
     split = cfg.split_k or split_for(n_p, m_p // bm, steps_all)
     split = calls.largest_divisor_at_most(steps_all, split)
     steps = steps_all // split
-    per = bk // slice_codes  # scale rows (and decoded slices) per step
+    per = bk // span  # scale rows (and decoded slices) per step
     sym = zeros is None
     scaled = scales is not None
     bits = 4 if codes.dtype == jnp.int4 else 8
@@ -172,19 +191,16 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str = "mosaic", sli
             acc_ref = rest[-1]
             rows = pl.ds(lax.axis_index("wg") * BLOCK_N, BLOCK_N)
             for j in range(per):
-                cols = pl.ds(j * slice_codes, slice_codes)
-                if decode == "mosaic":
-                    a = w_smem[rows, cols].astype(jnp.bfloat16)
-                else:
-                    raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
-                    a = dec.decode(decode, raw)
-                    if decode in dec.FP8_SHIFT:
-                        a = a * jnp.bfloat16(fp8_factor)
+                cols = pl.ds(j * span, span)
+                raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
+                a = dec.decode(decode, raw)
+                if decode in dec.FP8_SHIFT:  # exact: a power of two, no overflow
+                    a = a * jnp.bfloat16(fp8_factor)
                 if not sym:  # (c − h) − (z − h) = c − z, exact in bf16 (|c − z| < 256)
                     zh = z_smem[j, rows] - half
-                    a = a - lax.broadcast_in_dim(zh, (BLOCK_N, slice_codes), (0,))
+                    a = a - lax.broadcast_in_dim(zh, (BLOCK_N, span), (0,))
                 if scaled:
-                    a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, slice_codes), (0,))
+                    a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
                 plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].T)
             plgpu.wgmma_wait(0)
             return acc_ref
@@ -202,12 +218,8 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str = "mosaic", sli
 
         row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (kk, 0))
         in_specs = [
-            plgpu.BlockSpec(
-                (cta_n, bk), lambda kk: (0, kk), transforms=_tiled(slice_codes, bits, "lhs")
-            ),
-            plgpu.BlockSpec(
-                (bm, bk), lambda kk: (0, kk), transforms=_tiled(slice_codes, 16, "rhs")
-            ),
+            plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk), transforms=_tiled(span, bits, "lhs")),
+            plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=_tiled(span, 16, "rhs")),
         ] + [row_spec] * (int(scaled) + int(not sym))
         pipeline = plgpu.emit_pipeline_warp_specialized(
             body,
@@ -245,8 +257,13 @@ def _mgpu_matmul(x2, w: QArray, cfg: Config):
     m = x2.shape[0]
     m_p, _ = padded_rows(m)
     xp = jnp.pad(x2, [(0, m_p - m), (0, 0)]) if m_p > m else x2
-    y = _partials(xp, w.codes, w.scales, w.zeros, cfg)
-    return jnp.sum(y, axis=0).T[:m].astype(x2.dtype)
+    per_channel = w.layout == "gpu_f8t"  # float32 scales, applied to the float32 sum
+    scales = None if per_channel else w.scales
+    y = _partials(xp, w.codes, scales, w.zeros, cfg, decoder(w), slice_codes(w))
+    y = jnp.sum(y, axis=0).T[:m]
+    if per_channel:
+        y = y * w.scales
+    return y.astype(x2.dtype)
 
 
 def check_supported(x: jax.Array, w: QArray) -> None:
@@ -255,13 +272,13 @@ def check_supported(x: jax.Array, w: QArray) -> None:
 
 
 def supports(x: jax.Array, w: QArray) -> bool:
-    """Registry predicate: bf16 activations and a ``"gpu_i4t"`` / ``"gpu_i8t"`` weight."""
+    """Registry predicate: bf16 activations and a weight in one of :data:`LAYOUTS`."""
     return calls.supports(x, w, LAYOUTS)
 
 
 def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Array:
-    """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a ``"gpu_i4t"`` / ``"gpu_i8t"`` weight
-    ``(K, N)``.
+    """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a weight ``(K, N)`` repacked to one of
+    :data:`LAYOUTS`.
 
     Needs a Hopper GPU for M ≤ 128 (``config`` overrides the table); larger M runs XLA.
     """
@@ -269,8 +286,8 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
     k, n = w.shape
     lead = x.shape[:-1]
     x2 = calls.as_rows(x, w.codes.shape[1])
-    bits = code_bits(w)
-    cfg = config or pick(x2.shape[0], w.codes.shape[1], w.codes.shape[0], bits)
+    bits, span = code_bits(w), slice_codes(w)
+    cfg = config or config_for(w, x2.shape[0])
     if cfg.path == "xla":
         y = calls.dequantized_matmul(x2, w)
     else:
@@ -283,8 +300,8 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
             raise ShapeError(f"mgpu_matmul: block_k {cfg.block_k} must be a multiple of "
                              f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
         _, bm = padded_rows(x2.shape[0])
-        if smem_bytes(bm, cfg.block_k, cfg.stages, bits) > SMEM_BYTES:
-            need = smem_bytes(bm, cfg.block_k, cfg.stages, bits)
+        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span)
+        if need > SMEM_BYTES:
             raise ShapeError(
                 f"mgpu_matmul: {cfg} needs {need} bytes "
                 f"of shared memory for {x2.shape[0]} rows, more than {SMEM_BYTES} (use fit())"
