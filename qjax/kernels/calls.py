@@ -72,7 +72,25 @@ def sum_splits(y: jax.Array, dtype) -> jax.Array:
 
 @jax.jit
 def dequantized_matmul(x2: jax.Array, w: QArray) -> jax.Array:
-    """The GPU kernels' large-M path: :func:`qjax.kernels.repack.dequantize_bf16` (one fused XLA
-    pass from the kernel layout) then XLA's bf16 ``dot`` with float32 accumulation."""
+    """The GPU kernels' large-M path: the weight dequantized by one elementwise XLA pass from its
+    kernel layout, then XLA's bf16 GEMM with float32 accumulation.
+
+    The Mosaic GPU layouts are dequantized as stored (``(N_p, K_p)``, K in the kernel's register
+    order, :func:`qjax.kernels.repack.dequantize_stored`) and ``x``'s columns are permuted to
+    match, so the GEMM reads the weight transposed and nothing large is permuted; the barrier
+    keeps XLA from fusing the dequantization into its GEMM. On the H100 at M ≥ 2048 this runs
+    8-bit layouts at 0.70–0.92× bf16 (permuting the weight back instead: 0.12×) and the 4-bit
+    ones at 0.44–0.86× (the unpermuted ``gpu_i4p``: 0.74–0.92×); see
+    ``experiments/results/kernels/README.md``.
+    """
+    if w.layout in rp.SLICED_DTYPES:
+        from qjax.kernels.gpu.mgpu_decode import to_stored
+
+        wd = jax.lax.optimization_barrier(rp.dequantize_stored(w))
+        xs = to_stored(x2, rp.LAYOUTS[w.layout])
+        y = jax.lax.dot_general(
+            xs, wd, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        return y.astype(x2.dtype)
     wd = rp.dequantize_bf16(w)
     return jnp.dot(x2, wd, preferred_element_type=jnp.float32).astype(x2.dtype)

@@ -279,7 +279,8 @@ def unpack_codes(q: QArray) -> jnp.ndarray:
         codes = split_halves(q.codes)
     elif q.layout in _SLICED:
         bits = LAYOUTS[q.layout]
-        logical = to_logical(q.codes, bits).astype(jnp.int32)
+        wide = q.codes.astype(jnp.int8) if bits == 4 else q.codes  # XLA permutes bytes faster
+        logical = to_logical(wide, bits).astype(jnp.int32)
         codes = (logical + (0 if q.layout == "gpu_f8t" else 1 << (bits - 1))).T
     elif q.layout in ("gpu_i8", "tpu_i8"):
         codes = q.codes.astype(jnp.int32) + 128
@@ -321,6 +322,31 @@ def dequantize(q: QArray) -> jnp.ndarray:
     return unrepack(q).dequantize()
 
 
+def dequantize_stored(q: QArray) -> jnp.ndarray:
+    """A Mosaic GPU layout (``gpu_i4t``, ``gpu_i8t``, ``gpu_nf4t``, ``gpu_f8t``) dequantized as
+    stored: ``(N_p, K_p)`` bf16 with K in the kernel's register order — elementwise, no transpose
+    or permutation of the weight (the large-M path permutes ``x`` instead)."""
+    if q.layout not in _SLICED:
+        raise FormatError(f"dequantize_stored: {q.layout!r} is not a Mosaic GPU layout")
+    c = q.codes
+    k_p = c.shape[1]
+    span = k_p // q.scales.shape[0]  # codes per scale row (all of K for per-channel FP8)
+
+    def per_k(a):  # (G_p, N_p) -> (N_p, K_p)
+        return jnp.repeat(a.astype(jnp.float32).T, span, axis=1, total_repeat_length=k_p)
+
+    if q.layout == "gpu_nf4t":  # the kernel's bf16 levels
+        levels = jnp.asarray(nf4_levels()).astype(jnp.bfloat16).astype(jnp.float32)
+        values = levels[c.astype(jnp.int32) + 8]
+    elif q.layout == "gpu_f8t":
+        values = jax.lax.bitcast_convert_type(c, fp8_dtype(q.spec.fmt)).astype(jnp.float32)
+    elif q.spec.symmetric:  # stored c − h is the value
+        values = c.astype(jnp.float32)
+    else:
+        values = c.astype(jnp.float32) + 2.0 ** (q.spec.bits - 1) - per_k(q.zeros)
+    return (values * per_k(q.scales)).astype(jnp.bfloat16)
+
+
 def dequantize_bf16(q: QArray) -> jnp.ndarray:
     """Dequantizes a repacked QArray straight from its kernel layout, padded ``(K_p, N_p)`` bf16.
 
@@ -329,6 +355,8 @@ def dequantize_bf16(q: QArray) -> jnp.ndarray:
     """
     if q.layout not in LAYOUTS:
         raise FormatError(f"dequantize_bf16: unknown kernel layout {q.layout!r}")
+    if q.layout in _SLICED:
+        return to_logical(dequantize_stored(q), LAYOUTS[q.layout]).T
     c = unpack_codes(q)
     k_p = c.shape[0]
     reps = k_p // q.scales.shape[0]  # K rows per scale group
@@ -337,10 +365,7 @@ def dequantize_bf16(q: QArray) -> jnp.ndarray:
         return jnp.repeat(a.astype(jnp.float32), reps, axis=0, total_repeat_length=k_p)
 
     if isinstance(q.spec, NF4):
-        levels = jnp.asarray(nf4_levels())
-        if q.layout == "gpu_nf4t":  # the Mosaic GPU kernel's bf16 levels
-            levels = levels.astype(jnp.bfloat16).astype(jnp.float32)
-        values = levels[c]
+        values = jnp.asarray(nf4_levels())[c]
     elif isinstance(q.spec, FP8):
         values = jax.lax.bitcast_convert_type(c, fp8_dtype(q.spec.fmt)).astype(jnp.float32)
     elif q.spec.symmetric:
