@@ -1,33 +1,37 @@
-"""W4A16 / W8A16 uniform-int matmul as a Pallas **Mosaic GPU** kernel (Hopper: TMA, ``wgmma``).
+"""Weight-only quantized matmul as a Pallas **Mosaic GPU** kernel (Hopper: TMA, ``wgmma``):
+int4 / int8 (:class:`~qjax.formats.Int`), NF4 and per-channel FP8 weights, bf16 activations.
 
-Computes ``y = x @ Ŵ`` for bf16 ``x: (M, K)`` and an int4 / int8 :class:`~qjax.formats.Int` weight
-repacked to ``"gpu_i4t"`` / ``"gpu_i8t"`` (:mod:`qjax.kernels.repack`): signed codes ``c − h``
-(``h = 2^(b−1)``: 8 or 128) as ``jnp.int4`` (two per byte) / ``jnp.int8`` ``(N_p, K_p)``, scales
-and zeros expanded to one row per 128 codes along K, ``(K_p/128, N_p)``.
-``Ŵ[k, n] = (c − z)·s`` with ``z = h`` when symmetric.
+Computes ``y = x @ Ŵ`` for bf16 ``x: (M, K)`` and a weight repacked (:mod:`qjax.kernels.repack`)
+to ``"gpu_i4t"`` / ``"gpu_i8t"`` (signed codes ``c − h``, ``h = 2^(b−1)``, as ``jnp.int4`` /
+``int8``), ``"gpu_nf4t"`` (NF4 indices ``c − 8`` as ``jnp.int4``) or ``"gpu_f8t"`` (FP8 bytes),
+all ``(N_p, K_p)`` with K in the register order of :mod:`qjax.kernels.gpu.mgpu_decode`; scales
+(zeros, NF4 absmaxes) one row per 128 (NF4: 64) codes along K; FP8: per-channel float32 scales.
 
 The product is computed transposed, ``yᵀ = Ŵᵀ xᵀ``, because Hopper's warpgroup MMA may take its
 *left* operand from registers: that is where the dequantized weights are made, so they never go
 back to shared memory (Marlin's idea, Frantar et al. 2024, on ``wgmma``). Per K step of ``BK``
 codes, one memory warp group TMA-copies a ``(128, BK)`` weight tile, the ``(BM, BK)`` tile of
 ``x`` and the step's scale (and zero) rows into shared memory, ``stages`` steps ahead; each of
-two compute warp groups loads its ``(64, BK)`` half into registers and, per 128-code slice,
+two compute warp groups loads its ``(64, BK)`` half into registers (32 bits per thread, no
+shuffles) and, per 128- (NF4: 64-) code slice,
 
-    a = (c − h − (z − h)) · s      (int → bf16 by Mosaic GPU's prmt/lop3 converters; ``c − z``
-                                    exact in bf16, one bf16 rounding of the product, as in
-                                    :func:`qjax.kernels.repack.dequantize_bf16`)
+    a = decode(c) [− (z − h)] · s  (int: Mosaic GPU's prmt/lop3 converters, ``c − z`` exact in
+                                    bf16; NF4: a prmt table lookup of the bf16 level; FP8: a bit
+                                    move to ``value·2⁻¹²⁰``, times ``2¹²⁰``; one bf16 rounding of
+                                    the product, as :func:`qjax.kernels.repack.dequantize_bf16`)
     acc += a @ x_sliceᵀ            (``wgmma``, float32 accumulator, ``xᵀ`` read transposed
                                     from shared memory)
 
 K is split over a second grid axis (``split_k``) so that skinny products fill the 132 SMs; XLA
-sums the float32 partials, transposes and casts (one small fused pass). Rows of ``x`` are padded
-to a multiple of 16 (``wgmma``'s N); M > 128 takes XLA's dequantize + ``dot`` (cuBLAS wins there).
+sums the float32 partials, transposes and casts (FP8: times the per-channel scales) in one small
+fused pass. Rows of ``x`` are padded to a multiple of 16 (``wgmma``'s N); M > 128 takes
+:func:`qjax.kernels.calls.dequantized_matmul` (XLA's GEMM).
 
-Measured on the H100 (``experiments/results/kernels/README.md``): at M = 16 the Triton swap
-kernel's 28.5 µs on 8192² becomes 19.3 µs (2.6× XLA bf16); int8 per-channel at M ≤ 16 runs at
-1.4–1.8× (Triton: 1.0–1.6×); see the README for every shape.
-Tested on the device (``kernel_bench --check``); the CPU tests trace the kernel and check the
-layout, because this jax version's interpreter cannot run warp-specialized pipelines.
+Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's bf16 ``dot`` at
+M ≤ 16 on the Llama-3-70B shapes: int4 g128 1.97–3.09×, int8 per-channel 1.45–1.85×, FP8
+1.45–1.86×, NF4 1.46–2.35×. Tested on the device (``kernel_bench --check``); the CPU tests lower
+the kernel to Mosaic GPU code and check the layouts and decoders, because this jax version's
+interpreter cannot run warp-specialized pipelines.
 """
 
 from __future__ import annotations
