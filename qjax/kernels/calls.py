@@ -78,19 +78,16 @@ def dequantized_matmul(x2: jax.Array, w: QArray) -> jax.Array:
     The Mosaic GPU layouts are dequantized as stored (``(N_p, K_p)``, K in the kernel's register
     order, :func:`qjax.kernels.repack.dequantize_stored`) and ``x``'s columns are permuted to
     match, so the GEMM reads the weight transposed and nothing large is permuted; the barrier
-    keeps XLA from fusing the dequantization into its GEMM. On the H100 at M ≥ 2048 this runs
-    8-bit layouts at 0.70–0.92× bf16 (permuting the weight back instead: 0.12×) and the 4-bit
-    ones at 0.44–0.86× (the unpermuted ``gpu_i4p``: 0.74–0.92×); see
-    ``experiments/results/kernels/README.md``.
+    keeps XLA from fusing the dequantization into its GEMM (permuting the weight back instead
+    ran at 0.12–0.21× bf16 at M = 2048 on the H100; ``experiments/results/kernels/README.md``).
     """
     if w.layout in rp.SLICED_DTYPES:
-        from qjax.kernels.gpu.mgpu_decode import to_stored
+        from qjax.kernels.gpu.mgpu_decode import x_to_stored
 
         wd = jax.lax.optimization_barrier(rp.dequantize_stored(w))
-        xs = to_stored(x2, rp.LAYOUTS[w.layout])
-        y = jax.lax.dot_general(
-            xs, wd, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        return y.astype(x2.dtype)
+        # bf16 out: the GEMM accumulates in float32 and rounds once (no separate cast pass)
+        nt = (((1,), (1,)), ((), ()))
+        xs = x_to_stored(x2, rp.LAYOUTS[w.layout])
+        return jax.lax.dot_general(xs, wd, nt, preferred_element_type=x2.dtype)
     wd = rp.dequantize_bf16(w)
     return jnp.dot(x2, wd, preferred_element_type=jnp.float32).astype(x2.dtype)

@@ -130,6 +130,8 @@ def test_stored_order_puts_each_threads_wgmma_columns_in_its_32_bit_load(bits):
     x = np.random.default_rng().integers(0, 99, (3, k))
     np.testing.assert_array_equal(dec.to_stored(x, bits), x[:, order])
     np.testing.assert_array_equal(dec.to_logical(dec.to_stored(x, bits), bits), x)
+    xb = jax.random.normal(jax.random.key(int(x[0, 0])), (3, k), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(dec.x_to_stored(xb, bits)), np.asarray(xb)[:, order])
 
 
 def _bf16_values(regs):
