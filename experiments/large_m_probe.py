@@ -1,12 +1,15 @@
 """Probe: where the large-M path of the Mosaic GPU layouts spends its time (per XLA kernel).
 
-8192×8192 weights, M = 2048, on the GPU: ``A`` dequantize as stored + permute ``x`` + NT GEMM
-(with / without ``optimization_barrier``), ``B`` dequantize to logical order + GEMM, the
-dequantization alone, and (second part) three ways to permute ``x``. Writes
-``$OUT/large_m.json``; results: ``experiments/results/kernels/large_m_probe.json``.
+8192×8192 weights, M = 2048, on the GPU. Per format: ``stored`` — dequantize as stored + permute
+``x`` (as bf16 elements) + NT GEMM, with and without ``optimization_barrier``; ``logical`` — the
+weight dequantized back to logical order + GEMM; the dequantization alone; then three ways to
+permute ``x`` (element reshape, 32-bit pairs, gather). Prints and writes ``$OUT/large_m.json``;
+results: ``experiments/results/kernels/large_m_probe.json``.
 
     OUT=DIR python -m experiments.large_m_probe
 """
+
+from __future__ import annotations
 
 import json
 import os
@@ -17,10 +20,13 @@ import jax.numpy as jnp
 
 from experiments import kernel_bench as kb
 from qjax.kernels import repack as rp
-from qjax.kernels.gpu.mgpu_decode import to_stored
+from qjax.kernels.gpu.mgpu_decode import stored_order, to_stored, x_to_stored
+
+NT = (((1,), (1,)), ((), ()))
 
 
-def events(fn, args, n=10):
+def per_kernel_us(fn, args, n: int = 10) -> dict:
+    """Mean device µs per call of each XLA kernel ``fn`` launches."""
     for _ in range(2):
         jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as tmp:
@@ -28,63 +34,62 @@ def events(fn, args, n=10):
             for _ in range(n):
                 y = fn(*args)
             jax.block_until_ready(y)
-        ev = kb._kernel_events(tmp)
-    per = {}
-    for _, d, name in ev:
-        per[name[:90]] = per.get(name[:90], 0) + d / 1e3 / n
+        events = kb._kernel_events(tmp)
+    per: dict = {}
+    for _, d, name in events:
+        per[name[:90]] = per.get(name[:90], 0.0) + d / 1e3 / n
     return per
 
 
-out = {}
-for fmt in ("w4g128t", "w8cht", "w4g128"):
-    w = kb.random_weight(fmt, 8192, 8192, 0)
-    x = jax.random.normal(jax.random.key(1), (2048, 8192), jnp.bfloat16)
-
-    def A(x, w):
+def paths(bits: int) -> dict:
+    def stored(x, w):
         wd = jax.lax.optimization_barrier(rp.dequantize_stored(w))
-        xs = to_stored(x, rp.LAYOUTS[w.layout])
-        return jax.lax.dot_general(
-            xs, wd, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        ).astype(x.dtype)
+        y = jax.lax.dot_general(to_stored(x, bits), wd, NT, preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
 
-    def Anb(x, w):
+    def stored_no_barrier(x, w):
         wd = rp.dequantize_stored(w)
-        xs = to_stored(x, rp.LAYOUTS[w.layout])
-        return jax.lax.dot_general(
-            xs, wd, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        ).astype(x.dtype)
+        y = jax.lax.dot_general(to_stored(x, bits), wd, NT, preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
 
-    def B(x, w):
+    def logical(x, w):
         wd = jax.lax.optimization_barrier(rp.dequantize_bf16(w))
         return jnp.dot(x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
 
-    def Bnb(x, w):
-        wd = rp.dequantize_bf16(w)
-        return jnp.dot(x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
-
-    def deq_only(x, w):
+    def dequantize_only(x, w):
         return rp.dequantize_stored(w)
 
-    def deq_i8(x, w):
-        return w.codes.astype(jnp.int8)
+    def committed(x, w):  # calls.dequantized_matmul
+        wd = jax.lax.optimization_barrier(rp.dequantize_stored(w))
+        return jax.lax.dot_general(x_to_stored(x, bits), wd, NT, preferred_element_type=x.dtype)
 
-    cands = (
-        dict(A=A, Anb=Anb, B=B, Bnb=Bnb, deq_only=deq_only, deq_i8=deq_i8)
-        if fmt != "w4g128"
-        else dict(Bnb=Bnb, B=B)
-    )
-    for name, f in cands.items():
-        try:
-            per = events(jax.jit(f), (x, w))
+    return dict(stored=stored, stored_no_barrier=stored_no_barrier, logical=logical,
+                dequantize_only=dequantize_only, committed=committed)  # fmt: skip
+
+
+def main() -> None:
+    out: dict = {}
+    x = jax.random.normal(jax.random.key(1), (2048, 8192), jnp.bfloat16)
+    for fmt in ("w4g128t", "w8cht"):
+        w = kb.random_weight(fmt, 8192, 8192, 0)
+        for name, f in paths(rp.LAYOUTS[w.layout]).items():
+            per = per_kernel_us(jax.jit(f), (x, w))
             out[f"{fmt}/{name}"] = per
-            print(
-                fmt,
-                name,
-                round(sum(per.values()), 1),
-                {k: round(v, 1) for k, v in per.items()},
-                flush=True,
-            )
-        except Exception as e:
-            print(fmt, name, "ERR", repr(e)[:300], flush=True)
-os.makedirs(os.environ["OUT"], exist_ok=True)
-json.dump(out, open(os.path.join(os.environ["OUT"], "large_m.json"), "w"), indent=1)
+            print(fmt, name, round(sum(per.values()), 1), {k: round(v, 1) for k, v in per.items()})
+    for bits in (4, 8):
+        ways = {
+            "elements": lambda x, b=bits: to_stored(x, b),
+            "pairs_u32": lambda x, b=bits: x_to_stored(x, b),
+            "gather": lambda x, b=bits: jnp.take(x, jnp.asarray(stored_order(x.shape[1], b)), 1),
+        }
+        for name, f in ways.items():
+            per = per_kernel_us(jax.jit(f), (x,))
+            out[f"x_permute_{bits}bit/{name}"] = per
+            print(bits, name, {k: round(v, 1) for k, v in per.items()})
+    os.makedirs(os.environ["OUT"], exist_ok=True)
+    with open(os.path.join(os.environ["OUT"], "large_m.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
