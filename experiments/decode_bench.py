@@ -8,7 +8,9 @@ The model (SmolLM2-135M by default, from its GGUF) runs in bf16. Variants:
 * ``int4 g128 kernel`` — linear layers RTN int4 sym g128, repacked once to ``gpu_i4p`` so that
   ``qjax.ops.matmul`` dispatches to the Pallas (Triton) kernel (embeddings / tied head stay bf16);
 * ``int4 g128 Mosaic GPU`` — the same weights repacked to ``gpu_i4t``: the Mosaic GPU kernel;
-* ``int4 g128 XLA``    — the same QArrays in the canonical layout: XLA dequantize + ``dot``.
+* ``int4 g128 XLA``    — the same QArrays in the canonical layout: XLA dequantize + ``dot``;
+* ``nf4 Mosaic GPU`` / ``fp8 e4m3 Mosaic GPU`` — NF4 (block 64) / per-channel FP8 linear layers
+  (``gpu_nf4t`` / ``gpu_f8t``) on the Mosaic GPU kernel.
 
 Each variant prefills a real prompt (``--prompt`` tokens of the Wikipedia test text, repeated
 across the batch) and then decodes ``--steps`` tokens greedily. The decode loop is one jitted
@@ -79,13 +81,13 @@ def _time(fn, repeats: int) -> float:
 def variants(model) -> dict:
     """name -> param State (bf16 / int4 in a kernel layout / int4 canonical)."""
     state = nnx.state(model, nnx.Param)
-    spec = qjax.Int(4, group=128)
-    q = qjax.quantize(state, [(LINEARS, spec)], default=None)
+    q = qjax.quantize(state, [(LINEARS, qjax.Int(4, group=128))], default=None)
 
-    def packed(layout):
+    def packed(layout, spec=None):
+        qs = q if spec is None else qjax.quantize(state, [(LINEARS, spec)], default=None)
         return jax.tree_util.tree_map(
             lambda x: repack.repack(x, layout) if isinstance(x, qjax.QArray) else x,
-            q,
+            qs,
             is_leaf=lambda x: isinstance(x, qjax.QArray),
         )
 
@@ -94,6 +96,8 @@ def variants(model) -> dict:
         "int4 g128 kernel": packed("gpu_i4p"),
         "int4 g128 Mosaic GPU": packed("gpu_i4t"),
         "int4 g128 XLA": q,
+        "nf4 Mosaic GPU": packed("gpu_nf4t", qjax.NF4()),
+        "fp8 e4m3 Mosaic GPU": packed("gpu_f8t", qjax.FP8("e4m3", group="channel")),
     }
 
 
