@@ -203,8 +203,9 @@ def as_wgmma(arr):
 
 
 def _asm_map(arr, ptx: str, n_out: int):
-    """Applies ``ptx`` (one 32-bit input ``$n_out``, ``n_out`` 32-bit outputs) to each 32-bit
-    register of ``arr``; returns the array of ``2·n_out``-bf16 registers in ``arr``'s layout."""
+    """Applies ``ptx`` (one 32-bit input ``$n_out``, ``n_out ≥ 2`` 32-bit outputs) to each
+    32-bit register of ``arr``; returns the array of ``2·n_out``-bf16 registers in ``arr``'s
+    layout."""
     import jax.experimental.mosaic.gpu as mgpu
     from jax.experimental.mosaic.gpu import utils
     from jaxlib.mlir import ir
@@ -216,13 +217,10 @@ def _asm_map(arr, ptx: str, n_out: int):
     for idx, reg in np.ndenumerate(arr.registers):
         word = utils.bitcast(reg, i32)
         constraints = ",".join(["=r"] * n_out + ["r"])
-        if n_out == 1:
-            regs = [llvm.inline_asm(i32, [word], ptx, constraints)]
-        else:
-            struct = llvm.inline_asm(
-                llvm.StructType.get_literal([i32] * n_out), [word], ptx, constraints
-            )
-            regs = [llvm.extractvalue(i32, struct, [j]) for j in range(n_out)]
+        struct = llvm.inline_asm(
+            llvm.StructType.get_literal([i32] * n_out), [word], ptx, constraints
+        )
+        regs = [llvm.extractvalue(i32, struct, [j]) for j in range(n_out)]
         vec = utils.vector_concat([vector.broadcast(ir.VectorType.get((1,), i32), r) for r in regs])
         out[idx] = utils.bitcast(vec, ir.VectorType.get((2 * n_out,), bf16))
     return mgpu.FragmentedArray(_registers=out, _layout=arr.layout, _is_signed=None)
