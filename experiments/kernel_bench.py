@@ -193,7 +193,7 @@ def time_quant(fmt, n, k, m, cfg=None, interpret=False) -> dict:
         fn = jax.jit(qjax.matmul)
         used = "xla"
     elif w0.layout in mgpu_matmul.LAYOUTS:
-        cfg = cfg and mgpu_fit(cfg, w0, m)
+        cfg = cfg and mgpu_matmul.config_for(w0, m, cfg)
         fn = jax.jit(lambda x, w: mgpu_matmul.matmul(x, w, config=cfg))
         used = cfg or mgpu_matmul.config_for(w0, m)
     elif w0.layout in TABLE_LAYOUTS:
@@ -261,13 +261,6 @@ def candidates(m: int, bits: int) -> list:
             configs.Config("xla"),
         ]
     return [_c("tiled", 128, 256, 1, 8, 3), configs.Config("xla")]
-
-
-def mgpu_fit(cfg, w, m: int):
-    """``cfg`` fitted to ``m`` rows times the Mosaic GPU layout weight ``w``."""
-    n_p, k_p = w.codes.shape
-    mg = mgpu_matmul
-    return mg.fit(cfg, m, k_p, n_p, mg.code_bits(w), mg.slice_codes(w))
 
 
 def mgpu_candidates(m: int) -> list:
@@ -490,7 +483,7 @@ def run_check_mgpu(results: list) -> None:
         spec, layout = FORMATS[fmt]
         for m, k, n in cases:
             w, x, ref = check_case(spec, layout, m, k, n, seed=m * 13 + k)
-            tries = [None, *(mgpu_fit(c, w, m) for c in mg.TABLE.values())]
+            tries = [None, *(mg.config_for(w, m, c) for c in mg.TABLE.values())]
             for cfg in tries:
                 if cfg is None:
                     y = np.asarray(qjax.matmul(x, w), np.float32)

@@ -144,10 +144,13 @@ def decoder(w: QArray) -> str:
     return "nf4" if w.layout == "gpu_nf4t" else "int"
 
 
-def config_for(w: QArray, m: int) -> Config:
-    """:func:`pick` for ``m`` rows of ``x`` times the repacked weight ``w``."""
+def config_for(w: QArray, m: int, cfg: Config | None = None) -> Config:
+    """``cfg`` (default: the table's, :func:`pick`) :func:`fit` to ``m`` rows of ``x`` times the
+    repacked weight ``w``."""
     n_p, k_p = w.codes.shape
-    return pick(m, k_p, n_p, code_bits(w), slice_codes(w))
+    if cfg is None:
+        return pick(m, k_p, n_p, code_bits(w), slice_codes(w))
+    return fit(cfg, m, k_p, n_p, code_bits(w), slice_codes(w))
 
 
 def _tiled(minor_elems: int, bits: int, what: str):
