@@ -164,6 +164,21 @@ def device_time(fn, arg_sets: list, n_calls: int) -> dict:
     return {"us": float(np.median(times)) * 1e6, "method": "wall", "events": len(events)}
 
 
+def kernel_breakdown(fn, args, n_calls=20) -> dict:
+    """Median device µs per kernel name over ``n_calls`` calls (profiler trace)."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(n_calls):
+                y = fn(*args)
+            jax.block_until_ready(y)
+        events = _kernel_events(tmp)
+    per: dict = {}
+    for _, d, name in events:
+        per.setdefault(name[:70], []).append(d / 1e3)
+    return {k: round(float(np.median(v)), 2) for k, v in per.items()}
+
+
 def calls_for(est_us: float) -> int:
     return int(min(60, max(8, 200_000 / max(est_us, 1.0))))
 

@@ -4,7 +4,8 @@
 ``x`` (as bf16 elements) + NT GEMM, with and without ``optimization_barrier``; ``logical`` — the
 weight dequantized back to logical order + GEMM; the dequantization alone; then three ways to
 permute ``x`` (element reshape, 32-bit pairs, gather). Prints and writes ``$OUT/large_m.json``;
-results: ``experiments/results/kernels/large_m_probe.json``.
+results: ``experiments/results/kernels/large_m_probe.json`` (made with the mean per call of each
+kernel; every kernel of these paths runs once per call, so it equals today's median).
 
     OUT=DIR python -m experiments.large_m_probe
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -23,22 +23,6 @@ from qjax.kernels import repack as rp
 from qjax.kernels.gpu.mgpu_decode import stored_order, to_stored, x_to_stored
 
 NT = (((1,), (1,)), ((), ()))
-
-
-def per_kernel_us(fn, args, n: int = 10) -> dict:
-    """Mean device µs per call of each XLA kernel ``fn`` launches."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
-            for _ in range(n):
-                y = fn(*args)
-            jax.block_until_ready(y)
-        events = kb._kernel_events(tmp)
-    per: dict = {}
-    for _, d, name in events:
-        per[name[:90]] = per.get(name[:90], 0.0) + d / 1e3 / n
-    return per
 
 
 def paths(bits: int) -> dict:
@@ -73,7 +57,7 @@ def main() -> None:
     for fmt in ("w4g128t", "w8cht"):
         w = kb.random_weight(fmt, 8192, 8192, 0)
         for name, f in paths(rp.LAYOUTS[w.layout]).items():
-            per = per_kernel_us(jax.jit(f), (x, w))
+            per = kb.kernel_breakdown(jax.jit(f), (x, w))
             out[f"{fmt}/{name}"] = per
             print(fmt, name, round(sum(per.values()), 1), {k: round(v, 1) for k, v in per.items()})
     for bits in (4, 8):
@@ -83,7 +67,7 @@ def main() -> None:
             "gather": lambda x, b=bits: jnp.take(x, jnp.asarray(stored_order(x.shape[1], b)), 1),
         }
         for name, f in ways.items():
-            per = per_kernel_us(jax.jit(f), (x,))
+            per = kb.kernel_breakdown(jax.jit(f), (x,))
             out[f"x_permute_{bits}bit/{name}"] = per
             print(bits, name, {k: round(v, 1) for k, v in per.items()})
     os.makedirs(os.environ["OUT"], exist_ok=True)

@@ -213,7 +213,7 @@ def main(argv=None):
                 print("fail", cfg, type(e).__name__, str(e)[:500], flush=True)
         best = sorted(row["mgpu"].items(), key=lambda kv: kv[1])[:3]
         if best:
-            from experiments.w4_swap_probe import kernel_breakdown
+            from experiments.kernel_bench import kernel_breakdown
 
             cfg = eval(best[0][0])  # noqa: S307 — our own repr
             g = jax.jit(functools.partial(matmul, cfg=cfg))

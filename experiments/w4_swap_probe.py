@@ -27,11 +27,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from experiments.kernel_bench import kernel_breakdown
 from qjax.kernels import calls
 from qjax.kernels import repack as rp
 from qjax.kernels.gpu.int_matmul import int_matmul
@@ -141,25 +141,6 @@ def check(k, n, m, probe, interpret):
     y = swap_matmul(x, ct, st, probe, interpret).astype(jnp.float32)
     err = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
     return err
-
-
-def kernel_breakdown(fn, args, n_calls=20) -> dict:
-    """Median device µs per kernel name over ``n_calls`` calls (profiler trace)."""
-    import tempfile
-
-    from experiments.kernel_bench import _kernel_events
-
-    jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
-            for _ in range(n_calls):
-                y = fn(*args)
-            jax.block_until_ready(y)
-        events = _kernel_events(tmp)
-    per: dict = {}
-    for _, d, name in events:
-        per.setdefault(name[:70], []).append(d / 1e3)
-    return {k: round(float(np.median(v)), 2) for k, v in per.items()}
 
 
 def w8a8_bf16_out(x, q):
