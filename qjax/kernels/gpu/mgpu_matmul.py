@@ -22,10 +22,17 @@ shuffles) and, per 128- (NF4: 64-) code slice,
     acc += a @ x_sliceᵀ            (``wgmma``, float32 accumulator, ``xᵀ`` read transposed
                                     from shared memory)
 
+With ``scale_acc`` (the table's choice up to 32 rows of ``x``, int formats) the scale moves to
+the float32 sums instead: ``acc += s · (a @ x_sliceᵀ)``, each slice's product in one of two
+accumulators that alternate, so one slice's ``wgmma`` runs while the previous one is scaled
+(``BLOCK_N·BM`` multiply-adds per slice instead of ``BLOCK_N·span`` bf16 multiplies; exact
+products, one float32 rounding per slice); per-channel scales multiply the result once.
+
 K is split over a second grid axis (``split_k``) so that skinny products fill the 132 SMs; XLA
 sums the float32 partials, transposes and casts (FP8: times the per-channel scales) in one small
-fused pass. Rows of ``x`` are padded to a multiple of 16 (``wgmma``'s N); M > 128 takes
-:func:`qjax.kernels.calls.dequantized_matmul` (XLA's GEMM).
+fused pass. ``wgmma`` takes the rows of ``x`` 16 at a time: TMA reads the rows past the end of
+``x`` as zeros (``x`` with more than 8 rows is padded to a multiple of 8, TMA's tiling); M > 128
+takes :func:`qjax.kernels.calls.dequantized_matmul` (XLA's GEMM).
 
 Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's bf16 ``dot`` at
 M ≤ 16 on the Llama-3-70B shapes: int4 g128 1.97–3.09×, int8 per-channel 1.45–1.85×, FP8
@@ -52,6 +59,7 @@ LAYOUTS = ("gpu_i4t", "gpu_i8t", "gpu_nf4t", "gpu_f8t")
 SLICE = 128  # codes per scale row (and per wgmma issue) along K
 BLOCK_N = 64  # weight rows per compute warp group (wgmma M)
 MAX_BLOCK_M = 128  # rows of x per CTA
+TMA_ROWS = 8  # x's rows: fewer than this, or a multiple of it (TMA's tiling of a global array)
 SMEM_BYTES = 227 * 1024  # H100 shared memory per block (opt-in maximum)
 
 
@@ -61,13 +69,16 @@ class Config:
     block_k: int = 512
     split_k: int | None = None  # None: chosen by `split_for` to fill the SMs in whole waves
     stages: int = 2  # K steps the memory warp group runs ahead
+    scale_acc: bool = False  # scales on float32 per-slice sums (`_partials`), not on the weights
 
 
 # M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
 # Llama-3-70B shapes, experiments/results/kernels/): large K steps amortize the per-step barriers.
+# Up to 32 rows the scales go on the float32 sums (`scale_acc`): int4 +1–5 %, int8 per-channel
+# +1–2 %, NF4 −4–6 % (so `config_for` turns it off there), `scale_acc_probe.json`.
 TABLE = {
-    16: Config("mgpu", 512, None, 2),
-    32: Config("mgpu", 512, None, 2),
+    16: Config("mgpu", 512, None, 2, scale_acc=True),
+    32: Config("mgpu", 512, None, 2, scale_acc=True),
     64: Config("mgpu", 256, None, 4),
     128: Config("mgpu", 128, None, 4),
 }
@@ -149,7 +160,8 @@ def config_for(w: QArray, m: int, cfg: Config | None = None) -> Config:
     repacked weight ``w``."""
     n_p, k_p = w.codes.shape
     if cfg is None:
-        return pick(m, k_p, n_p, code_bits(w), slice_codes(w))
+        cfg = pick(m, k_p, n_p, code_bits(w), slice_codes(w))
+        return dataclasses.replace(cfg, scale_acc=cfg.scale_acc and w.layout != "gpu_nf4t")
     return fit(cfg, m, k_p, n_p, code_bits(w), slice_codes(w))
 
 
@@ -172,9 +184,9 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
 
     from qjax.kernels.gpu import mgpu_decode as dec
 
-    m_p, k_p = x2.shape
+    k_p = x2.shape[1]
+    m_p, bm = padded_rows(x2.shape[0])  # rows past x2's are zeros (TMA fills out of bounds)
     n_p = codes.shape[0]
-    bm = min(m_p, MAX_BLOCK_M)
     bk = cfg.block_k
     cta_n = 2 * BLOCK_N
     steps_all = k_p // bk
@@ -187,6 +199,8 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     bits = 4 if codes.dtype == jnp.int4 else 8
     half = 1 << (bits - 1)  # int codes are stored as c − half
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
+    by_slice = cfg.scale_acc and scaled
+    n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
 
     def kernel(w_gmem, x_gmem, *rest, o_smem):
         o_gmem = rest[-1]
@@ -194,10 +208,11 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
 
         def body(_, w_smem, x_smem, *rest):
             s_smem = rest[0] if scaled else None
-            z_smem = None if sym else rest[1]
-            acc_ref = rest[-1]
+            z_smem = None if sym else rest[int(scaled)]
+            accs = rest[-1]
             rows = pl.ds(lax.axis_index("wg") * BLOCK_N, BLOCK_N)
-            for j in range(per):
+
+            def slice_operand(j):
                 cols = pl.ds(j * span, span)
                 raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
                 a = dec.decode(decode, raw)
@@ -206,18 +221,47 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
                 if not sym:  # (c − h) − (z − h) = c − z, exact in bf16 (|c − z| < 256)
                     zh = z_smem[j, rows] - half
                     a = a - lax.broadcast_in_dim(zh, (BLOCK_N, span), (0,))
-                if scaled:
-                    a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
-                plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].T)
-            plgpu.wgmma_wait(0)
-            return acc_ref
+                return a
+
+            def x_slice(j):
+                return x_smem.at[:, pl.ds(j * span, span)].T
+
+            if not by_slice:
+                for j in range(per):
+                    a = slice_operand(j)
+                    if scaled:
+                        a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
+                    plgpu.wgmma(accs[0], a, x_slice(j))
+                plgpu.wgmma_wait(0)
+                return accs
+
+            # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
+            # accumulators while slice j − 1's is scaled into the running total
+            tot, parts = accs[0], accs[1:]
+
+            def fold(j, wait_n):
+                part = parts[j % 2]
+                p = plgpu.wgmma_accumulator_load(part, wait_n=wait_n)
+                s = s_smem[j, rows].astype(jnp.float32)
+                t = plgpu.wgmma_accumulator_load(tot, wait_n=None)
+                tot[...] = t + p * lax.broadcast_in_dim(s, (BLOCK_N, bm), (0,))
+                part[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
+
+            for j in range(per):
+                plgpu.wgmma(parts[j % 2], slice_operand(j), x_slice(j))
+                if j:
+                    fold(j - 1, wait_n=1)
+            fold(per - 1, wait_n=0)
+            return accs
 
         def compute_context(eval_pipeline):
-            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((BLOCK_N, bm), jnp.float32))
-            def _(acc_ref):
-                eval_pipeline(acc_ref)
+            acc = plgpu.ACC((BLOCK_N, bm), jnp.float32)
+
+            @functools.partial(pl.run_scoped, accs=[acc] * n_acc)
+            def _(accs):
+                eval_pipeline(tuple(accs))
                 wg = lax.axis_index("wg")
-                o_smem[wg] = acc_ref[...]
+                o_smem[wg] = accs[0][...]
                 plgpu.commit_smem()
                 rows = pl.ds(ni * cta_n + wg * BLOCK_N, BLOCK_N)
                 plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, rows, pl.ds(mi * bm, bm)])
@@ -262,14 +306,15 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _mgpu_matmul(x2, w: QArray, cfg: Config):
     m = x2.shape[0]
-    m_p, _ = padded_rows(m)
-    xp = jnp.pad(x2, [(0, m_p - m), (0, 0)]) if m_p > m else x2
-    per_channel = w.layout == "gpu_f8t"  # float32 scales, applied to the float32 sum
+    if m > TMA_ROWS and m % TMA_ROWS:  # TMA reads past the last row only of such x (as zeros)
+        x2 = jnp.pad(x2, [(0, -m % TMA_ROWS), (0, 0)])
+    # per-channel scales multiply the float32 sums once (FP8 always, int with `scale_acc`)
+    per_channel = w.layout == "gpu_f8t" or (cfg.scale_acc and w.spec.group == "channel")
     scales = None if per_channel else w.scales
-    y = _partials(xp, w.codes, scales, w.zeros, cfg, decoder(w), slice_codes(w))
+    y = _partials(x2, w.codes, scales, w.zeros, cfg, decoder(w), slice_codes(w))
     y = jnp.sum(y, axis=0).T[:m]
     if per_channel:
-        y = y * w.scales
+        y = y * w.scales[:1].astype(jnp.float32)
     return y.astype(x2.dtype)
 
 
