@@ -283,9 +283,8 @@ def mgpu_candidates(m: int) -> list:
     if m > mgpu_matmul.MAX_BLOCK_M:
         return [None]
     c = mgpu_matmul.Config
-    return [None, c("mgpu", 512, 2, 2), c("mgpu", 512, 4, 2), c("mgpu", 256, 2, 2),
-            c("mgpu", 256, 4, 2), c("mgpu", 128, 2, 4), c("mgpu", 1024, 2, 2),
-            c("mgpu", 1024, 4, 2), c("mgpu", 1024, None, 2)]  # fmt: skip
+    return [None] + [c("mgpu", bk, None, st) for bk, st in [(512, 2), (256, 2), (256, 4),
+                                                             (128, 4), (1024, 2)]]  # fmt: skip
 
 
 def table_candidates(m: int, n: int, k: int, layout: str) -> list:
@@ -600,8 +599,9 @@ def config_label(c: dict) -> str:
     """Short label of a config dict, e.g. ``decode 16×64 k4 w4 s4`` (table kernels: ``pallas``)."""
     if c == "xla" or c.get("path") == "xla":
         return "xla"
-    if c.get("path") == "mgpu":  # Mosaic GPU int4: K step, split, pipeline depth
-        return f"mgpu bk{c['block_k']} k{c['split_k']} st{c['stages']}"
+    if c.get("path") == "mgpu":  # Mosaic GPU: K step, K steps per CTA, pipeline depth, scales
+        acc = " sacc" if c.get("scale_acc") else ""
+        return f"mgpu bk{c['block_k']} L{c['cta_steps']} st{c['stages']}{acc}"
     unpack = "" if c.get("planes", True) else " reshape"
     return (
         f"{c.get('path', 'pallas')} {c['block_m']}×{c['block_n']} k{c['split_k']} "

@@ -74,7 +74,7 @@ def call(variant: str, cfg):
         m = x.shape[0]
         m_p, _ = mg.padded_rows(m)
         xp = jnp.pad(x, [(0, m_p - m), (0, 0)])
-        y = jnp.sum(mg._partials(xp, codes, scales, None, cfg, decode, sl), axis=0).T[:m]
+        y = mg.product(xp, codes, scales, None, cfg, decode, sl).T[:m]
         if post is not None:
             y = y * post
         return y.astype(x.dtype)

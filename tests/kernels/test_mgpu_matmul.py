@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qjax
 from qjax import ops
@@ -185,17 +187,49 @@ def test_table_configs_fit_shared_memory_and_divide_k(bits, m, k, n):
     bm = max(16, -(-m // 16) * 16)
     assert cfg.path == "mgpu"
     assert k % cfg.block_k == 0 and cfg.block_k % mg.SLICE == 0
-    assert (k // cfg.block_k) % cfg.split_k == 0
+    n_tiles = -(-n // 128)
+    assert (n_tiles * (k // cfg.block_k)) % cfg.cta_steps == 0
     assert mg.smem_bytes(bm, cfg.block_k, cfg.stages, bits) <= mg.SMEM_BYTES
     assert mg.pick(129, k, n).path == "xla"
 
 
-def test_split_fills_whole_waves():
-    # 64 CTA columns (N = 8192): split 2 makes 128 CTAs, one wave of 132 SMs; 80 (N = 10240):
-    # split 4 makes 320 CTAs (3 waves, 81 % full) where split 2 leaves 160 (61 %)
-    assert mg.split_for(8192, 1, 16) == 2
-    assert mg.split_for(10240, 1, 16) == 4
-    assert mg.split_for(640, 1, 5) == 1
+def test_stream_k_schedule_fills_the_sms_in_one_wave_where_it_can():
+    # 10240×8192 in 512-code steps: 80 tiles × 16 steps = 1280 steps; 128 CTAs of 10 steps
+    # (one wave) beat split-K's best (320 CTAs of 4 steps: three waves)
+    assert mg.schedule(80, 16) == 10
+    assert mg.schedule(64, 16) == 8
+    assert mg.schedule(448, 16) == 56
+    for n_tiles, steps in [(5, 5), (7, 3), (448, 64), (1, 1), (131, 1)]:
+        length = mg.schedule(n_tiles, steps)
+        ctas = n_tiles * steps // length
+        assert n_tiles * steps % length == 0
+        assert ctas <= mg.NUM_SMS or length == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_tiles=st.integers(1, 12), steps=st.integers(1, 9), data=st.data(), seed=st.integers(0, 99))
+def test_stream_k_partials_combine_to_the_full_sum(n_tiles, steps, data, seed):
+    # emulate the kernel: CTA c takes K steps [c·L, (c+1)·L) of the tiles end to end and flushes
+    # its sum for tile t (at the tile's last step or its own) into slot c − first_cta(t);
+    # slots never written hold NaN and must not reach the result
+    total = n_tiles * steps
+    length = data.draw(st.sampled_from([d for d in range(1, total + 1) if total % d == 0]))
+    rng = np.random.default_rng(seed)
+    contrib = rng.standard_normal((total, 2, 3)).astype(np.float32)  # per step: (rows, cols)
+    seg = mg.segments(n_tiles, steps, length)
+    slots = int((seg[:, 1] - seg[:, 0]).max()) + 1
+    parts = np.full((slots, n_tiles * 2, 3), np.nan, np.float32)
+    for c in range(total // length):
+        acc = np.zeros((2, 3), np.float32)
+        for g in range(c * length, (c + 1) * length):
+            t = g // steps
+            acc += contrib[g]
+            if g % steps == steps - 1 or g == (c + 1) * length - 1:
+                parts[c - t * steps // length, 2 * t : 2 * t + 2] = acc
+                acc[:] = 0
+    got = np.asarray(mg.combine(jnp.asarray(parts), n_tiles, steps, length))
+    want = contrib.reshape(n_tiles, steps, 2, 3).sum(1).reshape(n_tiles * 2, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("spec", [*SPECS[:2], *SPECS[4:]], ids=lambda s: s.label())

@@ -48,6 +48,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from qjax.errors import FormatError, ShapeError
@@ -67,7 +68,7 @@ SMEM_BYTES = 227 * 1024  # H100 shared memory per block (opt-in maximum)
 class Config:
     path: str  # "mgpu" | "xla"
     block_k: int = 512
-    split_k: int | None = None  # None: chosen by `split_for` to fill the SMs in whole waves
+    cta_steps: int | None = None  # K steps per CTA (stream-K); None: chosen by `schedule`
     stages: int = 2  # K steps the memory warp group runs ahead
     scale_acc: bool = False  # scales on float32 per-slice sums (`_partials`), not on the weights
 
@@ -102,21 +103,36 @@ def smem_bytes(bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE) 
     return stages * per_stage + 2 * BLOCK_N * bm * 4
 
 
-def split_for(n_p: int, m_tiles: int, steps: int) -> int:
-    """Split-K factor in {1, 2, 4} (dividing the K steps) whose CTAs fill whole waves of the SMs
-    best; ties go to the smaller split (less partial-sum traffic)."""
+RAMP_STEPS = 2  # a CTA's pipeline fill + drain, in K steps (measured: 3 waves of 4-step CTAs
+#                 take the time of ≈ 19 steps on 10240×8192)
 
-    def fill(split: int) -> float:
-        ctas = n_p // (2 * BLOCK_N) * m_tiles * split
-        return ctas / (-(-ctas // NUM_SMS) * NUM_SMS)
 
-    return max((s for s in (1, 2, 4) if steps % s == 0), key=lambda s: (fill(s), -s))
+def segments(n_tiles: int, steps: int, cta_steps: int) -> np.ndarray:
+    """``(n_tiles, 2)``: the first and last CTA that work on each ``(128, K)`` weight tile when
+    CTA ``c`` takes K steps ``[c·L, (c+1)·L)`` of the tiles laid end to end (``L`` =
+    ``cta_steps``, ``steps`` per tile)."""
+    starts = np.arange(n_tiles) * steps
+    return np.stack([starts // cta_steps, (starts + steps - 1) // cta_steps], axis=1)
+
+
+def schedule(n_tiles: int, steps: int, m_tiles: int = 1) -> int:
+    """Stream-K: K steps per CTA, a divisor ``L`` of the ``n_tiles·steps`` steps, that minimizes
+    ``waves · (L + RAMP_STEPS)`` (ties: larger ``L``, fewer partial sums). A CTA's steps may
+    span the end of one weight tile and the start of the next (Osama et al. 2023, "Stream-K"),
+    so ``N·K`` work spreads evenly over the SMs whatever the number of tiles."""
+    total = n_tiles * steps
+
+    def cost(length: int) -> tuple[int, int]:
+        waves = -(-(total // length) * m_tiles // NUM_SMS)
+        return waves * (length + RAMP_STEPS), -length
+
+    return min((d for d in range(1, total + 1) if total % d == 0), key=cost)
 
 
 def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
     """``cfg`` made runnable for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step
     halved until it divides ``K_p``, its pipeline depth (then its K step) cut to shared memory,
-    its split (when ``None``) chosen by :func:`split_for`."""
+    its K steps per CTA chosen by :func:`schedule` (``None``) or cut to divide the steps."""
     bk = cfg.block_k
     while k_p % bk:
         bk //= 2
@@ -127,8 +143,12 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
             stages -= 1
         else:
             bk //= 2
-    split = cfg.split_k or split_for(n_p, m_p // bm, k_p // bk)
-    return dataclasses.replace(cfg, block_k=bk, stages=stages, split_k=split)
+    n_tiles, steps = n_p // (2 * BLOCK_N), k_p // bk
+    if cfg.cta_steps is None:
+        cta_steps = schedule(n_tiles, steps, m_p // bm)
+    else:
+        cta_steps = calls.largest_divisor_at_most(n_tiles * steps, cfg.cta_steps)
+    return dataclasses.replace(cfg, block_k=bk, stages=stages, cta_steps=cta_steps)
 
 
 def pick(m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
@@ -174,7 +194,10 @@ def _tiled(minor_elems: int, bits: int, what: str):
 
 
 def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
-    """``(split, N_p, M_p)`` float32 partial products ``Ŵᵀ xᵀ`` (module docstring).
+    """``(slots, N_p, M_p)`` float32 partial products ``Ŵᵀ xᵀ`` (module docstring): CTA ``c``
+    writes its sum over the K steps it took of weight tile ``t`` to slot ``c − first_cta(t)``
+    (:func:`segments`); the other slots of a tile are left unwritten (:func:`product` masks
+    them).
 
     ``codes`` in :func:`~qjax.kernels.gpu.mgpu_decode.stored_order`, decoded by ``decode`` (a
     :func:`~qjax.kernels.gpu.mgpu_decode.decode` kind) ``span`` codes at a time, one row of
@@ -187,12 +210,12 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     k_p = x2.shape[1]
     m_p, bm = padded_rows(x2.shape[0])  # rows past x2's are zeros (TMA fills out of bounds)
     n_p = codes.shape[0]
-    bk = cfg.block_k
+    bk, length = cfg.block_k, cfg.cta_steps
     cta_n = 2 * BLOCK_N
-    steps_all = k_p // bk
-    split = cfg.split_k or split_for(n_p, m_p // bm, steps_all)
-    split = calls.largest_divisor_at_most(steps_all, split)
-    steps = steps_all // split
+    n_tiles, steps = n_p // cta_n, k_p // bk
+    ctas = n_tiles * steps // length
+    seg = segments(n_tiles, steps, length)
+    slots = int(np.max(seg[:, 1] - seg[:, 0])) + 1
     per = bk // span  # scale rows (and decoded slices) per step
     sym = zeros is None
     scaled = scales is not None
@@ -204,9 +227,28 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
 
     def kernel(w_gmem, x_gmem, *rest, o_smem):
         o_gmem = rest[-1]
-        ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
+        ci, mi = lax.axis_index("c"), lax.axis_index("m")
+        first = ci * length  # the CTA's first K step, counting over the tiles end to end
 
-        def body(_, w_smem, x_smem, *rest):
+        def tile(kk):
+            return (first + kk) // steps
+
+        def k_step(kk):
+            return (first + kk) % steps
+
+        def flush(acc, t):
+            """Writes the sum of tile ``t`` so far to its slot; zeroes the accumulator."""
+            wg = lax.axis_index("wg")
+            total = acc[...]
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last flush has read o_smem
+            o_smem[wg] = total
+            plgpu.commit_smem()
+            rows = pl.ds(t * cta_n + wg * BLOCK_N, BLOCK_N)
+            slot = ci - t * steps // length
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[slot, rows, pl.ds(mi * bm, bm)])
+            acc[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
+
+        def body(idx, w_smem, x_smem, *rest):
             s_smem = rest[0] if scaled else None
             z_smem = None if sym else rest[int(scaled)]
             accs = rest[-1]
@@ -233,25 +275,31 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
                         a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
                     plgpu.wgmma(accs[0], a, x_slice(j))
                 plgpu.wgmma_wait(0)
-                return accs
+            else:
+                # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
+                # accumulators while slice j − 1's is scaled into the running total
+                tot, parts = accs[0], accs[1:]
 
-            # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
-            # accumulators while slice j − 1's is scaled into the running total
-            tot, parts = accs[0], accs[1:]
+                def fold(j, wait_n):
+                    part = parts[j % 2]
+                    p = plgpu.wgmma_accumulator_load(part, wait_n=wait_n)
+                    s = s_smem[j, rows].astype(jnp.float32)
+                    t = plgpu.wgmma_accumulator_load(tot, wait_n=None)
+                    tot[...] = t + p * lax.broadcast_in_dim(s, (BLOCK_N, bm), (0,))
+                    part[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
 
-            def fold(j, wait_n):
-                part = parts[j % 2]
-                p = plgpu.wgmma_accumulator_load(part, wait_n=wait_n)
-                s = s_smem[j, rows].astype(jnp.float32)
-                t = plgpu.wgmma_accumulator_load(tot, wait_n=None)
-                tot[...] = t + p * lax.broadcast_in_dim(s, (BLOCK_N, bm), (0,))
-                part[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
+                for j in range(per):
+                    plgpu.wgmma(parts[j % 2], slice_operand(j), x_slice(j))
+                    if j:
+                        fold(j - 1, wait_n=1)
+                fold(per - 1, wait_n=0)
 
-            for j in range(per):
-                plgpu.wgmma(parts[j % 2], slice_operand(j), x_slice(j))
-                if j:
-                    fold(j - 1, wait_n=1)
-            fold(per - 1, wait_n=0)
+            (kk,) = idx
+
+            @pl.when((k_step(kk) == steps - 1) | (kk == length - 1))
+            def _():
+                flush(accs[0], tile(kk))
+
             return accs
 
         def compute_context(eval_pipeline):
@@ -260,21 +308,20 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
             @functools.partial(pl.run_scoped, accs=[acc] * n_acc)
             def _(accs):
                 eval_pipeline(tuple(accs))
-                wg = lax.axis_index("wg")
-                o_smem[wg] = accs[0][...]
-                plgpu.commit_smem()
-                rows = pl.ds(ni * cta_n + wg * BLOCK_N, BLOCK_N)
-                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, rows, pl.ds(mi * bm, bm)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (kk, 0))
+        row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (k_step(kk), tile(kk)))
         in_specs = [
-            plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk), transforms=_tiled(span, bits, "lhs")),
-            plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=_tiled(span, 16, "rhs")),
+            plgpu.BlockSpec(
+                (cta_n, bk), lambda kk: (tile(kk), k_step(kk)), transforms=_tiled(span, bits, "lhs")
+            ),
+            plgpu.BlockSpec(
+                (bm, bk), lambda kk: (0, k_step(kk)), transforms=_tiled(span, 16, "rhs")
+            ),
         ] + [row_spec] * (int(scaled) + int(not sym))
         pipeline = plgpu.emit_pipeline_warp_specialized(
             body,
-            grid=(steps,),
+            grid=(length,),
             memory_registers=40,
             in_specs=in_specs,
             wg_axis="wg",
@@ -282,18 +329,14 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
             max_concurrent_steps=cfg.stages,
             compute_context=compute_context,
         )
-        n_rows, k_cols = pl.ds(ni * cta_n, cta_n), pl.ds(si * steps * bk, steps * bk)
-        s_rows = pl.ds(si * steps * per, steps * per)
-        refs = [w_gmem.at[n_rows, k_cols], x_gmem.at[pl.ds(mi * bm, bm), k_cols]]
-        refs += [r.at[s_rows, n_rows] for r in rest[:-1]]
-        pipeline(*refs)
+        pipeline(w_gmem, x_gmem.at[pl.ds(mi * bm, bm)], *rest[:-1])
 
     args = [codes, x2] + ([scales] if scaled else []) + ([] if sym else [zeros])
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((split, n_p, m_p), jnp.float32),
-        grid=(n_p // cta_n, m_p // bm, split),
-        grid_names=("n", "m", "s"),
+        out_type=jax.ShapeDtypeStruct((slots, n_p, m_p), jnp.float32),
+        grid=(ctas, m_p // bm),
+        grid_names=("c", "m"),
         num_threads=3,
         thread_name="wg",
         scratch_types=dict(
@@ -301,6 +344,25 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(*args)
+
+
+def combine(parts, n_tiles: int, steps: int, cta_steps: int):
+    """Sums ``(slots, N_p, M_p)`` partials over the slots each weight tile was written to
+    (:func:`segments`): the slots a tile did not get are masked, never read as data."""
+    if parts.shape[0] == 1:
+        return parts[0]
+    seg = segments(n_tiles, steps, cta_steps)
+    written = np.arange(parts.shape[0])[:, None] <= (seg[:, 1] - seg[:, 0])[None, :]
+    mask = np.repeat(written, parts.shape[1] // n_tiles, axis=1)[:, :, None]  # (slots, N_p, 1)
+    return jnp.sum(jnp.where(mask, parts, 0.0), axis=0)
+
+
+def product(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
+    """``Ŵᵀ xᵀ``, ``(N_p, M_p)`` float32: the kernel's partial sums (:func:`_partials`),
+    combined in one fused XLA pass."""
+    parts = _partials(x2, codes, scales, zeros, cfg, decode, span)
+    n_tiles = codes.shape[0] // (2 * BLOCK_N)
+    return combine(parts, n_tiles, x2.shape[1] // cfg.block_k, cfg.cta_steps)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -311,8 +373,7 @@ def _mgpu_matmul(x2, w: QArray, cfg: Config):
     # per-channel scales multiply the float32 sums once (FP8 always, int with `scale_acc`)
     per_channel = w.layout == "gpu_f8t" or (cfg.scale_acc and w.spec.group == "channel")
     scales = None if per_channel else w.scales
-    y = _partials(x2, w.codes, scales, w.zeros, cfg, decoder(w), slice_codes(w))
-    y = jnp.sum(y, axis=0).T[:m]
+    y = product(x2, w.codes, scales, w.zeros, cfg, decoder(w), slice_codes(w)).T[:m]
     if per_channel:
         y = y * w.scales[:1].astype(jnp.float32)
     return y.astype(x2.dtype)
@@ -351,6 +412,11 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
         if cfg.block_k % SLICE or w.codes.shape[1] % cfg.block_k:
             raise ShapeError(f"mgpu_matmul: block_k {cfg.block_k} must be a multiple of "
                              f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
+        n_p, k_p = w.codes.shape
+        total = n_p // (2 * BLOCK_N) * (k_p // cfg.block_k)
+        if cfg.cta_steps is None or total % cfg.cta_steps:
+            raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} "
+                             f"K steps of the weight's tiles (use fit())")  # fmt: skip
         _, bm = padded_rows(x2.shape[0])
         need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span)
         if need > SMEM_BYTES:
