@@ -283,8 +283,8 @@ def mgpu_candidates(m: int) -> list:
     if m > mgpu_matmul.MAX_BLOCK_M:
         return [None]
     c = mgpu_matmul.Config
-    return [None] + [c("mgpu", bk, None, st) for bk, st in [(512, 2), (256, 2), (256, 4),
-                                                             (128, 4), (1024, 2)]]  # fmt: skip
+    tries = [(512, 2), (512, 3), (512, 4), (256, 4), (256, 6), (128, 4), (128, 8), (1024, 2)]
+    return [None] + [c("mgpu", bk, None, st, scale_acc=m <= 32) for bk, st in tries]
 
 
 def table_candidates(m: int, n: int, k: int, layout: str) -> list:

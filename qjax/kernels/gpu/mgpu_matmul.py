@@ -71,6 +71,7 @@ class Config:
     cta_steps: int | None = None  # K steps per CTA (stream-K); None: chosen by `schedule`
     stages: int = 2  # K steps the memory warp group runs ahead
     scale_acc: bool = False  # scales on float32 per-slice sums (`_partials`), not on the weights
+    wg_rows: int = BLOCK_N  # weight rows per compute warp group: 64, or 128 (two accumulators)
 
 
 # M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
@@ -78,8 +79,8 @@ class Config:
 # Up to 32 rows the scales go on the float32 sums (`scale_acc`): int4 +1–5 %, int8 per-channel
 # +1–2 %, NF4 −4–6 % (so `config_for` turns it off there), `scale_acc_probe.json`.
 TABLE = {
-    16: Config("mgpu", 512, None, 2, scale_acc=True),
-    32: Config("mgpu", 512, None, 2, scale_acc=True),
+    16: Config("mgpu", 512, None, 3, scale_acc=True),
+    32: Config("mgpu", 512, None, 3, scale_acc=True),
     64: Config("mgpu", 256, None, 4),
     128: Config("mgpu", 128, None, 4),
 }
@@ -95,11 +96,13 @@ def padded_rows(m: int) -> tuple[int, int]:
     return m_p, min(m_p, MAX_BLOCK_M)
 
 
-def smem_bytes(bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE) -> int:
+def smem_bytes(
+    bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE, wg_rows: int = BLOCK_N
+) -> int:
     """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows, one per
     ``span`` codes) + the float32 output tiles of the two compute warp groups (Mosaic GPU's
     count, for asymmetric int; an upper bound for the other formats)."""
-    per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * BLOCK_N * 2
+    per_stage = 2 * wg_rows * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * wg_rows * 2
     return stages * per_stage + 2 * BLOCK_N * bm * 4
 
 
@@ -132,23 +135,27 @@ def schedule(n_tiles: int, steps: int, m_tiles: int = 1) -> int:
 def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
     """``cfg`` made runnable for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step
     halved until it divides ``K_p``, its pipeline depth (then its K step) cut to shared memory,
-    its K steps per CTA chosen by :func:`schedule` (``None``) or cut to divide the steps."""
+    its K steps per CTA chosen by :func:`schedule` (``None``) or cut to divide the steps, 64 rows
+    per warp group where ``N_p`` is no multiple of ``2·wg_rows`` (or with ``scale_acc``)."""
+    wg_rows = cfg.wg_rows if n_p % (2 * cfg.wg_rows) == 0 and not cfg.scale_acc else BLOCK_N
     bk = cfg.block_k
     while k_p % bk:
         bk //= 2
     m_p, bm = padded_rows(m)
     stages = cfg.stages
-    while smem_bytes(bm, bk, stages, bits, span) > SMEM_BYTES and (stages > 1 or bk > SLICE):
+    while smem_bytes(bm, bk, stages, bits, span, wg_rows) > SMEM_BYTES and (
+        stages > 1 or bk > SLICE
+    ):
         if stages > 1:
             stages -= 1
         else:
             bk //= 2
-    n_tiles, steps = n_p // (2 * BLOCK_N), k_p // bk
+    n_tiles, steps = n_p // (2 * wg_rows), k_p // bk
     if cfg.cta_steps is None:
         cta_steps = schedule(n_tiles, steps, m_p // bm)
     else:
         cta_steps = calls.largest_divisor_at_most(n_tiles * steps, cfg.cta_steps)
-    return dataclasses.replace(cfg, block_k=bk, stages=stages, cta_steps=cta_steps)
+    return dataclasses.replace(cfg, block_k=bk, stages=stages, cta_steps=cta_steps, wg_rows=wg_rows)
 
 
 def pick(m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
@@ -211,7 +218,8 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     m_p, bm = padded_rows(x2.shape[0])  # rows past x2's are zeros (TMA fills out of bounds)
     n_p = codes.shape[0]
     bk, length = cfg.block_k, cfg.cta_steps
-    cta_n = 2 * BLOCK_N
+    cta_n = 2 * cfg.wg_rows
+    halves = cfg.wg_rows // BLOCK_N  # 64-row wgmma tiles per warp group, one accumulator each
     n_tiles, steps = n_p // cta_n, k_p // bk
     ctas = n_tiles * steps // length
     seg = segments(n_tiles, steps, length)
@@ -223,7 +231,9 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     half = 1 << (bits - 1)  # int codes are stored as c − half
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
     by_slice = cfg.scale_acc and scaled
-    n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
+    n_acc = 3 if by_slice else halves  # the total(s) (+ two per-slice partial sums)
+    if by_slice and halves > 1:
+        raise ShapeError("mgpu_matmul: scale_acc takes 64 rows per warp group")
 
     def kernel(w_gmem, x_gmem, *rest, o_smem):
         o_gmem = rest[-1]
@@ -236,14 +246,15 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
         def k_step(kk):
             return (first + kk) % steps
 
-        def flush(acc, t):
-            """Writes the sum of tile ``t`` so far to its slot; zeroes the accumulator."""
+        def flush(acc, t, h):
+            """Writes 64-row half ``h`` of the warp group's sum of tile ``t`` so far to its
+            slot; zeroes the accumulator."""
             wg = lax.axis_index("wg")
             total = acc[...]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last flush has read o_smem
             o_smem[wg] = total
             plgpu.commit_smem()
-            rows = pl.ds(t * cta_n + wg * BLOCK_N, BLOCK_N)
+            rows = pl.ds(t * cta_n + wg * cfg.wg_rows + h * BLOCK_N, BLOCK_N)
             slot = ci - t * steps // length
             plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[slot, rows, pl.ds(mi * bm, bm)])
             acc[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
@@ -252,9 +263,10 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
             s_smem = rest[0] if scaled else None
             z_smem = None if sym else rest[int(scaled)]
             accs = rest[-1]
-            rows = pl.ds(lax.axis_index("wg") * BLOCK_N, BLOCK_N)
+            wg_row = lax.axis_index("wg") * cfg.wg_rows
+            rows = pl.ds(wg_row, BLOCK_N)
 
-            def slice_operand(j):
+            def slice_operand(j, rows=rows):
                 cols = pl.ds(j * span, span)
                 raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
                 a = dec.decode(decode, raw)
@@ -270,10 +282,13 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
 
             if not by_slice:
                 for j in range(per):
-                    a = slice_operand(j)
-                    if scaled:
-                        a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
-                    plgpu.wgmma(accs[0], a, x_slice(j))
+                    for h in range(halves):
+                        rows_h = pl.ds(wg_row + h * BLOCK_N, BLOCK_N)
+                        a = slice_operand(j, rows_h)
+                        if scaled:
+                            s = s_smem[j, rows_h]
+                            a = a * lax.broadcast_in_dim(s, (BLOCK_N, span), (0,))
+                        plgpu.wgmma(accs[h], a, x_slice(j))
                 plgpu.wgmma_wait(0)
             else:
                 # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
@@ -298,7 +313,8 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
 
             @pl.when((k_step(kk) == steps - 1) | (kk == length - 1))
             def _():
-                flush(accs[0], tile(kk))
+                for h in range(halves):
+                    flush(accs[h], tile(kk), h)
 
             return accs
 
@@ -361,7 +377,7 @@ def product(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     """``Ŵᵀ xᵀ``, ``(N_p, M_p)`` float32: the kernel's partial sums (:func:`_partials`),
     combined in one fused XLA pass."""
     parts = _partials(x2, codes, scales, zeros, cfg, decode, span)
-    n_tiles = codes.shape[0] // (2 * BLOCK_N)
+    n_tiles = codes.shape[0] // (2 * cfg.wg_rows)
     return combine(parts, n_tiles, x2.shape[1] // cfg.block_k, cfg.cta_steps)
 
 
@@ -413,12 +429,15 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
             raise ShapeError(f"mgpu_matmul: block_k {cfg.block_k} must be a multiple of "
                              f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
         n_p, k_p = w.codes.shape
-        total = n_p // (2 * BLOCK_N) * (k_p // cfg.block_k)
+        if n_p % (2 * cfg.wg_rows) or (cfg.scale_acc and cfg.wg_rows != BLOCK_N):
+            raise ShapeError(f"mgpu_matmul: wg_rows {cfg.wg_rows} needs N_p = {n_p} a multiple "
+                             f"of {2 * cfg.wg_rows} and no scale_acc (use fit())")  # fmt: skip
+        total = n_p // (2 * cfg.wg_rows) * (k_p // cfg.block_k)
         if cfg.cta_steps is None or total % cfg.cta_steps:
             raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} "
                              f"K steps of the weight's tiles (use fit())")  # fmt: skip
         _, bm = padded_rows(x2.shape[0])
-        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span)
+        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.wg_rows)
         if need > SMEM_BYTES:
             raise ShapeError(
                 f"mgpu_matmul: {cfg} needs {need} bytes "
