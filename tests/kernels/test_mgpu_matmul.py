@@ -184,7 +184,7 @@ def test_ptx_uses_the_emulated_constants():
 @pytest.mark.parametrize(("k", "n"), [(8192, 8192), (8192, 57344), (28672, 8192), (640, 384)])
 def test_table_configs_fit_shared_memory_and_divide_k(bits, m, k, n):
     cfg = mg.pick(m, k, n, bits)
-    bm = max(16, -(-m // 16) * 16)
+    bm = max(8, -(-m // 8) * 8)
     assert cfg.path == "mgpu"
     assert k % cfg.block_k == 0 and cfg.block_k % mg.SLICE == 0
     n_tiles = -(-n // 128)

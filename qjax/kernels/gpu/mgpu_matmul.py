@@ -60,6 +60,7 @@ LAYOUTS = ("gpu_i4t", "gpu_i8t", "gpu_nf4t", "gpu_f8t")
 SLICE = 128  # codes per scale row (and per wgmma issue) along K
 BLOCK_N = 64  # weight rows per compute warp group (wgmma M)
 MAX_BLOCK_M = 128  # rows of x per CTA
+ROW_STEP = 8  # wgmma's N (rows of x per CTA) is a multiple of this
 TMA_ROWS = 8  # x's rows: fewer than this, or a multiple of it (TMA's tiling of a global array)
 SMEM_BYTES = 227 * 1024  # H100 shared memory per block (opt-in maximum)
 
@@ -71,7 +72,6 @@ class Config:
     cta_steps: int | None = None  # K steps per CTA (stream-K); None: chosen by `schedule`
     stages: int = 2  # K steps the memory warp group runs ahead
     scale_acc: bool = False  # scales on float32 per-slice sums (`_partials`), not on the weights
-    wg_rows: int = BLOCK_N  # weight rows per compute warp group: 64, or 128 (two accumulators)
 
 
 # M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
@@ -88,21 +88,19 @@ NUM_SMS = 132  # H100 SXM; one CTA per SM (three warp groups and their registers
 
 
 def padded_rows(m: int) -> tuple[int, int]:
-    """``(M_p, BM)``: ``m`` rows of ``x`` padded to a multiple of 16 (``wgmma``'s N), and of
+    """``(M_p, BM)``: ``m`` rows of ``x`` padded to a multiple of 8 (``wgmma``'s N), and of
     :data:`MAX_BLOCK_M` above it; ``BM`` rows per CTA."""
-    m_p = max(16, -(-m // 16) * 16)
+    m_p = max(ROW_STEP, -(-m // ROW_STEP) * ROW_STEP)
     if m_p > MAX_BLOCK_M:
         m_p = -(-m // MAX_BLOCK_M) * MAX_BLOCK_M
     return m_p, min(m_p, MAX_BLOCK_M)
 
 
-def smem_bytes(
-    bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE, wg_rows: int = BLOCK_N
-) -> int:
+def smem_bytes(bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE) -> int:
     """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows, one per
     ``span`` codes) + the float32 output tiles of the two compute warp groups (Mosaic GPU's
     count, for asymmetric int; an upper bound for the other formats)."""
-    per_stage = 2 * wg_rows * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * wg_rows * 2
+    per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * BLOCK_N * 2
     return stages * per_stage + 2 * BLOCK_N * bm * 4
 
 
@@ -135,27 +133,23 @@ def schedule(n_tiles: int, steps: int, m_tiles: int = 1) -> int:
 def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
     """``cfg`` made runnable for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step
     halved until it divides ``K_p``, its pipeline depth (then its K step) cut to shared memory,
-    its K steps per CTA chosen by :func:`schedule` (``None``) or cut to divide the steps, 64 rows
-    per warp group where ``N_p`` is no multiple of ``2·wg_rows`` (or with ``scale_acc``)."""
-    wg_rows = cfg.wg_rows if n_p % (2 * cfg.wg_rows) == 0 and not cfg.scale_acc else BLOCK_N
+    its K steps per CTA chosen by :func:`schedule` (``None``) or cut to divide the steps."""
     bk = cfg.block_k
     while k_p % bk:
         bk //= 2
     m_p, bm = padded_rows(m)
     stages = cfg.stages
-    while smem_bytes(bm, bk, stages, bits, span, wg_rows) > SMEM_BYTES and (
-        stages > 1 or bk > SLICE
-    ):
+    while smem_bytes(bm, bk, stages, bits, span) > SMEM_BYTES and (stages > 1 or bk > SLICE):
         if stages > 1:
             stages -= 1
         else:
             bk //= 2
-    n_tiles, steps = n_p // (2 * wg_rows), k_p // bk
+    n_tiles, steps = n_p // (2 * BLOCK_N), k_p // bk
     if cfg.cta_steps is None:
         cta_steps = schedule(n_tiles, steps, m_p // bm)
     else:
         cta_steps = calls.largest_divisor_at_most(n_tiles * steps, cfg.cta_steps)
-    return dataclasses.replace(cfg, block_k=bk, stages=stages, cta_steps=cta_steps, wg_rows=wg_rows)
+    return dataclasses.replace(cfg, block_k=bk, stages=stages, cta_steps=cta_steps)
 
 
 def pick(m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
@@ -218,8 +212,7 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     m_p, bm = padded_rows(x2.shape[0])  # rows past x2's are zeros (TMA fills out of bounds)
     n_p = codes.shape[0]
     bk, length = cfg.block_k, cfg.cta_steps
-    cta_n = 2 * cfg.wg_rows
-    halves = cfg.wg_rows // BLOCK_N  # 64-row wgmma tiles per warp group, one accumulator each
+    cta_n = 2 * BLOCK_N
     n_tiles, steps = n_p // cta_n, k_p // bk
     ctas = n_tiles * steps // length
     seg = segments(n_tiles, steps, length)
@@ -231,9 +224,7 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     half = 1 << (bits - 1)  # int codes are stored as c − half
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
     by_slice = cfg.scale_acc and scaled
-    n_acc = 3 if by_slice else halves  # the total(s) (+ two per-slice partial sums)
-    if by_slice and halves > 1:
-        raise ShapeError("mgpu_matmul: scale_acc takes 64 rows per warp group")
+    n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
 
     def kernel(w_gmem, x_gmem, *rest, o_smem):
         o_gmem = rest[-1]
@@ -246,15 +237,14 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
         def k_step(kk):
             return (first + kk) % steps
 
-        def flush(acc, t, h):
-            """Writes 64-row half ``h`` of the warp group's sum of tile ``t`` so far to its
-            slot; zeroes the accumulator."""
+        def flush(acc, t):
+            """Writes the sum of tile ``t`` so far to its slot; zeroes the accumulator."""
             wg = lax.axis_index("wg")
             total = acc[...]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last flush has read o_smem
             o_smem[wg] = total
             plgpu.commit_smem()
-            rows = pl.ds(t * cta_n + wg * cfg.wg_rows + h * BLOCK_N, BLOCK_N)
+            rows = pl.ds(t * cta_n + wg * BLOCK_N, BLOCK_N)
             slot = ci - t * steps // length
             plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[slot, rows, pl.ds(mi * bm, bm)])
             acc[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
@@ -263,10 +253,9 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
             s_smem = rest[0] if scaled else None
             z_smem = None if sym else rest[int(scaled)]
             accs = rest[-1]
-            wg_row = lax.axis_index("wg") * cfg.wg_rows
-            rows = pl.ds(wg_row, BLOCK_N)
+            rows = pl.ds(lax.axis_index("wg") * BLOCK_N, BLOCK_N)
 
-            def slice_operand(j, rows=rows):
+            def slice_operand(j):
                 cols = pl.ds(j * span, span)
                 raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
                 a = dec.decode(decode, raw)
@@ -282,13 +271,10 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
 
             if not by_slice:
                 for j in range(per):
-                    for h in range(halves):
-                        rows_h = pl.ds(wg_row + h * BLOCK_N, BLOCK_N)
-                        a = slice_operand(j, rows_h)
-                        if scaled:
-                            s = s_smem[j, rows_h]
-                            a = a * lax.broadcast_in_dim(s, (BLOCK_N, span), (0,))
-                        plgpu.wgmma(accs[h], a, x_slice(j))
+                    a = slice_operand(j)
+                    if scaled:
+                        a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
+                    plgpu.wgmma(accs[0], a, x_slice(j))
                 plgpu.wgmma_wait(0)
             else:
                 # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
@@ -313,8 +299,7 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
 
             @pl.when((k_step(kk) == steps - 1) | (kk == length - 1))
             def _():
-                for h in range(halves):
-                    flush(accs[h], tile(kk), h)
+                flush(accs[0], tile(kk))
 
             return accs
 
@@ -377,7 +362,7 @@ def product(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     """``Ŵᵀ xᵀ``, ``(N_p, M_p)`` float32: the kernel's partial sums (:func:`_partials`),
     combined in one fused XLA pass."""
     parts = _partials(x2, codes, scales, zeros, cfg, decode, span)
-    n_tiles = codes.shape[0] // (2 * cfg.wg_rows)
+    n_tiles = codes.shape[0] // (2 * BLOCK_N)
     return combine(parts, n_tiles, x2.shape[1] // cfg.block_k, cfg.cta_steps)
 
 
@@ -429,15 +414,12 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
             raise ShapeError(f"mgpu_matmul: block_k {cfg.block_k} must be a multiple of "
                              f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
         n_p, k_p = w.codes.shape
-        if n_p % (2 * cfg.wg_rows) or (cfg.scale_acc and cfg.wg_rows != BLOCK_N):
-            raise ShapeError(f"mgpu_matmul: wg_rows {cfg.wg_rows} needs N_p = {n_p} a multiple "
-                             f"of {2 * cfg.wg_rows} and no scale_acc (use fit())")  # fmt: skip
-        total = n_p // (2 * cfg.wg_rows) * (k_p // cfg.block_k)
+        total = n_p // (2 * BLOCK_N) * (k_p // cfg.block_k)
         if cfg.cta_steps is None or total % cfg.cta_steps:
             raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} "
                              f"K steps of the weight's tiles (use fit())")  # fmt: skip
         _, bm = padded_rows(x2.shape[0])
-        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.wg_rows)
+        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span)
         if need > SMEM_BYTES:
             raise ShapeError(
                 f"mgpu_matmul: {cfg} needs {need} bytes "
