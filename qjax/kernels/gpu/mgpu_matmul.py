@@ -194,7 +194,7 @@ def _tiled(minor_elems: int, bits: int, what: str):
     return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
 
 
-def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int, tile_major=False):
+def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     """``(slots, N_p, M_p)`` float32 partial products ``Ŵᵀ xᵀ`` (module docstring): CTA ``c``
     writes its sum over the K steps it took of weight tile ``t`` to slot ``c − first_cta(t)``
     (:func:`segments`); the other slots of a tile are left unwritten (:func:`product` masks
@@ -210,7 +210,7 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int, til
 
     k_p = x2.shape[1]
     m_p, bm = padded_rows(x2.shape[0])  # rows past x2's are zeros (TMA fills out of bounds)
-    n_p = codes.size // k_p if tile_major else codes.shape[0]
+    n_p = codes.shape[0]
     bk, length = cfg.block_k, cfg.cta_steps
     cta_n = 2 * BLOCK_N
     n_tiles, steps = n_p // cta_n, k_p // bk
@@ -314,11 +314,7 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int, til
         row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (k_step(kk), tile(kk)))
         in_specs = [
             plgpu.BlockSpec(
-                (cta_n, bk),
-                (lambda kk: (tile(kk) * steps + k_step(kk), 0))
-                if tile_major
-                else (lambda kk: (tile(kk), k_step(kk))),
-                transforms=_tiled(span, bits, "lhs"),
+                (cta_n, bk), lambda kk: (tile(kk), k_step(kk)), transforms=_tiled(span, bits, "lhs")
             ),
             plgpu.BlockSpec(
                 (bm, bk), lambda kk: (0, k_step(kk)), transforms=_tiled(span, 16, "rhs")
@@ -362,11 +358,11 @@ def combine(parts, n_tiles: int, steps: int, cta_steps: int):
     return jnp.sum(jnp.where(mask, parts, 0.0), axis=0)
 
 
-def product(x2, codes, scales, zeros, cfg: Config, decode: str, span: int, tile_major=False):
+def product(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     """``Ŵᵀ xᵀ``, ``(N_p, M_p)`` float32: the kernel's partial sums (:func:`_partials`),
     combined in one fused XLA pass."""
-    parts = _partials(x2, codes, scales, zeros, cfg, decode, span, tile_major)
-    n_tiles = codes.size // x2.shape[1] // (2 * BLOCK_N)
+    parts = _partials(x2, codes, scales, zeros, cfg, decode, span)
+    n_tiles = codes.shape[0] // (2 * BLOCK_N)
     return combine(parts, n_tiles, x2.shape[1] // cfg.block_k, cfg.cta_steps)
 
 
