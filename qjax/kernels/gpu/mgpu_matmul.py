@@ -25,19 +25,24 @@ shuffles) and, per 128- (NF4: 64-) code slice,
 With ``scale_acc`` (the table's choice up to 32 rows of ``x``, int formats) the scale moves to
 the float32 sums instead: ``acc += s · (a @ x_sliceᵀ)``, each slice's product in one of two
 accumulators that alternate, so one slice's ``wgmma`` runs while the previous one is scaled
-(``BLOCK_N·BM`` multiply-adds per slice instead of ``BLOCK_N·span`` bf16 multiplies; exact
-products, one float32 rounding per slice); per-channel scales multiply the result once.
+(``BLOCK_N·BM`` multiply-adds per slice instead of ``BLOCK_N·span`` bf16 multiplies, and no
+bf16 rounding of ``c·s``); per-channel scales multiply the result once.
 
-K is split over a second grid axis (``split_k``) so that skinny products fill the 132 SMs; XLA
-sums the float32 partials, transposes and casts (FP8: times the per-channel scales) in one small
-fused pass. ``wgmma`` takes the rows of ``x`` 16 at a time: TMA reads the rows past the end of
-``x`` as zeros (``x`` with more than 8 rows is padded to a multiple of 8, TMA's tiling); M > 128
-takes :func:`qjax.kernels.calls.dequantized_matmul` (XLA's GEMM).
+Work is scheduled stream-K (:func:`schedule`; Osama et al. 2023): the weight's 128-row tiles are
+laid end to end as ``tiles × K steps``, and every CTA takes the same number ``L`` of consecutive
+steps, so a CTA may finish one tile and start the next; at a tile's last step (and its own) it
+writes the tile's float32 partial sum to a slot, and one fused XLA pass adds each tile's slots,
+transposes and casts (:func:`combine`; FP8 / per-channel int: times the scales). The 70B shapes
+run in one wave of 128 CTAs whatever their tile count. ``wgmma`` takes the rows of ``x`` 8 at a
+time: TMA reads the rows past the end of ``x`` as zeros (``x`` with more than 8 rows is padded to
+a multiple of 8, TMA's tiling); M > 128 takes :func:`qjax.kernels.calls.dequantized_matmul`
+(XLA's GEMM).
 
 Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's bf16 ``dot`` at
-M ≤ 16 on the Llama-3-70B shapes: int4 g128 1.97–3.09×, int8 per-channel 1.45–1.85×, FP8
-1.45–1.86×, NF4 1.46–2.35×. Tested on the device (``kernel_bench --check``); the CPU tests lower
-the kernel to Mosaic GPU code and check the layouts and decoders, because this jax version's
+M ≤ 16 on the Llama-3-70B shapes: int4 g128 2.60–3.21× (2.5 TB/s on the large shapes), int8
+per-channel 1.63–1.87×, FP8 1.59–1.85×, NF4 2.02–2.38×; M = 64 2.28–2.52×, M = 128 1.46–1.62×.
+Tested on the device (``kernel_bench --check``); the CPU tests lower the kernel to Mosaic GPU
+code and check the layouts, decoders and the stream-K bookkeeping, because this jax version's
 interpreter cannot run warp-specialized pipelines.
 """
 
