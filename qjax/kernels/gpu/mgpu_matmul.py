@@ -80,7 +80,8 @@ class Config:
 
 
 # M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
-# Llama-3-70B shapes, experiments/results/kernels/): large K steps amortize the per-step barriers.
+# Llama-3-70B shapes, experiments/results/kernels/, the latest under stream-K): large K steps
+# amortize the per-step barriers; stages are cut to shared memory by `fit`.
 # Up to 32 rows the scales go on the float32 sums (`scale_acc`): int4 +1–5 %, int8 per-channel
 # +1–2 %, NF4 −4–6 % (so `config_for` turns it off there), `scale_acc_probe.json`.
 TABLE = {
@@ -202,7 +203,7 @@ def _tiled(minor_elems: int, bits: int, what: str):
 def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     """``(slots, N_p, M_p)`` float32 partial products ``Ŵᵀ xᵀ`` (module docstring): CTA ``c``
     writes its sum over the K steps it took of weight tile ``t`` to slot ``c − first_cta(t)``
-    (:func:`segments`); the other slots of a tile are left unwritten (:func:`product` masks
+    (:func:`segments`); the other slots of a tile are left unwritten (:func:`combine` masks
     them).
 
     ``codes`` in :func:`~qjax.kernels.gpu.mgpu_decode.stored_order`, decoded by ``decode`` (a
