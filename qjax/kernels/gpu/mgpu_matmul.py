@@ -77,7 +77,6 @@ class Config:
     cta_steps: int | None = None  # K steps per CTA (stream-K); None: chosen by `schedule`
     stages: int = 2  # K steps the memory warp group runs ahead
     scale_acc: bool = False  # scales on float32 per-slice sums (`_partials`), not on the weights
-    overlap: bool = False  # a step's wgmma runs on during the next step (its stage freed later)
 
 
 # M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
@@ -231,7 +230,6 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     half = 1 << (bits - 1)  # int codes are stored as c − half
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
     by_slice = cfg.scale_acc and scaled
-    delay = int(cfg.overlap and not by_slice)
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
 
     def kernel(w_gmem, x_gmem, *rest, o_smem):
@@ -283,9 +281,7 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
                     if scaled:
                         a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
                     plgpu.wgmma(accs[0], a, x_slice(j))
-                # with `overlap`, only the previous step's MMAs must be done: its stage is the
-                # one released after this step (delay_release=1)
-                plgpu.wgmma_wait(per if delay else 0)
+                plgpu.wgmma_wait(0)
             else:
                 # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
                 # accumulators while slice j − 1's is scaled into the running total
@@ -321,21 +317,13 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
                 eval_pipeline(tuple(accs))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        row_spec = plgpu.BlockSpec(
-            (per, cta_n), lambda kk: (k_step(kk), tile(kk)), delay_release=delay
-        )
+        row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (k_step(kk), tile(kk)))
         in_specs = [
             plgpu.BlockSpec(
-                (cta_n, bk),
-                lambda kk: (tile(kk), k_step(kk)),
-                transforms=_tiled(span, bits, "lhs"),
-                delay_release=delay,
+                (cta_n, bk), lambda kk: (tile(kk), k_step(kk)), transforms=_tiled(span, bits, "lhs")
             ),
             plgpu.BlockSpec(
-                (bm, bk),
-                lambda kk: (0, k_step(kk)),
-                transforms=_tiled(span, 16, "rhs"),
-                delay_release=delay,
+                (bm, bk), lambda kk: (0, k_step(kk)), transforms=_tiled(span, 16, "rhs")
             ),
         ] + [row_spec] * (int(scaled) + int(not sym))
         pipeline = plgpu.emit_pipeline_warp_specialized(
