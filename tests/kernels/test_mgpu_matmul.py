@@ -193,6 +193,21 @@ def test_table_configs_fit_shared_memory_and_divide_k(bits, m, k, n):
     assert mg.pick(129, k, n).path == "xla"
 
 
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 16, 33, 100, 128, 129, 300])
+def test_rows_of_x_go_to_wgmma_in_steps_of_8(m):
+    m_p, bm = mg.padded_rows(m)
+    assert m_p >= m and bm % 8 == 0 and m_p % bm == 0 and bm <= mg.MAX_BLOCK_M
+    assert m_p - m < max(8, bm)  # never a whole wasted 8-row step below 128 rows
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label())
+@pytest.mark.parametrize("m", [1, 32, 64])
+def test_scales_go_on_float32_sums_up_to_32_rows_except_nf4(spec, m):
+    w = rp.repack(_weight(spec, 1024, 256, 1), _layout(spec))
+    cfg = mg.config_for(w, m)
+    assert cfg.scale_acc == (m <= 32 and not isinstance(spec, qjax.NF4))
+
+
 def test_stream_k_schedule_fills_the_sms_in_one_wave_where_it_can():
     # 10240×8192 in 512-code steps: 80 tiles × 16 steps = 1280 steps; 128 CTAs of 10 steps
     # (one wave) beat split-K's best (320 CTAs of 4 steps: three waves)
