@@ -12,15 +12,13 @@ first (every Mosaic format at M = 1, 3, 8, 24 against ``dequantize`` + float32 d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import kernel_bench as kb
-from experiments.scale_acc_probe import SHAPES, time_variant
+from experiments.mgpu_probe_lib import SHAPES, check_row, time_cases
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 
@@ -40,26 +38,11 @@ def main(argv=None) -> None:
         spec, layout = kb.FORMATS[fmt]
         for m, k, n in [(1, 4096, 512), (3, 640, 384), (8, 2048, 256), (24, 1024, 300)]:
             w, x, ref = kb.check_case(spec, layout, m, k, n, seed=m * 29 + k)
-            y = np.asarray(mg.matmul(x, w), np.float32)
-            err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-            row = {"fmt": fmt, "M": m, "K": k, "N": n, "rel_err": err,
-                   "ok": bool(np.isfinite(y).all() and err < 1e-2)}  # fmt: skip
-            print("check", row, flush=True)
-            out["checks"].append(row)
-    for n, k in SHAPES.values():
-        for m in (1, 8):
-            t_bf16 = kb.time_bf16(n, k, m)["us"]
-            x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
-            for fmt in args.fmts:
-                row = {"fmt": fmt, "N": n, "K": k, "M": m, "bf16_us": round(t_bf16, 2)}
-                for label, f in (("rows8", mg.matmul), ("rows16", padded_to_16)):
-                    us = time_variant(jax.jit(f), fmt, n, k, m, x)
-                    row[f"{label}_us"] = round(us, 2)
-                    row[f"{label}_x_bf16"] = round(t_bf16 / us, 3)
-                print(row, flush=True)
-                out["times"].append(row)
-            with open(os.path.join(args.out, "row_step_probe.json"), "w") as f:
-                json.dump(out, f, indent=1)
+            out["checks"].append(check_row(fmt, w, x, ref))
+    cases = [(n, k, m) for n, k in SHAPES.values() for m in (1, 8)]
+    variants = {"rows8": jax.jit(mg.matmul), "rows16": jax.jit(padded_to_16)}
+    path = os.path.join(args.out, "row_step_probe.json")
+    time_cases(out, path, cases, args.fmts, lambda w, m: variants)
 
 
 if __name__ == "__main__":

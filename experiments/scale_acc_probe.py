@@ -17,16 +17,13 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import kernel_bench as kb
+from experiments.mgpu_probe_lib import SHAPES, check_row, time_cases
 from qjax.kernels.gpu import mgpu_matmul as mg
-
-SHAPES = {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}
 
 
 def with_scale_acc(w, m: int, on: bool) -> mg.Config:
@@ -50,30 +47,13 @@ def variants(w, m: int) -> dict:
     }
 
 
-def time_variant(f, fmt: str, n: int, k: int, m: int, x) -> float:
-    w0 = kb.random_weight(fmt, k, n, 0)
-    bufs = [w0] + [kb.random_weight(fmt, k, n, i) for i in range(1, kb.n_buffers(w0.nbytes))]
-    us = kb.device_time(f, [(x, w) for w in bufs], 40)["us"]
-    del bufs
-    return us
-
-
 def check(fmts, results: list) -> None:
     for fmt in fmts:
         spec, layout = kb.FORMATS[fmt]
         for m, k, n in [(1, 8192, 1024), (16, 640, 384), (32, 1024, 512), (7, 300, 200)]:
             w, x, ref = kb.check_case(spec, layout, m, k, n, seed=m * 17 + k)
             for on in (False, True):
-                cfg = with_scale_acc(w, m, on)
-                try:
-                    y = np.asarray(mg.matmul(x, w, config=cfg), np.float32)
-                    err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-                    row = {"fmt": fmt, "M": m, "K": k, "N": n, "scale_acc": on, "rel_err": err,
-                           "ok": bool(np.isfinite(y).all() and err < 1e-2)}  # fmt: skip
-                except Exception as e:  # noqa: BLE001 - a probe records the failure, goes on
-                    row = {"fmt": fmt, "M": m, "scale_acc": on, "error": repr(e)[:2000]}
-                print("check", row, flush=True)
-                results.append(row)
+                results.append(check_row(fmt, w, x, ref, with_scale_acc(w, m, on), scale_acc=on))
 
 
 def main(argv=None) -> None:
@@ -84,31 +64,19 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", nargs="*", type=int, default=[1, 16])
     ap.add_argument("--budget-s", type=float, default=500)
     args = ap.parse_args(argv)
-    t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "scale_acc_probe.json")
     out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": [], "breakdown": {}}
     check(args.fmts, out["checks"])
-    for name in args.shapes:
-        n, k = SHAPES[name]
-        for m in args.ms:
-            t_bf16 = kb.time_bf16(n, k, m)["us"]
-            x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
-            for fmt in args.fmts:
-                if time.time() - t0 > args.budget_s:
-                    break
-                w = kb.random_weight(fmt, k, n, 0)
-                if fmt == args.fmts[0]:
-                    per = kb.kernel_breakdown(jax.jit(mg.matmul), (x, w))
-                    out["breakdown"][f"{fmt} {n}x{k} M={m}"] = per
-                row = {"fmt": fmt, "N": n, "K": k, "M": m, "bf16_us": round(t_bf16, 2)}
-                for name, f in variants(w, m).items():
-                    us = time_variant(f, fmt, n, k, m, x)
-                    row[f"{name}_us"] = round(us, 2)
-                    row[f"{name}_x_bf16"] = round(t_bf16 / us, 3)
-                print(row, flush=True)
-                out["times"].append(row)
-            with open(os.path.join(args.out, "scale_acc_probe.json"), "w") as f:
-                json.dump(out, f, indent=1)
+    cases = [(*SHAPES[name], m) for name in args.shapes for m in args.ms]
+    time_cases(out, path, cases, args.fmts, variants, budget_s=args.budget_s)
+    for n, k, m in cases:  # where a call's time goes: the table's default, first format
+        x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+        w = kb.random_weight(args.fmts[0], k, n, 0)
+        per = kb.kernel_breakdown(jax.jit(mg.matmul), (x, w))
+        out["breakdown"][f"{args.fmts[0]} {n}x{k} M={m}"] = per
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
     print(json.dumps(out["breakdown"], indent=1))
 
 

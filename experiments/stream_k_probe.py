@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from experiments import kernel_bench as kb
-from experiments.scale_acc_probe import SHAPES, time_variant
+from experiments.mgpu_probe_lib import SHAPES, check_row, time_cases
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 
@@ -57,16 +53,7 @@ def check(results: list) -> None:
                 if total % length:
                     continue
                 cfg = dataclasses.replace(base, cta_steps=length)
-                try:
-                    y = np.asarray(mg.matmul(x, w, config=cfg), np.float32)
-                    err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-                    ok = bool(np.isfinite(y).all() and err < 1e-2)
-                    row = {"fmt": fmt, "M": m, "K": k, "N": n, "cta_steps": length,
-                           "rel_err": err, "ok": ok}  # fmt: skip
-                except Exception as e:  # noqa: BLE001 - a probe records the failure, goes on
-                    row = {"fmt": fmt, "M": m, "cta_steps": length, "error": repr(e)[:2000]}
-                print("check", row, flush=True)
-                results.append(row)
+                results.append(check_row(fmt, w, x, ref, cfg, cta_steps=length))
 
 
 def main(argv=None) -> None:
@@ -77,30 +64,20 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", nargs="*", type=int, default=[1, 16, 64, 128])
     ap.add_argument("--budget-s", type=float, default=500)
     args = ap.parse_args(argv)
-    t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
     out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": []}
     check(out["checks"])
-    for name in args.shapes:
-        n, k = SHAPES[name]
-        for m in args.ms:
-            t_bf16 = kb.time_bf16(n, k, m)["us"]
-            x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
-            for fmt in args.fmts:
-                if time.time() - t0 > args.budget_s:
-                    break
-                w = kb.random_weight(fmt, k, n, 0)
-                row = {"fmt": fmt, "N": n, "K": k, "M": m, "bf16_us": round(t_bf16, 2)}
-                for label, cfg in configs(w, m).items():
-                    f = jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
-                    us = time_variant(f, fmt, n, k, m, x)
-                    row[f"{label}_us"] = round(us, 2)
-                    row[f"{label}_x_bf16"] = round(t_bf16 / us, 3)
-                    row[f"{label}_cta_steps"] = cfg.cta_steps
-                print(row, flush=True)
-                out["times"].append(row)
-            with open(os.path.join(args.out, "stream_k_probe.json"), "w") as f:
-                json.dump(out, f, indent=1)
+
+    def variants(w, m):
+        return {label: jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
+                for label, cfg in configs(w, m).items()}  # fmt: skip
+
+    def cta_steps(label, w, m):
+        return {f"{label}_cta_steps": configs(w, m)[label].cta_steps}
+
+    cases = [(*SHAPES[name], m) for name in args.shapes for m in args.ms]
+    path = os.path.join(args.out, "stream_k_probe.json")
+    time_cases(out, path, cases, args.fmts, variants, cta_steps, budget_s=args.budget_s)
 
 
 if __name__ == "__main__":

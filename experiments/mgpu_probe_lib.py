@@ -1,0 +1,70 @@
+"""What the Mosaic GPU kernel probes share (``scale_acc_probe``, ``stream_k_probe``,
+``row_step_probe``): the Llama-3-70B shapes, one correctness row against ``dequantize`` + float32
+dot, and the timing of several jitted variants of one case against XLA's bf16 ``dot``, weights
+rotated over > 150 MB of buffers (``kernel_bench``'s method)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import kernel_bench as kb
+from qjax.kernels.gpu import mgpu_matmul as mg
+
+SHAPES = {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}
+
+
+def time_variant(f, fmt: str, n: int, k: int, m: int, x) -> float:
+    """Median device µs of ``f(x, w)`` over freshly made ``fmt`` weights ``(k, n)``."""
+    w0 = kb.random_weight(fmt, k, n, 0)
+    bufs = [w0] + [kb.random_weight(fmt, k, n, i) for i in range(1, kb.n_buffers(w0.nbytes))]
+    us = kb.device_time(f, [(x, w) for w in bufs], 40)["us"]
+    del bufs
+    return us
+
+
+def check_row(fmt: str, w, x, ref, cfg=None, **tags) -> dict:
+    """``mg.matmul(x, w, config=cfg)`` against ``ref``: relative error and ok (< 1e-2, finite),
+    or the error it raised (a probe records the failure and goes on); printed."""
+    m, k = x.shape
+    try:
+        y = np.asarray(mg.matmul(x, w, config=cfg), np.float32)
+        err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        row = {"fmt": fmt, "M": m, "K": k, "N": ref.shape[1], **tags, "rel_err": err,
+               "ok": bool(np.isfinite(y).all() and err < 1e-2)}  # fmt: skip
+    except Exception as e:  # noqa: BLE001
+        row = {"fmt": fmt, "M": m, **tags, "error": repr(e)[:2000]}
+    print("check", row, flush=True)
+    return row
+
+
+def time_cases(out: dict, path: str, cases, fmts, variants, extra=None, budget_s=math.inf):
+    """For each ``(n, k, m)`` in ``cases`` and format in ``fmts``: one row with XLA's bf16 time
+    and, per ``label: f`` of ``variants(w, m)``, ``label_us`` and ``label_x_bf16`` (plus
+    ``extra(label, w, m)``'s entries), appended to ``out["times"]``; ``out`` is written to
+    ``path`` after each ``(n, k, m)``. No format starts after ``budget_s`` seconds."""
+    t0 = time.time()
+    for n, k, m in cases:
+        t_bf16 = kb.time_bf16(n, k, m)["us"]
+        x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+        for fmt in fmts:
+            if time.time() - t0 > budget_s:
+                break
+            w = kb.random_weight(fmt, k, n, 0)
+            row = {"fmt": fmt, "N": n, "K": k, "M": m, "bf16_us": round(t_bf16, 2)}
+            for label, f in variants(w, m).items():
+                us = time_variant(f, fmt, n, k, m, x)
+                row[f"{label}_us"] = round(us, 2)
+                row[f"{label}_x_bf16"] = round(t_bf16 / us, 3)
+                row.update(extra(label, w, m) if extra else {})
+            print(row, flush=True)
+            out["times"].append(row)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(out, fh, indent=1)
