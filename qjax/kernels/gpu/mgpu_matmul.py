@@ -77,6 +77,9 @@ class Config:
     cta_steps: int | None = None  # K steps per CTA (stream-K); None: chosen by `schedule`
     stages: int = 2  # K steps the memory warp group runs ahead
     scale_acc: bool = False  # scales on float32 per-slice sums (`_partials`), not on the weights
+    fused: bool | None = None  # partial sums added in the kernel (`_stream_k`), y written as
+    #                            is; None: where every hand-off comes early (`handoffs_early`)
+    multicast: bool = False  # CTAs in pairs, each x tile loaded once for both (`pairs_share_x`)
 
 
 # M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
@@ -104,10 +107,14 @@ def padded_rows(m: int) -> tuple[int, int]:
 
 def smem_bytes(bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE) -> int:
     """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows, one per
-    ``span`` codes) + the float32 output tiles of the two compute warp groups (Mosaic GPU's
-    count, for asymmetric int; an upper bound for the other formats)."""
+    ``span`` codes) + the float32 output tiles of the two compute warp groups + the epilogue's
+    per-channel scales and barriers (Mosaic GPU's count, for asymmetric int, within its
+    alignment; an upper bound for the other formats)."""
     per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * BLOCK_N * 2
-    return stages * per_stage + 2 * BLOCK_N * bm * 4
+    return stages * per_stage + 2 * BLOCK_N * bm * 4 + EPILOGUE_SMEM
+
+
+EPILOGUE_SMEM = 1024  # per-channel scales (2 × BLOCK_N float32), 2 barriers, alignment
 
 
 RAMP_STEPS = 2  # a CTA's pipeline fill + drain, in K steps (measured: 3 waves of 4-step CTAs
@@ -136,6 +143,27 @@ def schedule(n_tiles: int, steps: int, m_tiles: int = 1) -> int:
     return min((d for d in range(1, total + 1) if total % d == 0), key=cost)
 
 
+def handoffs_early(n_tiles: int, steps: int, cta_steps: int) -> bool:
+    """Whether every weight tile split between CTAs is split between two, the later of which
+    takes the tile's last K steps at the start of its run and goes on to the next tile — so its
+    partial sum reaches the tile's first CTA long before that one needs it (the fused epilogue
+    of :func:`_stream_k` then costs nothing; where a CTA's run ends inside or at the end of a
+    tile it did not start, the first CTA waits on it at the end: measured slower than an XLA
+    pass, ``fused_epilogue_probe.json``)."""
+    seg = segments(n_tiles, steps, cta_steps)
+    split = seg[:, 1] > seg[:, 0]
+    ends_at_cta_end = (np.arange(1, n_tiles + 1) * steps) % cta_steps == 0
+    return bool(np.all(~split | ((seg[:, 1] - seg[:, 0] == 1) & ~ends_at_cta_end)))
+
+
+def pairs_share_x(n_tiles: int, steps: int, cta_steps: int) -> bool:
+    """Whether CTA ``c`` and CTA ``c + ctas/2`` take the same K steps of ``x`` at every step of
+    their runs (``(ctas/2)·L`` a multiple of the steps per tile), so that a cluster of the two
+    can load each ``x`` tile once, TMA-multicast to both."""
+    ctas = n_tiles * steps // cta_steps
+    return ctas % 2 == 0 and (ctas // 2 * cta_steps) % steps == 0
+
+
 def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
     """``cfg`` made runnable for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step
     halved until it divides ``K_p``, its pipeline depth (then its K step) cut to shared memory,
@@ -155,7 +183,10 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
         cta_steps = schedule(n_tiles, steps, m_p // bm)
     else:
         cta_steps = calls.largest_divisor_at_most(n_tiles * steps, cfg.cta_steps)
-    return dataclasses.replace(cfg, block_k=bk, stages=stages, cta_steps=cta_steps)
+    fused = cfg.fused
+    if fused is None:
+        fused = handoffs_early(n_tiles, steps, cta_steps)
+    return dataclasses.replace(cfg, block_k=bk, stages=stages, cta_steps=cta_steps, fused=fused)
 
 
 def pick(m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
@@ -200,22 +231,31 @@ def _tiled(minor_elems: int, bits: int, what: str):
     return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
 
 
-def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
-    """``(slots, N_p, M_p)`` float32 partial products ``Ŵᵀ xᵀ`` (module docstring): CTA ``c``
-    writes its sum over the K steps it took of weight tile ``t`` to slot ``c − first_cta(t)``
-    (:func:`segments`); the other slots of a tile are left unwritten (:func:`combine` masks
-    them).
-
-    ``codes`` in :func:`~qjax.kernels.gpu.mgpu_decode.stored_order`, decoded by ``decode`` (a
+def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, span: int):
+    """The kernel: ``Ŵᵀ xᵀ`` by stream-K (module docstring) over ``codes`` in
+    :func:`~qjax.kernels.gpu.mgpu_decode.stored_order`, decoded by ``decode`` (a
     :func:`~qjax.kernels.gpu.mgpu_decode.decode` kind) ``span`` codes at a time, one row of
-    ``scales`` (and ``zeros``) per ``span`` codes; ``scales=None``: applied by the caller."""
+    ``scales`` (and ``zeros``) per ``span`` codes; ``scales=None``: applied by ``ch_scales``
+    (``(1, N_p)`` float32, per channel) or the caller.
+
+    ``cfg.fused``: returns ``y = x2 @ Ŵ``, ``(rows of x2, N_p)`` in ``x2.dtype``. The first CTA of
+    a weight tile (the one that takes the tile's first K step — it reaches the tile last, at the
+    end of its run) adds the later CTAs' partial sums to its own: each later CTA writes its sum to
+    a float32 workspace slot and signals the tile's semaphore; the first waits for them, adds,
+    scales by ``ch_scales``, casts and writes ``y``'s block transposed. Only later CTAs are waited
+    for, and a CTA signals before it waits, so CTAs dispatched in order always make progress.
+
+    Otherwise: ``(slots, N_p, M_p)`` float32 partial sums — CTA ``c`` writes its sum over the K
+    steps it took of tile ``t`` to slot ``c − first_cta(t)`` (:func:`segments`), the other slots
+    of a tile are left unwritten (:func:`combine` masks them)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     from qjax.kernels.gpu import mgpu_decode as dec
 
-    k_p = x2.shape[1]
-    m_p, bm = padded_rows(x2.shape[0])  # rows past x2's are zeros (TMA fills out of bounds)
+    m_rows, k_p = x2.shape
+    m_p, bm = padded_rows(m_rows)  # rows past x2's are zeros (TMA fills out of bounds)
+    m_tiles = m_p // bm
     n_p = codes.shape[0]
     bk, length = cfg.block_k, cfg.cta_steps
     cta_n = 2 * BLOCK_N
@@ -226,15 +266,27 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     per = bk // span  # scale rows (and decoded slices) per step
     sym = zeros is None
     scaled = scales is not None
+    fused = cfg.fused
+    pairs = cfg.multicast and pairs_share_x(n_tiles, steps, length)
     bits = 4 if codes.dtype == jnp.int4 else 8
     half = 1 << (bits - 1)  # int codes are stored as c − half
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
     by_slice = cfg.scale_acc and scaled
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
 
-    def kernel(w_gmem, x_gmem, *rest, o_smem):
-        o_gmem = rest[-1]
-        ci, mi = lax.axis_index("c"), lax.axis_index("m")
+    def kernel(w_gmem, x_gmem, *rest, out_smem, aux_smem, bar):
+        o_smem, y_smem = out_smem  # one buffer: a tile's float32 sums, then its y block
+        # (y_smem[wg, 0] lies in o_smem[wg]: each warp group reuses only its own part)
+        if fused:
+            *rest, chs_gmem, ws_gmem, y_gmem = rest
+        else:
+            *rest, o_gmem = rest
+        mi = lax.axis_index("m")
+        ci = (
+            lax.axis_index("pair") * (ctas // 2) + lax.axis_index("c")
+            if pairs
+            else lax.axis_index("c")
+        )
         first = ci * length  # the CTA's first K step, counting over the tiles end to end
 
         def tile(kk):
@@ -243,16 +295,66 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
         def k_step(kk):
             return (first + kk) % steps
 
-        def flush(acc, t):
-            """Writes the sum of tile ``t`` so far to its slot; zeroes the accumulator."""
+        def write(total, dst):
+            """TMA-writes this warp group's float32 ``(BLOCK_N, bm)`` block to ``dst``."""
             wg = lax.axis_index("wg")
-            total = acc[...]
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last flush has read o_smem
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last write has read o_smem
             o_smem[wg] = total
             plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], dst)
+
+        def fetch(src, dst):
+            """``dst`` (this warp group's shared memory) ← ``src`` (global), waited for."""
+            wg = lax.axis_index("wg")
+            plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
+            plgpu.barrier_wait(bar.at[wg])
+
+        def signal(t):
+            """Tells tile ``t``'s first CTA that this CTA's sum is in the workspace."""
+            wg = lax.axis_index("wg")
+            plgpu.wait_smem_to_gmem(0)  # written, not only read
+            plgpu.semaphore_signal(sems.at[(t * m_tiles + mi) * 2 + wg], 1, memory_scope="gpu")
+
+        def flush(acc, t, kk):
+            """Tile ``t``'s sum so far (at step ``kk``): to its slot (or, fused, to the tile's
+            first CTA, or to ``y``); zeroes the accumulator."""
+            wg = lax.axis_index("wg")
             rows = pl.ds(t * cta_n + wg * BLOCK_N, BLOCK_N)
-            slot = ci - t * steps // length
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[slot, rows, pl.ds(mi * bm, bm)])
+            cols = pl.ds(mi * bm, bm)
+            c0 = t * steps // length
+            if not fused:
+                write(acc[...], o_gmem.at[ci - c0, rows, cols])
+            else:
+
+                @pl.when(ci != c0)
+                def _():
+                    write(acc[...], ws_gmem.at[ci - c0 - 1, rows, cols])
+
+                    @pl.when(kk == length - 1)  # else one step later, not to stall this one
+                    def _():
+                        signal(t)
+
+                @pl.when(ci == c0)
+                def _():
+                    later = ((t + 1) * steps - 1) // length - c0
+                    plgpu.semaphore_wait(
+                        sems.at[(t * m_tiles + mi) * 2 + wg], later, memory_scope="gpu"
+                    )
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+                    def add(slot, total):
+                        fetch(ws_gmem.at[slot, rows, cols], o_smem.at[wg])
+                        return total + o_smem[wg]
+
+                    total = lax.fori_loop(0, later, add, acc[...])
+                    if ch_scales is not None:
+                        fetch(chs_gmem.at[0, rows], aux_smem.at[wg])
+                        s = aux_smem[wg]
+                        total = total * lax.broadcast_in_dim(s, (BLOCK_N, bm), (0,))
+                    _store_transposed(total.astype(x2.dtype), y_smem.at[wg, 0])
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(y_smem.at[wg, 0], y_gmem.at[cols, rows])
+
             acc[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
 
         def body(idx, w_smem, x_smem, *rest):
@@ -302,10 +404,16 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
                 fold(per - 1, wait_n=0)
 
             (kk,) = idx
+            if fused:  # a CTA that starts its first tile after step 0 signals after the next step
+                first_end = steps - 1 - k_step(0)
+
+                @pl.when((k_step(0) != 0) & (kk == first_end + 1))
+                def _():
+                    signal(tile(0))
 
             @pl.when((k_step(kk) == steps - 1) | (kk == length - 1))
             def _():
-                flush(accs[0], tile(kk))
+                flush(accs[0], tile(kk), kk)
 
             return accs
 
@@ -315,7 +423,7 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
             @functools.partial(pl.run_scoped, accs=[acc] * n_acc)
             def _(accs):
                 eval_pipeline(tuple(accs))
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                plgpu.wait_smem_to_gmem(0)
 
         row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (k_step(kk), tile(kk)))
         in_specs = [
@@ -323,7 +431,10 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
                 (cta_n, bk), lambda kk: (tile(kk), k_step(kk)), transforms=_tiled(span, bits, "lhs")
             ),
             plgpu.BlockSpec(
-                (bm, bk), lambda kk: (0, k_step(kk)), transforms=_tiled(span, 16, "rhs")
+                (bm, bk),
+                lambda kk: (0, k_step(kk)),
+                transforms=_tiled(span, 16, "rhs"),
+                collective_axes=("pair",) if pairs else (),
             ),
         ] + [row_spec] * (int(scaled) + int(not sym))
         pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -336,21 +447,62 @@ def _partials(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
             max_concurrent_steps=cfg.stages,
             compute_context=compute_context,
         )
-        pipeline(w_gmem, x_gmem.at[pl.ds(mi * bm, bm)], *rest[:-1])
+        n_sems = n_tiles * m_tiles * 2  # per tile, row block of x and warp group
+        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_sems,))) if fused else None
+        pipeline(w_gmem, x_gmem.at[pl.ds(mi * bm, bm)], *rest)
 
     args = [codes, x2] + ([scales] if scaled else []) + ([] if sym else [zeros])
-    return plgpu.kernel(
+    if fused:
+        chs = jnp.zeros((1, n_p), jnp.float32) if ch_scales is None else ch_scales
+        ws = max(slots - 1, 1)
+        args.append(chs)
+        out_type = (
+            jax.ShapeDtypeStruct((ws, n_p, m_p), jnp.float32),
+            jax.ShapeDtypeStruct((m_rows, n_p), x2.dtype),
+        )
+    else:
+        out_type = jax.ShapeDtypeStruct((slots, n_p, m_p), jnp.float32)
+    y_sw = _tiled(BLOCK_N, 16, "out")
+    out = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((slots, n_p, m_p), jnp.float32),
-        grid=(ctas, m_p // bm),
+        out_type=out_type,
+        grid=(ctas // 2 if pairs else ctas, m_tiles),
         grid_names=("c", "m"),
+        cluster=(2, 1) if pairs else (),
+        cluster_names=("pair", "pair_m") if pairs else (),
         num_threads=3,
         thread_name="wg",
         scratch_types=dict(
-            o_smem=plgpu.SMEM((2, BLOCK_N, bm), jnp.float32, transforms=_tiled(bm, 32, "out"))
+            out_smem=plgpu.RefUnion(
+                plgpu.SMEM((2, BLOCK_N, bm), jnp.float32, transforms=_tiled(bm, 32, "out")),
+                plgpu.SMEM((2, 2, bm, BLOCK_N), x2.dtype, transforms=y_sw),
+            ),
+            aux_smem=plgpu.SMEM((2, BLOCK_N), jnp.float32),
+            bar=plgpu.Barrier(num_arrivals=1, num_barriers=2),
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(*args)
+    return out[1] if fused else out
+
+
+def _store_transposed(value, ref):
+    """``ref[...] = value.T`` for a bf16 ``(BLOCK_N, bm)`` array in the WGMMA layout and a
+    ``(bm, BLOCK_N)`` swizzled shared-memory tile (one shuffle and ``prmt`` per register pair,
+    Mosaic GPU's ``WGMMA → WGMMA_TRANSPOSED``)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    transforms = _tiled(BLOCK_N, 16, "out")
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(transforms)),
+    )
+    def run(_, arr, smem):
+        import jax.experimental.mosaic.gpu as mgpu
+
+        t = arr.to_layout(mgpu.WGMMA_TRANSPOSED_LAYOUT)
+        t.store_tiled(mgpu.memref_transpose(smem, (1, 0, 3, 2)), swizzle=transforms[1].swizzle)
+
+    run(value, ref)
 
 
 def combine(parts, n_tiles: int, steps: int, cta_steps: int):
@@ -367,7 +519,7 @@ def combine(parts, n_tiles: int, steps: int, cta_steps: int):
 def product(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     """``Ŵᵀ xᵀ``, ``(N_p, M_p)`` float32: the kernel's partial sums (:func:`_partials`),
     combined in one fused XLA pass."""
-    parts = _partials(x2, codes, scales, zeros, cfg, decode, span)
+    parts = _stream_k(x2, codes, scales, zeros, None, cfg, decode, span)
     n_tiles = codes.shape[0] // (2 * BLOCK_N)
     return combine(parts, n_tiles, x2.shape[1] // cfg.block_k, cfg.cta_steps)
 
@@ -380,6 +532,10 @@ def _mgpu_matmul(x2, w: QArray, cfg: Config):
     # per-channel scales multiply the float32 sums once (FP8 always, int with `scale_acc`)
     per_channel = w.layout == "gpu_f8t" or (cfg.scale_acc and w.spec.group == "channel")
     scales = None if per_channel else w.scales
+    if cfg.fused:
+        ch_scales = w.scales[:1].astype(jnp.float32) if per_channel else None
+        args = (x2, w.codes, scales, w.zeros, ch_scales, cfg, decoder(w), slice_codes(w))
+        return _stream_k(*args)[:m]
     y = product(x2, w.codes, scales, w.zeros, cfg, decoder(w), slice_codes(w)).T[:m]
     if per_channel:
         y = y * w.scales[:1].astype(jnp.float32)
