@@ -490,7 +490,7 @@ def run_check(args, results: list, interpret: bool) -> None:
 def run_check_mgpu(results: list) -> None:
     """The Mosaic GPU kernel (no interpret mode for its warp-specialized pipeline) vs
     ``dequantize`` + float32 dot: every format and table config, ragged K / N, M from 1 to 128,
-    through ``qjax.matmul``'s dispatch as well."""
+    both epilogues (``Config.fused``), through ``qjax.matmul``'s dispatch as well."""
     mg = mgpu_matmul
     cases = [(1, 8192, 1024), (16, 640, 384), (100, 4096, 256), (128, 1024, 512), (37, 300, 200)]
     for fmt in ("w4g128t", "w4g128ta", "w4cht", "w8cht", "nf4t", "fp8t"):
@@ -498,7 +498,8 @@ def run_check_mgpu(results: list) -> None:
         for m, k, n in cases:
             w, x, ref = check_case(spec, layout, m, k, n, seed=m * 13 + k)
             tries = [None, *(mg.config_for(w, m, c) for c in mg.TABLE.values())]
-            for cfg in tries:
+            both = dataclasses.replace(tries[1], fused=not tries[1].fused)  # the other epilogue
+            for cfg in [*tries, both]:
                 if cfg is None:
                     y = np.asarray(qjax.matmul(x, w), np.float32)
                 else:
@@ -599,9 +600,10 @@ def config_label(c: dict) -> str:
     """Short label of a config dict, e.g. ``decode 16×64 k4 w4 s4`` (table kernels: ``pallas``)."""
     if c == "xla" or c.get("path") == "xla":
         return "xla"
-    if c.get("path") == "mgpu":  # Mosaic GPU: K step, K steps per CTA, pipeline depth, scales
+    if c.get("path") == "mgpu":  # Mosaic GPU: K step, K steps per CTA, depth, scales, epilogue
         acc = " sacc" if c.get("scale_acc") else ""
-        return f"mgpu bk{c['block_k']} L{c['cta_steps']} st{c['stages']}{acc}"
+        fused = " fused" if c.get("fused") else ""
+        return f"mgpu bk{c['block_k']} L{c['cta_steps']} st{c['stages']}{acc}{fused}"
     unpack = "" if c.get("planes", True) else " reshape"
     return (
         f"{c.get('path', 'pallas')} {c['block_m']}×{c['block_n']} k{c['split_k']} "

@@ -10,6 +10,8 @@ Mosaic GPU code with ``wgmma``, the large-M path is right, and a direct call on 
 with a clear error.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,6 +247,60 @@ def test_stream_k_partials_combine_to_the_full_sum(n_tiles, steps, data, seed):
     got = np.asarray(mg.combine(jnp.asarray(parts), n_tiles, steps, length))
     want = contrib.reshape(n_tiles, steps, 2, 3).sum(1).reshape(n_tiles * 2, 3)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(n_tiles=st.integers(1, 12), steps=st.integers(1, 9), data=st.data(), seed=st.integers(0, 99))
+def test_fused_epilogue_hands_every_partial_sum_to_the_tiles_first_cta(n_tiles, steps, data, seed):
+    # emulate the fused kernel (all CTAs in one wave, step kk of every CTA at time kk): a CTA
+    # that did not take a tile's first step writes its sum to workspace slot c − c0 − 1 and
+    # signals after its next step (or at once at its last); the tile's first CTA waits until the
+    # later CTAs have signalled, then adds the slots and writes y. Unwritten slots hold NaN.
+    total = n_tiles * steps
+    length = data.draw(st.sampled_from([d for d in range(1, total + 1) if total % d == 0]))
+    rng = np.random.default_rng(seed)
+    contrib = rng.standard_normal((total, 3)).astype(np.float32)
+    seg = mg.segments(n_tiles, steps, length)
+    ws = np.full((max(int((seg[:, 1] - seg[:, 0]).max()), 1), n_tiles, 3), np.nan, np.float32)
+    signals: dict[int, list[tuple[int, int]]] = {t: [] for t in range(n_tiles)}  # (time, cta)
+    waits = []  # (time, cta, tile, later CTAs, own sum)
+    for c in range(total // length):
+        acc = np.zeros(3, np.float32)
+        for kk in range(length):
+            g = c * length + kk
+            t, c0 = g // steps, g // steps * steps // length
+            acc += contrib[g]
+            if g % steps == steps - 1 or kk == length - 1:
+                if c != c0:
+                    assert np.isnan(ws[c - c0 - 1, t]).all()  # each slot written once
+                    ws[c - c0 - 1, t] = acc
+                    signals[t].append((kk if kk == length - 1 else kk + 1, c))
+                else:
+                    waits.append((kk, c, t, ((t + 1) * steps - 1) // length - c0, acc))
+                acc = np.zeros(3, np.float32)
+    y = np.full((n_tiles, 3), np.nan, np.float32)
+    for kk, c, t, later, own in waits:
+        # it waits for exactly the later CTAs of its tile, each signalling once, after writing
+        assert sorted(cta for _, cta in signals[t]) == list(range(c + 1, c + 1 + later))
+        y[t] = own + ws[:later, t].sum(0)
+        # a CTA signals before it waits, so CTAs dispatched in order always make progress
+        assert all(when <= kk for sigs in signals.values() for when, cs in sigs if cs == c)
+    np.testing.assert_allclose(y, contrib.reshape(n_tiles, steps, 3).sum(1), rtol=1e-5, atol=1e-5)
+    handoffs_late = any(when == length - 1 for sigs in signals.values() for when, _ in sigs)
+    assert mg.handoffs_early(n_tiles, steps, length) == (not handoffs_late)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fused_config_lowers_with_semaphores_and_a_transposed_store(fused):
+    w = rp.repack(_weight(SPECS[4], 1024, 256, 1), "gpu_i8t")
+    x = jax.random.normal(jax.random.key(2), (16, 1024), jnp.bfloat16)
+    cfg = dataclasses.replace(mg.config_for(w, 16), fused=fused)
+    out = jax.eval_shape(lambda x, w: mg._mgpu_matmul(x, w, cfg), x, w)
+    assert out.shape == (16, 256) and out.dtype == jnp.bfloat16
+    lowered = jax.jit(lambda x, w: mg._mgpu_matmul(x, w, cfg)).trace(x, w)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert ("red.release.gpu.global.add" in text) == fused
+    assert ("stablehlo.transpose" in text) != fused  # unfused: XLA transposes the partial sums
 
 
 @pytest.mark.parametrize("spec", [*SPECS[:2], *SPECS[4:]], ids=lambda s: s.label())

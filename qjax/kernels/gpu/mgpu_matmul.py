@@ -79,7 +79,6 @@ class Config:
     scale_acc: bool = False  # scales on float32 per-slice sums (`_partials`), not on the weights
     fused: bool | None = None  # partial sums added in the kernel (`_stream_k`), y written as
     #                            is; None: where every hand-off comes early (`handoffs_early`)
-    multicast: bool = False  # CTAs in pairs, each x tile loaded once for both (`pairs_share_x`)
 
 
 # M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
@@ -154,14 +153,6 @@ def handoffs_early(n_tiles: int, steps: int, cta_steps: int) -> bool:
     split = seg[:, 1] > seg[:, 0]
     ends_at_cta_end = (np.arange(1, n_tiles + 1) * steps) % cta_steps == 0
     return bool(np.all(~split | ((seg[:, 1] - seg[:, 0] == 1) & ~ends_at_cta_end)))
-
-
-def pairs_share_x(n_tiles: int, steps: int, cta_steps: int) -> bool:
-    """Whether CTA ``c`` and CTA ``c + ctas/2`` take the same K steps of ``x`` at every step of
-    their runs (``(ctas/2)·L`` a multiple of the steps per tile), so that a cluster of the two
-    can load each ``x`` tile once, TMA-multicast to both."""
-    ctas = n_tiles * steps // cta_steps
-    return ctas % 2 == 0 and (ctas // 2 * cta_steps) % steps == 0
 
 
 def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
@@ -267,7 +258,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     sym = zeros is None
     scaled = scales is not None
     fused = cfg.fused
-    pairs = cfg.multicast and pairs_share_x(n_tiles, steps, length)
     bits = 4 if codes.dtype == jnp.int4 else 8
     half = 1 << (bits - 1)  # int codes are stored as c − half
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
@@ -281,12 +271,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             *rest, chs_gmem, ws_gmem, y_gmem = rest
         else:
             *rest, o_gmem = rest
-        mi = lax.axis_index("m")
-        ci = (
-            lax.axis_index("pair") * (ctas // 2) + lax.axis_index("c")
-            if pairs
-            else lax.axis_index("c")
-        )
+        ci, mi = lax.axis_index("c"), lax.axis_index("m")
         first = ci * length  # the CTA's first K step, counting over the tiles end to end
 
         def tile(kk):
@@ -431,10 +416,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 (cta_n, bk), lambda kk: (tile(kk), k_step(kk)), transforms=_tiled(span, bits, "lhs")
             ),
             plgpu.BlockSpec(
-                (bm, bk),
-                lambda kk: (0, k_step(kk)),
-                transforms=_tiled(span, 16, "rhs"),
-                collective_axes=("pair",) if pairs else (),
+                (bm, bk), lambda kk: (0, k_step(kk)), transforms=_tiled(span, 16, "rhs")
             ),
         ] + [row_spec] * (int(scaled) + int(not sym))
         pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -466,10 +448,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     out = plgpu.kernel(
         kernel,
         out_type=out_type,
-        grid=(ctas // 2 if pairs else ctas, m_tiles),
+        grid=(ctas, m_tiles),
         grid_names=("c", "m"),
-        cluster=(2, 1) if pairs else (),
-        cluster_names=("pair", "pair_m") if pairs else (),
         num_threads=3,
         thread_name="wg",
         scratch_types=dict(
