@@ -113,7 +113,9 @@ def smem_bytes(bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE) 
     return stages * per_stage + 2 * BLOCK_N * bm * 4 + EPILOGUE_SMEM
 
 
-EPILOGUE_SMEM = 1024  # per-channel scales (2 × BLOCK_N float32), 2 barriers, alignment
+EPILOGUE_SMEM = 1024  # the fused epilogue's 2 barriers and their alignment (a bound; measured:
+#                       a (2, BLOCK_N) float32 buffer more took 1056 bytes, so the per-channel
+#                       scales share the output tiles' buffer)
 
 
 RAMP_STEPS = 2  # a CTA's pipeline fill + drain, in K steps (measured: 3 waves of 4-step CTAs
@@ -264,9 +266,10 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     by_slice = cfg.scale_acc and scaled
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
 
-    def kernel(w_gmem, x_gmem, *rest, out_smem, aux_smem, bar):
-        o_smem, y_smem = out_smem  # one buffer: a tile's float32 sums, then its y block
-        # (y_smem[wg, 0] lies in o_smem[wg]: each warp group reuses only its own part)
+    def kernel(w_gmem, x_gmem, *rest, out_smem, bar):
+        # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
+        # (y_smem[wg, 0] and c_smem[wg, 0] lie in o_smem[wg]: each warp group reuses its part)
+        o_smem, y_smem, c_smem = out_smem
         if fused:
             *rest, chs_gmem, ws_gmem, y_gmem = rest
         else:
@@ -333,8 +336,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
 
                     total = lax.fori_loop(0, later, add, acc[...])
                     if ch_scales is not None:
-                        fetch(chs_gmem.at[0, rows], aux_smem.at[wg])
-                        s = aux_smem[wg]
+                        fetch(chs_gmem.at[0, rows], c_smem.at[wg, 0])
+                        s = c_smem[wg, 0]
                         total = total * lax.broadcast_in_dim(s, (BLOCK_N, bm), (0,))
                     _store_transposed(total.astype(x2.dtype), y_smem.at[wg, 0])
                     plgpu.commit_smem()
@@ -456,8 +459,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             out_smem=plgpu.RefUnion(
                 plgpu.SMEM((2, BLOCK_N, bm), jnp.float32, transforms=_tiled(bm, 32, "out")),
                 plgpu.SMEM((2, 2, bm, BLOCK_N), x2.dtype, transforms=y_sw),
+                plgpu.SMEM((2, bm, BLOCK_N), jnp.float32),
             ),
-            aux_smem=plgpu.SMEM((2, BLOCK_N), jnp.float32),
             bar=plgpu.Barrier(num_arrivals=1, num_barriers=2),
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
