@@ -77,8 +77,6 @@ class Config:
     cta_steps: int | None = None  # K steps per CTA (stream-K); None: chosen by `schedule`
     stages: int = 2  # K steps the memory warp group runs ahead
     scale_acc: bool = False  # scales on float32 per-slice sums (`_partials`), not on the weights
-    tile_rows: int = 128  # weight rows per CTA: 128 (64 per warp group) or 64 (both warp
-    #                       groups on the same rows, each taking half of every K step)
     fused: bool | None = None  # partial sums added in the kernel (`_stream_k`), y written as
     #                            is; None: where every hand-off comes early (`handoffs_early`)
 
@@ -106,14 +104,12 @@ def padded_rows(m: int) -> tuple[int, int]:
     return m_p, min(m_p, MAX_BLOCK_M)
 
 
-def smem_bytes(
-    bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE, rows: int = 2 * BLOCK_N
-) -> int:
-    """Shared memory of one CTA: ``stages`` × (``rows`` × ``bk`` weight tile, x tile, scale and
-    zero rows, one per ``span`` codes) + the float32 output tiles of the two compute warp groups
-    + the epilogue's barriers (Mosaic GPU's count, for asymmetric int, within its alignment; an
-    upper bound for the other formats)."""
-    per_stage = rows * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * rows * 2
+def smem_bytes(bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE) -> int:
+    """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows, one per
+    ``span`` codes) + the float32 output tiles of the two compute warp groups + the epilogue's
+    per-channel scales and barriers (Mosaic GPU's count, for asymmetric int, within its
+    alignment; an upper bound for the other formats)."""
+    per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * BLOCK_N * 2
     return stages * per_stage + 2 * BLOCK_N * bm * 4 + EPILOGUE_SMEM
 
 
@@ -169,15 +165,13 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
     while k_p % bk:
         bk //= 2
     m_p, bm = padded_rows(m)
-    stages, rows = cfg.stages, cfg.tile_rows
-    while smem_bytes(bm, bk, stages, bits, span, rows) > SMEM_BYTES and (stages > 1 or bk > SLICE):
+    stages = cfg.stages
+    while smem_bytes(bm, bk, stages, bits, span) > SMEM_BYTES and (stages > 1 or bk > SLICE):
         if stages > 1:
             stages -= 1
         else:
             bk //= 2
-    if bk // span < 2:  # 64-row tiles give each warp group half of a step's slices
-        rows = 2 * BLOCK_N
-    n_tiles, steps = n_p // rows, k_p // bk
+    n_tiles, steps = n_p // (2 * BLOCK_N), k_p // bk
     if cfg.cta_steps is None:
         cta_steps = schedule(n_tiles, steps, m_p // bm)
     else:
@@ -185,9 +179,7 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
     fused = cfg.fused
     if fused is None:
         fused = handoffs_early(n_tiles, steps, cta_steps)
-    return dataclasses.replace(
-        cfg, block_k=bk, stages=stages, cta_steps=cta_steps, fused=fused, tile_rows=rows
-    )
+    return dataclasses.replace(cfg, block_k=bk, stages=stages, cta_steps=cta_steps, fused=fused)
 
 
 def pick(m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
@@ -259,8 +251,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     m_tiles = m_p // bm
     n_p = codes.shape[0]
     bk, length = cfg.block_k, cfg.cta_steps
-    cta_n = cfg.tile_rows
-    shared = cta_n == BLOCK_N  # both warp groups on one 64-row tile (halves of each K step)
+    cta_n = 2 * BLOCK_N
     n_tiles, steps = n_p // cta_n, k_p // bk
     ctas = n_tiles * steps // length
     seg = segments(n_tiles, steps, length)
@@ -275,7 +266,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     by_slice = cfg.scale_acc and scaled
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
 
-    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, xbar):
+    def kernel(w_gmem, x_gmem, *rest, out_smem, bar):
         # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
         # (y_smem[wg, 0] and c_smem[wg, 0] lie in o_smem[wg]: each warp group reuses its part)
         o_smem, y_smem, c_smem = out_smem
@@ -292,14 +283,9 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
         def k_step(kk):
             return (first + kk) % steps
 
-        def own():
-            """The warp group whose rows (and buffers) this one writes: itself, or (64-row tiles)
-            the first, which alone writes the tile's sums."""
-            return 0 if shared else lax.axis_index("wg")
-
         def write(total, dst):
             """TMA-writes this warp group's float32 ``(BLOCK_N, bm)`` block to ``dst``."""
-            wg = own()
+            wg = lax.axis_index("wg")
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last write has read o_smem
             o_smem[wg] = total
             plgpu.commit_smem()
@@ -307,43 +293,20 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
 
         def fetch(src, dst):
             """``dst`` (this warp group's shared memory) ← ``src`` (global), waited for."""
-            wg = own()
+            wg = lax.axis_index("wg")
             plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
             plgpu.barrier_wait(bar.at[wg])
 
         def signal(t):
             """Tells tile ``t``'s first CTA that this CTA's sum is in the workspace."""
-            wg = own()
+            wg = lax.axis_index("wg")
             plgpu.wait_smem_to_gmem(0)  # written, not only read
             plgpu.semaphore_signal(sems.at[(t * m_tiles + mi) * 2 + wg], 1, memory_scope="gpu")
 
         def flush(acc, t, kk):
-            """Tile ``t``'s sum so far (at step ``kk``); zeroes the accumulator. 64-row tiles:
-            the second warp group hands its sum to the first through ``o_smem[1]``."""
-            if not shared:
-                emit(acc, t, kk)
-            else:
-                wg = lax.axis_index("wg")
-
-                @pl.when(wg == 1)
-                def _():
-                    plgpu.barrier_wait(xbar.at[1])  # the first has read the last one
-                    o_smem[1] = acc[...]
-                    plgpu.barrier_arrive(xbar.at[0])
-
-                @pl.when(wg == 0)
-                def _():
-                    plgpu.barrier_wait(xbar.at[0])
-                    acc[...] = acc[...] + o_smem[1]
-                    plgpu.barrier_arrive(xbar.at[1])
-                    emit(acc, t, kk)
-
-            acc[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
-
-        def emit(acc, t, kk):
             """Tile ``t``'s sum so far (at step ``kk``): to its slot (or, fused, to the tile's
-            first CTA, or to ``y``)."""
-            wg = own()
+            first CTA, or to ``y``); zeroes the accumulator."""
+            wg = lax.axis_index("wg")
             rows = pl.ds(t * cta_n + wg * BLOCK_N, BLOCK_N)
             cols = pl.ds(mi * bm, bm)
             c0 = t * steps // length
@@ -380,41 +343,15 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(y_smem.at[wg, 0], y_gmem.at[cols, rows])
 
+            acc[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
+
         def body(idx, w_smem, x_smem, *rest):
             s_smem = rest[0] if scaled else None
             z_smem = None if sym else rest[int(scaled)]
             accs = rest[-1]
-            wg = lax.axis_index("wg")
+            rows = pl.ds(lax.axis_index("wg") * BLOCK_N, BLOCK_N)
 
-            def compute(rows, js):
-                """``wgmma`` of the decoded slices ``js`` of weight ``rows`` (this warp group's)."""
-                if not by_slice:
-                    for j in js:
-                        a = slice_operand(j, rows)
-                        if scaled:
-                            a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
-                        plgpu.wgmma(accs[0], a, x_slice(j))
-                    plgpu.wgmma_wait(0)
-                    return
-                # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
-                # accumulators while slice j − 1's is scaled into the running total
-                tot, parts = accs[0], accs[1:]
-
-                def fold(i, wait_n):
-                    part = parts[i % 2]
-                    p = plgpu.wgmma_accumulator_load(part, wait_n=wait_n)
-                    s = s_smem[js[i], rows].astype(jnp.float32)
-                    t = plgpu.wgmma_accumulator_load(tot, wait_n=None)
-                    tot[...] = t + p * lax.broadcast_in_dim(s, (BLOCK_N, bm), (0,))
-                    part[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
-
-                for i, j in enumerate(js):
-                    plgpu.wgmma(parts[i % 2], slice_operand(j, rows), x_slice(j))
-                    if i:
-                        fold(i - 1, wait_n=1)
-                fold(len(js) - 1, wait_n=0)
-
-            def slice_operand(j, rows):
+            def slice_operand(j):
                 cols = pl.ds(j * span, span)
                 raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
                 a = dec.decode(decode, raw)
@@ -428,22 +365,37 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             def x_slice(j):
                 return x_smem.at[:, pl.ds(j * span, span)].T
 
-            if not shared:
-                compute(pl.ds(wg * BLOCK_N, BLOCK_N), list(range(per)))
-            else:  # static slices per warp group: each takes half of the step's
-                for w in range(2):
+            if not by_slice:
+                for j in range(per):
+                    a = slice_operand(j)
+                    if scaled:
+                        a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
+                    plgpu.wgmma(accs[0], a, x_slice(j))
+                plgpu.wgmma_wait(0)
+            else:
+                # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
+                # accumulators while slice j − 1's is scaled into the running total
+                tot, parts = accs[0], accs[1:]
 
-                    @pl.when(wg == w)
-                    def _(w=w):
-                        compute(pl.ds(0, BLOCK_N), list(range(w * per // 2, (w + 1) * per // 2)))
+                def fold(j, wait_n):
+                    part = parts[j % 2]
+                    p = plgpu.wgmma_accumulator_load(part, wait_n=wait_n)
+                    s = s_smem[j, rows].astype(jnp.float32)
+                    t = plgpu.wgmma_accumulator_load(tot, wait_n=None)
+                    tot[...] = t + p * lax.broadcast_in_dim(s, (BLOCK_N, bm), (0,))
+                    part[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
+
+                for j in range(per):
+                    plgpu.wgmma(parts[j % 2], slice_operand(j), x_slice(j))
+                    if j:
+                        fold(j - 1, wait_n=1)
+                fold(per - 1, wait_n=0)
 
             (kk,) = idx
             if fused:  # a CTA that starts its first tile after step 0 signals after the next step
                 first_end = steps - 1 - k_step(0)
 
-                starts_late = (k_step(0) != 0) & (kk == first_end + 1)
-
-                @pl.when(starts_late & (wg == 0) if shared else starts_late)
+                @pl.when((k_step(0) != 0) & (kk == first_end + 1))
                 def _():
                     signal(tile(0))
 
@@ -458,12 +410,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
 
             @functools.partial(pl.run_scoped, accs=[acc] * n_acc)
             def _(accs):
-                if shared:  # o_smem[1] starts free for the second warp group's first hand-over
-
-                    @pl.when(lax.axis_index("wg") == 0)
-                    def _():
-                        plgpu.barrier_arrive(xbar.at[1])
-
                 eval_pipeline(tuple(accs))
                 plgpu.wait_smem_to_gmem(0)
 
@@ -516,7 +462,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 plgpu.SMEM((2, bm, BLOCK_N), jnp.float32),
             ),
             bar=plgpu.Barrier(num_arrivals=1, num_barriers=2),
-            xbar=plgpu.Barrier(num_arrivals=1, num_barriers=2),
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(*args)
@@ -558,7 +503,7 @@ def product(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     """``Ŵᵀ xᵀ``, ``(N_p, M_p)`` float32: the kernel's partial sums (:func:`_partials`),
     combined in one fused XLA pass."""
     parts = _stream_k(x2, codes, scales, zeros, None, cfg, decode, span)
-    n_tiles = codes.shape[0] // cfg.tile_rows
+    n_tiles = codes.shape[0] // (2 * BLOCK_N)
     return combine(parts, n_tiles, x2.shape[1] // cfg.block_k, cfg.cta_steps)
 
 
@@ -614,12 +559,12 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
             raise ShapeError(f"mgpu_matmul: block_k {cfg.block_k} must be a multiple of "
                              f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
         n_p, k_p = w.codes.shape
-        total = n_p // cfg.tile_rows * (k_p // cfg.block_k)
+        total = n_p // (2 * BLOCK_N) * (k_p // cfg.block_k)
         if cfg.cta_steps is None or total % cfg.cta_steps:
             raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} "
                              f"K steps of the weight's tiles (use fit())")  # fmt: skip
         _, bm = padded_rows(x2.shape[0])
-        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.tile_rows)
+        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span)
         if need > SMEM_BYTES:
             raise ShapeError(
                 f"mgpu_matmul: {cfg} needs {need} bytes "
