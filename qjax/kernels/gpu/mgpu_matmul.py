@@ -30,17 +30,26 @@ bf16 rounding of ``c·s``); per-channel scales multiply the result once.
 
 Work is scheduled stream-K (:func:`schedule`; Osama et al. 2023): the weight's 128-row tiles are
 laid end to end as ``tiles × K steps``, and every CTA takes the same number ``L`` of consecutive
-steps, so a CTA may finish one tile and start the next; at a tile's last step (and its own) it
-writes the tile's float32 partial sum to a slot, and one fused XLA pass adds each tile's slots,
-transposes and casts (:func:`combine`; FP8 / per-channel int: times the scales). The 70B shapes
-run in one wave of 128 CTAs whatever their tile count. ``wgmma`` takes the rows of ``x`` 8 at a
-time: TMA reads the rows past the end of ``x`` as zeros (``x`` with more than 8 rows is padded to
-a multiple of 8, TMA's tiling); M > 128 takes :func:`qjax.kernels.calls.dequantized_matmul`
-(XLA's GEMM).
+steps, so a CTA may finish one tile and start the next. The 70B shapes run in one wave of 128
+CTAs whatever their tile count. A tile split between CTAs needs its partial sums added:
+
+* **in the kernel** (``Config.fused``, chosen where :func:`handoffs_early`): the tile's first CTA
+  (the one that takes its first K step, at the end of its run) waits on a semaphore for the later
+  CTAs' float32 sums, which each wrote to a workspace slot at the start of its run; it adds them,
+  scales per channel, casts and writes its block of ``y`` transposed (``WGMMA_TRANSPOSED`` → a
+  swizzled ``(BM, 64)`` tile → TMA);
+* **or after it**: every CTA writes its sum to a slot at the tile's last step (and its own), and
+  one fused XLA pass adds each tile's slots, transposes and casts (:func:`combine`; FP8 /
+  per-channel int: times the scales). Where CTAs split tiles into aligned parts that end together
+  (8192² at decode sizes) that pass is cheaper than the hand-over the first CTA would wait for.
+
+``wgmma`` takes the rows of ``x`` 8 at a time: TMA reads the rows past the end of ``x`` as zeros
+(``x`` with more than 8 rows is padded to a multiple of 8, TMA's tiling) and drops the rows of
+``y`` past its end; M > 128 takes :func:`qjax.kernels.calls.dequantized_matmul` (XLA's GEMM).
 
 Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's bf16 ``dot`` at
-M ≤ 16 on the Llama-3-70B shapes: int4 g128 2.60–3.21× (2.5 TB/s on the large shapes), int8
-per-channel 1.63–1.87×, FP8 1.59–1.85×, NF4 2.02–2.38×; M = 64 2.28–2.52×, M = 128 1.46–1.62×.
+M ≤ 16 on the Llama-3-70B shapes: int4 g128 2.61–3.24× (2.5–2.65 TB/s on the large shapes), int8
+per-channel 1.60–1.87×, FP8 1.57–1.85×, NF4 2.01–2.35×; M = 64 2.28–2.51×, M = 128 1.61–1.66×.
 Tested on the device (``kernel_bench --check``); the CPU tests lower the kernel to Mosaic GPU
 code and check the layouts, decoders and the stream-K bookkeeping, because this jax version's
 interpreter cannot run warp-specialized pipelines.
