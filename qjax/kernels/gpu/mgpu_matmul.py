@@ -85,7 +85,7 @@ class Config:
     block_k: int = 512
     cta_steps: int | None = None  # K steps per CTA (stream-K); None: chosen by `schedule`
     stages: int = 2  # K steps the memory warp group runs ahead
-    scale_acc: bool = False  # scales on float32 per-slice sums (`_partials`), not on the weights
+    scale_acc: bool = False  # scales on float32 per-slice sums (`_stream_k`), not on the weights
     fused: bool | None = None  # partial sums added in the kernel (`_stream_k`), y written as
     #                            is; None: where every hand-off comes early (`handoffs_early`)
 
@@ -115,9 +115,9 @@ def padded_rows(m: int) -> tuple[int, int]:
 
 def smem_bytes(bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE) -> int:
     """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows, one per
-    ``span`` codes) + the float32 output tiles of the two compute warp groups + the epilogue's
-    per-channel scales and barriers (Mosaic GPU's count, for asymmetric int, within its
-    alignment; an upper bound for the other formats)."""
+    ``span`` codes) + the float32 output tiles of the two compute warp groups (which the fused
+    epilogue reuses for its per-channel scales and ``y``) + its barriers (Mosaic GPU's count,
+    for asymmetric int, within :data:`EPILOGUE_SMEM`; an upper bound for the other formats)."""
     per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * BLOCK_N * 2
     return stages * per_stage + 2 * BLOCK_N * bm * 4 + EPILOGUE_SMEM
 
@@ -509,7 +509,7 @@ def combine(parts, n_tiles: int, steps: int, cta_steps: int):
 
 
 def product(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
-    """``Ŵᵀ xᵀ``, ``(N_p, M_p)`` float32: the kernel's partial sums (:func:`_partials`),
+    """``Ŵᵀ xᵀ``, ``(N_p, M_p)`` float32: the kernel's partial sums (:func:`_stream_k`),
     combined in one fused XLA pass."""
     parts = _stream_k(x2, codes, scales, zeros, None, cfg, decode, span)
     n_tiles = codes.shape[0] // (2 * BLOCK_N)
