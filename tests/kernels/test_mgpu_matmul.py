@@ -223,17 +223,22 @@ def test_stream_k_schedule_fills_the_sms_in_one_wave_where_it_can():
         assert ctas <= mg.NUM_SMS or length == 1
 
 
+def _stream_k_case(n_tiles, steps, data, seed, shape):
+    """A stream-K case: ``(total steps, K steps per CTA (a drawn divisor), per-step random
+    contributions of ``shape``, segments)``."""
+    total = n_tiles * steps
+    length = data.draw(st.sampled_from([d for d in range(1, total + 1) if total % d == 0]))
+    contrib = np.random.default_rng(seed).standard_normal((total, *shape)).astype(np.float32)
+    return total, length, contrib, mg.segments(n_tiles, steps, length)
+
+
 @settings(max_examples=60, deadline=None)
 @given(n_tiles=st.integers(1, 12), steps=st.integers(1, 9), data=st.data(), seed=st.integers(0, 99))
 def test_stream_k_partials_combine_to_the_full_sum(n_tiles, steps, data, seed):
     # emulate the kernel: CTA c takes K steps [c·L, (c+1)·L) of the tiles end to end and flushes
     # its sum for tile t (at the tile's last step or its own) into slot c − first_cta(t);
     # slots never written hold NaN and must not reach the result
-    total = n_tiles * steps
-    length = data.draw(st.sampled_from([d for d in range(1, total + 1) if total % d == 0]))
-    rng = np.random.default_rng(seed)
-    contrib = rng.standard_normal((total, 2, 3)).astype(np.float32)  # per step: (rows, cols)
-    seg = mg.segments(n_tiles, steps, length)
+    total, length, contrib, seg = _stream_k_case(n_tiles, steps, data, seed, (2, 3))
     slots = int((seg[:, 1] - seg[:, 0]).max()) + 1
     parts = np.full((slots, n_tiles * 2, 3), np.nan, np.float32)
     for c in range(total // length):
@@ -256,11 +261,7 @@ def test_fused_epilogue_hands_every_partial_sum_to_the_tiles_first_cta(n_tiles, 
     # that did not take a tile's first step writes its sum to workspace slot c − c0 − 1 and
     # signals after its next step (or at once at its last); the tile's first CTA waits until the
     # later CTAs have signalled, then adds the slots and writes y. Unwritten slots hold NaN.
-    total = n_tiles * steps
-    length = data.draw(st.sampled_from([d for d in range(1, total + 1) if total % d == 0]))
-    rng = np.random.default_rng(seed)
-    contrib = rng.standard_normal((total, 3)).astype(np.float32)
-    seg = mg.segments(n_tiles, steps, length)
+    total, length, contrib, seg = _stream_k_case(n_tiles, steps, data, seed, (3,))
     ws = np.full((max(int((seg[:, 1] - seg[:, 0]).max()), 1), n_tiles, 3), np.nan, np.float32)
     signals: dict[int, list[tuple[int, int]]] = {t: [] for t in range(n_tiles)}  # (time, cta)
     waits = []  # (time, cta, tile, later CTAs, own sum)
