@@ -173,6 +173,25 @@ def test_nf4_decoder_gives_the_bf16_level_of_every_code_in_every_position():
     np.testing.assert_array_equal(got, levels[c])
 
 
+@pytest.mark.parametrize("kind", ["int", "nf4"])
+def test_pair_table_decoder_gives_every_code_pair_in_every_lane(kind):
+    import ml_dtypes
+
+    rng = np.random.default_rng()
+    c = rng.integers(0, 16, (4096, 8))  # 128 words per lane
+    words = np.zeros(len(c), np.uint32)
+    for j in range(8):  # stored as c − 8 in int4: the nibble is c ^ 8
+        words |= ((c[:, j] ^ 8).astype(np.uint32)) << (4 * j)
+    table = dec.lut_words(kind)
+    got = _bf16_values(dec.emulate("lut", words, table))
+    levels = np.asarray(nf4_levels()) if kind == "nf4" else np.arange(16) - 8.0
+    ref = levels.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    np.testing.assert_array_equal(got, ref[c])
+    assert np.all(table == table[:, :1])  # every lane's copy is the same table
+    ptx = dec._lut_ptx()
+    assert ptx.count("ld.shared.b32") == 4 and f"{4 * dec.LUT_LANES}, $5" in ptx
+
+
 def test_ptx_uses_the_emulated_constants():
     lo, hi = dec.nf4_tables()
     ptx = dec._nf4_ptx()

@@ -24,7 +24,13 @@ stored column ``v·q + 2i + t`` holds logical column ``8i + 2q + t`` (``q < 4``,
 * NF4 — a 16-entry table lookup with byte permutes: the low and the high bytes of the 16 bf16
   levels live in immediates, ``prmt`` picks a byte for 4 codes at once from each half of a table
   (codes 0–7, 8–15), a third ``prmt`` chooses by the code's top bit, and two more interleave the
-  low and high bytes into bf16 pairs (2.6 instructions per code).
+  low and high bytes into bf16 pairs (2.6 instructions per code);
+* any 4-bit code (int4, NF4) by a **pair table in shared memory** (``kind="lut"``): each byte of
+  the load holds two codes, and the 256-entry table maps it to their two bf16 values, one 32-bit
+  word — a ``prmt`` (the byte), an ``mad`` (its address) and an ``ld.shared`` per two codes
+  (1 instruction per code, half of them loads). The table is stored once per lane of a warp
+  (``(256, 32)`` words, :func:`lut_words`; lane ``l`` reads column ``l``), so the 32 lanes of a
+  load always hit 32 different banks whatever their codes.
 
 The bit manipulations are mirrored by :func:`emulate` (numpy) so that the CPU tests check every
 code against ``ml_dtypes`` and the NF4 table; the kernels themselves run on Hopper only.
@@ -103,6 +109,34 @@ def nf4_tables() -> tuple[tuple[int, ...], tuple[int, ...]]:
     return words(lo), words(hi)
 
 
+# -- the pair table ----------------------------------------------------------------------------
+LUT_LANES = 32  # one copy of the table per lane of a warp (one shared-memory bank each)
+
+
+def pair_table(kind: str) -> np.ndarray:
+    """``(256,)`` uint32: entry ``b`` holds the bf16 values of the stored nibbles ``b & 15`` (low
+    half) and ``b >> 4`` (high half) — ``kind="int"``: the signed int4 ``c − 8`` (stored as
+    ``jnp.int4``, exact in bf16); ``"nf4"``: the NF4 level of code ``c`` (nibble ``c ^ 8``)."""
+    import ml_dtypes
+
+    u = np.arange(16)
+    if kind == "int":
+        vals = np.where(u < 8, u, u - 16).astype(np.float32)
+    elif kind == "nf4":
+        vals = np.asarray(nf4_levels(), np.float32)[u ^ 8]
+    else:
+        raise ValueError(f"pair_table: no pair table for decoder {kind!r}")
+    bits = vals.astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
+    b = np.arange(256)
+    return bits[b & 15] | bits[b >> 4] << 16
+
+
+def lut_words(kind: str) -> np.ndarray:
+    """``(256, LUT_LANES)`` uint32: :func:`pair_table` with every entry repeated once per lane, the
+    layout the kernel copies to shared memory (entry ``b`` of lane ``l`` at word ``32·b + l``)."""
+    return np.repeat(pair_table(kind)[:, None], LUT_LANES, axis=1)
+
+
 # -- numpy mirror of the PTX -----------------------------------------------------------------------
 def prmt(a, b, sel):
     """PTX ``prmt.b32`` (default mode) on uint32 numpy arrays: byte ``i`` of the result is byte
@@ -120,10 +154,15 @@ def prmt(a, b, sel):
     return out.astype(np.uint32)
 
 
-def emulate(kind: str, words: np.ndarray) -> np.ndarray:
+def emulate(kind: str, words: np.ndarray, table: np.ndarray | None = None) -> np.ndarray:
     """The decoder's output registers for 32-bit input ``words`` (uint32): ``(..., n)`` uint32,
-    two bf16 bit patterns each (element ``2j`` in the low half of register ``j``)."""
+    two bf16 bit patterns each (element ``2j`` in the low half of register ``j``); ``"lut"``
+    reads ``table`` (:func:`lut_words`) as lane ``l = word index mod 32`` would."""
     x = np.asarray(words, np.uint32)
+    if kind == "lut":
+        lane = np.arange(x.size).reshape(x.shape) % LUT_LANES
+        idx = [prmt(x, 0, 0x4440 + j) for j in range(4)]  # byte j, zero-extended
+        return np.stack([table[i.astype(np.int64), lane] for i in idx], -1)
     if kind in FP8_SHIFT:
         mask = 0x7F << (8 - FP8_SHIFT[kind])
         mask = np.uint32(mask | mask << 16)
@@ -184,6 +223,19 @@ def _nf4_ptx() -> str:
     return "\n".join(lines + ["}"])
 
 
+def _lut_ptx() -> str:
+    """Inputs ``$4`` (8 codes) and ``$5`` (the table's shared address + 4 × lane); outputs the 4
+    words of the byte pairs: word ``32·b + lane`` at address ``$5 + 128·b``."""
+    lines = ["{", ".reg .b32 b<4>;"]
+    for j in range(4):
+        lines += [
+            f"prmt.b32 b{j}, $4, 0, {0x4440 + j:#06x};",
+            f"mad.lo.u32 b{j}, b{j}, {4 * LUT_LANES}, $5;",
+            f"ld.shared.b32 ${j}, [b{j}];",
+        ]
+    return "\n".join(lines + ["}"])
+
+
 def as_wgmma(arr):
     """A Mosaic GPU ``FragmentedArray`` in a 32-bit-load layout (``WGMMA_LAYOUT_UPCAST_4X`` or
     ``WGMMA_LAYOUT_8BIT``) relabelled as ``WGMMA_LAYOUT``: register ``(…, b, …)`` of ``v`` values
@@ -202,10 +254,28 @@ def as_wgmma(arr):
     return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
 
-def _asm_map(arr, ptx: str, n_out: int):
-    """Applies ``ptx`` (one 32-bit input ``$n_out``, ``n_out ≥ 2`` 32-bit outputs) to each
-    32-bit register of ``arr``; returns the array of ``2·n_out``-bf16 registers in ``arr``'s
-    layout."""
+def concat_columns(parts):
+    """Pallas arrays ``(64, S)`` bf16 in the WGMMA layout → one ``(64, S·len(parts))`` array, the
+    parts side by side along K (the layout's registers are blocked by 8 columns: a relabelling)."""
+    import jax.experimental.mosaic.gpu as mgpu
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+
+    rows, cols = parts[0].shape
+    ret = plgpu.ShapeDtypeStruct((rows, cols * len(parts)), jnp.bfloat16, plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * len(parts), return_type=ret)
+    def run(_, *arrs):
+        regs = np.concatenate([a.registers for a in arrs], axis=1)
+        return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+    return run(*parts)
+
+
+def _asm_map(arr, ptx: str, n_out: int, extra=()):
+    """Applies ``ptx`` (one 32-bit input ``$n_out``, then the 32-bit values ``extra``; ``n_out ≥
+    2`` 32-bit outputs) to each 32-bit register of ``arr``; returns the array of
+    ``2·n_out``-bf16 registers in ``arr``'s layout."""
     import jax.experimental.mosaic.gpu as mgpu
     from jax.experimental.mosaic.gpu import utils
     from jaxlib.mlir import ir
@@ -216,9 +286,9 @@ def _asm_map(arr, ptx: str, n_out: int):
     out = np.empty(arr.registers.shape, dtype=object)
     for idx, reg in np.ndenumerate(arr.registers):
         word = utils.bitcast(reg, i32)
-        constraints = ",".join(["=r"] * n_out + ["r"])
+        constraints = ",".join(["=r"] * n_out + ["r"] * (1 + len(extra)))
         struct = llvm.inline_asm(
-            llvm.StructType.get_literal([i32] * n_out), [word], ptx, constraints
+            llvm.StructType.get_literal([i32] * n_out), [word, *extra], ptx, constraints
         )
         regs = [llvm.extractvalue(i32, struct, [j]) for j in range(n_out)]
         vec = utils.vector_concat([vector.broadcast(ir.VectorType.get((1,), i32), r) for r in regs])
@@ -233,15 +303,38 @@ def load_layout(bits: int):
     return plgpu.Layout.WGMMA_UPCAST_4X if bits == 4 else plgpu.Layout.WGMMA_8BIT
 
 
-def decode(kind: str, codes):
+def _lane_address(table):
+    """The shared-memory address of lane ``l``'s first entry of ``table`` (``(256, 32)`` words):
+    its base + 4·l, as an i32."""
+    from jax.experimental.mosaic.gpu import utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm
+
+    i32 = ir.IntegerType.get_signless(32)
+    base = llvm.ptrtoint(i32, utils.memref_ptr(table))
+    lane = arith.remui(utils.thread_idx(), utils.c(LUT_LANES, i32))
+    return arith.addi(base, arith.muli(lane, utils.c(4, i32)))
+
+
+def decode(kind: str, codes, table=None):
     """``codes`` (a ``(64, S)`` Pallas array loaded in :func:`load_layout`) → bf16 in the WGMMA
     layout. ``kind``: ``"int"`` (signed int4 / int8 values), ``"e4m3"`` / ``"e5m2"``
-    (``value · 2^-FP8_SCALE_LOG2``), ``"nf4"`` (the bf16 NF4 level)."""
+    (``value · 2^-FP8_SCALE_LOG2``), ``"nf4"`` (the bf16 NF4 level); with ``table`` (4-bit codes:
+    a shared-memory ref holding :func:`lut_words` of ``kind``) by the pair-table lookup."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
 
     bits = 4 if codes.dtype == jnp.int4 else 8
     ret = plgpu.ShapeDtypeStruct(codes.shape, jnp.bfloat16, plgpu.Layout.WGMMA)
+    if table is not None:
+        if bits != 4:
+            raise ValueError(f"decode: the pair table decodes 4-bit codes, not {codes.dtype}")
+
+        @plgpu.inline_mgpu(arg_types=(load_layout(bits), plgpu.RefType()), return_type=ret)
+        def run_lut(_, arr, lut):
+            return as_wgmma(_asm_map(arr, _lut_ptx(), 4, (_lane_address(lut),)))
+
+        return run_lut(codes, table)
 
     @plgpu.inline_mgpu(arg_types=(load_layout(bits),), return_type=ret)
     def run(_, arr):

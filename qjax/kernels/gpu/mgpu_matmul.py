@@ -88,6 +88,8 @@ class Config:
     scale_acc: bool = False  # scales on float32 per-slice sums (`_stream_k`), not on the weights
     fused: bool | None = None  # partial sums added in the kernel (`_stream_k`), y written as
     #                            is; None: where every hand-off comes early (`handoffs_early`)
+    lut: bool = False  # 4-bit codes decoded by the shared-memory pair table (`mgpu_decode`)
+    wgmma_k: int = 0  # codes per wgmma (a multiple of the scale span; 0: the span)
 
 
 # M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
@@ -113,18 +115,25 @@ def padded_rows(m: int) -> tuple[int, int]:
     return m_p, min(m_p, MAX_BLOCK_M)
 
 
-def smem_bytes(bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE) -> int:
+def smem_bytes(
+    bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE, lut: bool = False
+) -> int:
     """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows, one per
     ``span`` codes) + the float32 output tiles of the two compute warp groups (which the fused
     epilogue reuses for its per-channel scales and ``y``) + its barriers (Mosaic GPU's count,
-    for asymmetric int, within :data:`EPILOGUE_SMEM`; an upper bound for the other formats)."""
+    for asymmetric int, within :data:`EPILOGUE_SMEM`; an upper bound for the other formats)
+    + the decoder's pair table (``lut``)."""
     per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * BLOCK_N * 2
-    return stages * per_stage + 2 * BLOCK_N * bm * 4 + EPILOGUE_SMEM
+    table = LUT_SMEM if lut else 0
+    return stages * per_stage + 2 * BLOCK_N * bm * 4 + EPILOGUE_SMEM + table
 
 
 EPILOGUE_SMEM = 1024  # the fused epilogue's 2 barriers and their alignment (a bound; measured:
 #                       a (2, BLOCK_N) float32 buffer more took 1056 bytes, so the per-channel
 #                       scales share the output tiles' buffer)
+
+
+LUT_SMEM = 256 * 32 * 4  # the pair table, one copy per lane (`mgpu_decode.lut_words`)
 
 
 RAMP_STEPS = 2  # a CTA's pipeline fill + drain, in K steps (measured: 3 waves of 4-step CTAs
@@ -175,7 +184,8 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
         bk //= 2
     m_p, bm = padded_rows(m)
     stages = cfg.stages
-    while smem_bytes(bm, bk, stages, bits, span) > SMEM_BYTES and (stages > 1 or bk > SLICE):
+    lut = cfg.lut and bits == 4
+    while smem_bytes(bm, bk, stages, bits, span, lut) > SMEM_BYTES and (stages > 1 or bk > SLICE):
         if stages > 1:
             stages -= 1
         else:
@@ -188,7 +198,9 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
     fused = cfg.fused
     if fused is None:
         fused = handoffs_early(n_tiles, steps, cta_steps)
-    return dataclasses.replace(cfg, block_k=bk, stages=stages, cta_steps=cta_steps, fused=fused)
+    return dataclasses.replace(
+        cfg, block_k=bk, stages=stages, cta_steps=cta_steps, fused=fused, lut=lut
+    )
 
 
 def pick(m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
@@ -274,15 +286,20 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
     by_slice = cfg.scale_acc and scaled
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
+    lut = cfg.lut
 
-    def kernel(w_gmem, x_gmem, *rest, out_smem, bar):
+    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None):
         # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
         # (y_smem[wg, 0] and c_smem[wg, 0] lie in o_smem[wg]: each warp group reuses its part)
         o_smem, y_smem, c_smem = out_smem
         if fused:
-            *rest, chs_gmem, ws_gmem, y_gmem = rest
+            *rest, ws_gmem, y_gmem = rest
         else:
             *rest, o_gmem = rest
+        if lut:
+            *rest, lut_gmem = rest
+        if fused:
+            *rest, chs_gmem = rest
         ci, mi = lax.axis_index("c"), lax.axis_index("m")
         first = ci * length  # the CTA's first K step, counting over the tiles end to end
 
@@ -363,7 +380,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             def slice_operand(j):
                 cols = pl.ds(j * span, span)
                 raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
-                a = dec.decode(decode, raw)
+                a = dec.decode(decode, raw, lut_smem if lut else None)
                 if decode in dec.FP8_SHIFT:  # exact: a power of two, no overflow
                     a = a * jnp.bfloat16(fp8_factor)
                 if not sym:  # (c − h) − (z − h) = c − z, exact in bf16 (|c − z| < 256)
@@ -371,15 +388,20 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                     a = a - lax.broadcast_in_dim(zh, (BLOCK_N, span), (0,))
                 return a
 
-            def x_slice(j):
-                return x_smem.at[:, pl.ds(j * span, span)].T
+            def x_slice(j, n=1):
+                return x_smem.at[:, pl.ds(j * span, n * span)].T
 
             if not by_slice:
-                for j in range(per):
-                    a = slice_operand(j)
-                    if scaled:
-                        a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
-                    plgpu.wgmma(accs[0], a, x_slice(j))
+                group = max(1, cfg.wgmma_k // span)  # slices per wgmma
+                for j0 in range(0, per, group):
+                    ops = []
+                    for j in range(j0, j0 + group):
+                        a = slice_operand(j)
+                        if scaled:
+                            a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
+                        ops.append(a)
+                    a = ops[0] if group == 1 else dec.concat_columns(ops)
+                    plgpu.wgmma(accs[0], a, x_slice(j0, group))
                 plgpu.wgmma_wait(0)
             else:
                 # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
@@ -419,6 +441,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
 
             @functools.partial(pl.run_scoped, accs=[acc] * n_acc)
             def _(accs):
+                if lut:  # the pair table, copied by the memory warp group
+                    plgpu.barrier_wait(bar.at[2])
                 eval_pipeline(tuple(accs))
                 plgpu.wait_smem_to_gmem(0)
 
@@ -443,6 +467,12 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
         )
         n_sems = n_tiles * m_tiles * 2  # per tile, row block of x and warp group
         sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_sems,))) if fused else None
+        if lut:
+
+            @pl.when(lax.axis_index("wg") == 2)
+            def _():
+                plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, bar.at[2])
+
         pipeline(w_gmem, x_gmem.at[pl.ds(mi * bm, bm)], *rest)
 
     args = [codes, x2] + ([scales] if scaled else []) + ([] if sym else [zeros])
@@ -456,6 +486,10 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
         )
     else:
         out_type = jax.ShapeDtypeStruct((slots, n_p, m_p), jnp.float32)
+    scratch = {}
+    if lut:
+        args.append(jnp.asarray(dec.lut_words(decode)))
+        scratch["lut_smem"] = plgpu.SMEM((256, dec.LUT_LANES), jnp.uint32)
     y_sw = _tiled(BLOCK_N, 16, "out")
     out = plgpu.kernel(
         kernel,
@@ -470,7 +504,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 plgpu.SMEM((2, 2, bm, BLOCK_N), x2.dtype, transforms=y_sw),
                 plgpu.SMEM((2, bm, BLOCK_N), jnp.float32),
             ),
-            bar=plgpu.Barrier(num_arrivals=1, num_barriers=2),
+            bar=plgpu.Barrier(num_arrivals=1, num_barriers=3),
+            **scratch,
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(*args)
@@ -573,7 +608,7 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
             raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} "
                              f"K steps of the weight's tiles (use fit())")  # fmt: skip
         _, bm = padded_rows(x2.shape[0])
-        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span)
+        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut)
         if need > SMEM_BYTES:
             raise ShapeError(
                 f"mgpu_matmul: {cfg} needs {need} bytes "

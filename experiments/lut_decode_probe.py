@@ -1,0 +1,82 @@
+"""Probe: 4-bit codes (int4, NF4) decoded by a pair table in shared memory (``Config.lut``: one
+``ld.shared`` per byte of codes — two bf16 values — from a ``(256, 32)``-word table with a copy
+per lane, :mod:`qjax.kernels.gpu.mgpu_decode`) against the register decoders (int4: Mosaic GPU's
+``prmt`` / ``lop3`` / ``sub.bf16x2``, 1.6 instructions per code; NF4: the ``prmt`` table, 2.6).
+
+Correctness first (the 4-bit formats, small shapes, x of 1–200 rows, both epilogues), then per
+70B shape and M the median device time of both decoders and of XLA's bf16 ``dot`` (weights
+rotated over > 150 MB).
+
+    python -m experiments.lut_decode_probe --out DIR      # on the GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+import jax
+
+from experiments import kernel_bench as kb
+from experiments.mgpu_probe_lib import SHAPES, check_row, time_cases
+from qjax.kernels.gpu import mgpu_matmul as mg
+
+FORMATS = ("w4g128t", "w4g128ta", "w4cht", "nf4t")
+
+
+def check(results: list) -> None:
+    for fmt in FORMATS:
+        spec, layout = kb.FORMATS[fmt]
+        for m, k, n in [(16, 2048, 384), (1, 4096, 256), (64, 1024, 640), (7, 640, 200),
+                        (128, 1024, 256), (200, 1024, 384)]:  # fmt: skip
+            w, x, ref = kb.check_case(spec, layout, m, k, n, seed=m * 31 + k)
+            base = mg.config_for(w, m, mg.Config("mgpu", 128, None, 3) if m > 128 else None)
+            for fused in (False, True):
+                for wgmma_k in (0, 128) if fmt == "nf4t" else (0,):
+                    opts = dict(lut=True, fused=fused, wgmma_k=wgmma_k)
+                    cfg = mg.config_for(w, m, dataclasses.replace(base, **opts))
+                    results.append(check_row(fmt, w, x, ref, cfg, **opts))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--fmts", nargs="*", default=["w4g128t", "nf4t"])
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--ms", nargs="*", type=int, default=[1, 16, 64, 128])
+    ap.add_argument("--budget-s", type=float, default=400)
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--regs-only", action="store_true", help="int4: the register decoder only")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": []}
+    if not args.no_check:
+        check(out["checks"])
+        bad = [r for r in out["checks"] if not r.get("ok")]
+        print(f"checks: {len(out['checks'])}, failed: {len(bad)}", flush=True)
+
+    def configs(w, m):
+        base = mg.config_for(w, m)
+        opts = {"regs": dict(lut=False), "lut": dict(lut=True)}
+        if w.layout == "gpu_nf4t":
+            opts["lut_k128"] = dict(lut=True, wgmma_k=128)
+        if args.regs_only and w.layout != "gpu_nf4t":
+            opts = {"regs": opts["regs"]}
+        return {k: mg.config_for(w, m, dataclasses.replace(base, **o)) for k, o in opts.items()}
+
+    def variants(w, m):
+        return {label: jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
+                for label, cfg in configs(w, m).items()}  # fmt: skip
+
+    def extra(label, w, m):
+        cfg = configs(w, m)[label]
+        return {f"{label}_cfg": f"bk{cfg.block_k} st{cfg.stages} L{cfg.cta_steps}"}
+
+    cases = [(*SHAPES[name], m) for m in args.ms for name in args.shapes]
+    path = os.path.join(args.out, "lut_decode_probe.json")
+    time_cases(out, path, cases, args.fmts, variants, extra, budget_s=args.budget_s)
+
+
+if __name__ == "__main__":
+    main()
