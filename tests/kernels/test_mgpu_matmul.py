@@ -227,6 +227,9 @@ def test_scales_go_on_float32_sums_up_to_32_rows_except_nf4(spec, m):
     w = rp.repack(_weight(spec, 1024, 256, 1), _layout(spec))
     cfg = mg.config_for(w, m)
     assert cfg.scale_acc == (m <= 32 and not isinstance(spec, qjax.NF4))
+    assert cfg.lut == isinstance(spec, qjax.NF4)  # NF4 decoded by the pair table
+    assert mg.smem_bytes(8 * -(-m // 8), cfg.block_k, cfg.stages, _bits(spec), mg.slice_codes(w),
+                         cfg.lut) <= mg.SMEM_BYTES  # fmt: skip
 
 
 def test_stream_k_schedule_fills_the_sms_in_one_wave_where_it_can():
@@ -349,8 +352,8 @@ def test_kernel_lowers_to_mosaic_gpu_with_its_decoder(spec, m):
     lowered = jax.jit(lambda x, w: mg._mgpu_matmul(x, w, cfg)).trace(x, w)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-    if isinstance(spec, qjax.NF4):
-        assert "prmt.b32" in text
+    if isinstance(spec, qjax.NF4):  # the pair table's loads
+        assert "ld.shared.b32" in text
 
 
 def test_direct_call_on_cpu_says_it_needs_a_gpu():

@@ -254,24 +254,6 @@ def as_wgmma(arr):
     return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
 
-def concat_columns(parts):
-    """Pallas arrays ``(64, S)`` bf16 in the WGMMA layout → one ``(64, S·len(parts))`` array, the
-    parts side by side along K (the layout's registers are blocked by 8 columns: a relabelling)."""
-    import jax.experimental.mosaic.gpu as mgpu
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    import jax.numpy as jnp
-
-    rows, cols = parts[0].shape
-    ret = plgpu.ShapeDtypeStruct((rows, cols * len(parts)), jnp.bfloat16, plgpu.Layout.WGMMA)
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * len(parts), return_type=ret)
-    def run(_, *arrs):
-        regs = np.concatenate([a.registers for a in arrs], axis=1)
-        return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
-
-    return run(*parts)
-
-
 def _asm_map(arr, ptx: str, n_out: int, extra=()):
     """Applies ``ptx`` (one 32-bit input ``$n_out``, then the 32-bit values ``extra``; ``n_out ≥
     2`` 32-bit outputs) to each 32-bit register of ``arr``; returns the array of

@@ -16,7 +16,8 @@ two compute warp groups loads its ``(64, BK)`` half into registers (32 bits per 
 shuffles) and, per 128- (NF4: 64-) code slice,
 
     a = decode(c) [− (z − h)] · s  (int: Mosaic GPU's prmt/lop3 converters, ``c − z`` exact in
-                                    bf16; NF4: a prmt table lookup of the bf16 level; FP8: a bit
+                                    bf16; NF4: the bf16 levels of two codes per ``ld.shared``
+                                    from a pair table (``Config.lut``); FP8: a bit
                                     move to ``value·2⁻¹²⁰``, times ``2¹²⁰``; one bf16 rounding of
                                     the product, as :func:`qjax.kernels.repack.dequantize_bf16`)
     acc += a @ x_sliceᵀ            (``wgmma``, float32 accumulator, ``xᵀ`` read transposed
@@ -49,7 +50,8 @@ CTAs whatever their tile count. A tile split between CTAs needs its partial sums
 
 Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's bf16 ``dot`` at
 M ≤ 16 on the Llama-3-70B shapes: int4 g128 2.61–3.24× (2.5–2.65 TB/s on the large shapes), int8
-per-channel 1.60–1.87×, FP8 1.57–1.85×, NF4 2.01–2.35×; M = 64 2.28–2.51×, M = 128 1.61–1.66×.
+per-channel 1.60–1.87×, FP8 1.57–1.85×, NF4 2.22–2.90× (1.10–1.18× int4's time); M = 64
+2.28–2.51×, M = 128 1.61–1.66×.
 Tested on the device (``kernel_bench --check``); the CPU tests lower the kernel to Mosaic GPU
 code and check the layouts, decoders and the stream-K bookkeeping, because this jax version's
 interpreter cannot run warp-specialized pipelines.
@@ -89,12 +91,14 @@ class Config:
     fused: bool | None = None  # partial sums added in the kernel (`_stream_k`), y written as
     #                            is; None: where every hand-off comes early (`handoffs_early`)
     lut: bool = False  # 4-bit codes decoded by the shared-memory pair table (`mgpu_decode`)
-    wgmma_k: int = 0  # codes per wgmma (a multiple of the scale span; 0: the span)
 
 
 # M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
 # Llama-3-70B shapes, experiments/results/kernels/, the latest under stream-K): large K steps
 # amortize the per-step barriers; stages are cut to shared memory by `fit`.
+# NF4 codes are decoded by the shared-memory pair table (`config_for` sets `lut`): 10–20 % faster
+# than the prmt decoder at every M, while int4's own converter stays 1–9 % faster than the table
+# (`lut_decode_probe.json`).
 # Up to 32 rows the scales go on the float32 sums (`scale_acc`): int4 +1–5 %, int8 per-channel
 # +1–2 %, NF4 −4–6 % (so `config_for` turns it off there), `scale_acc_probe.json`.
 TABLE = {
@@ -203,11 +207,14 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
     )
 
 
-def pick(m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
+def pick(m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE, lut: bool = False) -> Config:
     """The table's config for ``m`` rows, ``K_p`` codes and ``N_p`` columns of ``bits``-bit
-    codes with a scale row per ``span`` codes, :func:`fit` to them; ``"xla"`` above 128 rows."""
+    codes with a scale row per ``span`` codes (decoded by the pair table: ``lut``), :func:`fit`
+    to them; ``"xla"`` above 128 rows."""
     bucket = next((b for b in TABLE if m <= b), None)
-    return Config("xla") if bucket is None else fit(TABLE[bucket], m, k_p, n_p, bits, span)
+    if bucket is None:
+        return Config("xla")
+    return fit(dataclasses.replace(TABLE[bucket], lut=lut), m, k_p, n_p, bits, span)
 
 
 def code_bits(w: QArray) -> int:
@@ -232,7 +239,7 @@ def config_for(w: QArray, m: int, cfg: Config | None = None) -> Config:
     repacked weight ``w``."""
     n_p, k_p = w.codes.shape
     if cfg is None:
-        cfg = pick(m, k_p, n_p, code_bits(w), slice_codes(w))
+        cfg = pick(m, k_p, n_p, code_bits(w), slice_codes(w), lut=w.layout == "gpu_nf4t")
         return dataclasses.replace(cfg, scale_acc=cfg.scale_acc and w.layout != "gpu_nf4t")
     return fit(cfg, m, k_p, n_p, code_bits(w), slice_codes(w))
 
@@ -388,20 +395,15 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                     a = a - lax.broadcast_in_dim(zh, (BLOCK_N, span), (0,))
                 return a
 
-            def x_slice(j, n=1):
-                return x_smem.at[:, pl.ds(j * span, n * span)].T
+            def x_slice(j):
+                return x_smem.at[:, pl.ds(j * span, span)].T
 
             if not by_slice:
-                group = max(1, cfg.wgmma_k // span)  # slices per wgmma
-                for j0 in range(0, per, group):
-                    ops = []
-                    for j in range(j0, j0 + group):
-                        a = slice_operand(j)
-                        if scaled:
-                            a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
-                        ops.append(a)
-                    a = ops[0] if group == 1 else dec.concat_columns(ops)
-                    plgpu.wgmma(accs[0], a, x_slice(j0, group))
+                for j in range(per):
+                    a = slice_operand(j)
+                    if scaled:
+                        a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
+                    plgpu.wgmma(accs[0], a, x_slice(j))
                 plgpu.wgmma_wait(0)
             else:
                 # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
