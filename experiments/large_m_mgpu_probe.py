@@ -37,7 +37,9 @@ def main(argv=None) -> None:
         spec, layout = kb.FORMATS[fmt]
         w, x, ref = kb.check_case(spec, layout, 2048, 1024, 512, seed=5)
         for label, cfg in CONFIGS.items():
-            out["checks"].append(check_row(fmt, w, x, ref, mg.config_for(w, 2048, cfg), cfg=label))
+            out["checks"].append(
+                check_row(fmt, w, x, ref, mg.config_for(w, 2048, cfg), config=label)
+            )
 
     def variants(w, m):
         cfgs = {"xla": None, **{k: mg.config_for(w, m, c) for k, c in CONFIGS.items()}}

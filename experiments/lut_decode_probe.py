@@ -33,8 +33,8 @@ def check(results: list) -> None:
             w, x, ref = kb.check_case(spec, layout, m, k, n, seed=m * 31 + k)
             base = mg.config_for(w, m, mg.Config("mgpu", 128, None, 3) if m > 128 else None)
             for fused in (False, True):
-                for wgmma_k in (0, 128) if fmt == "nf4t" else (0,):
-                    opts = dict(lut=True, fused=fused, wgmma_k=wgmma_k)
+                for sacc in (False, True) if fmt == "nf4t" else (base.scale_acc,):
+                    opts = dict(lut=True, fused=fused, scale_acc=sacc)
                     cfg = mg.config_for(w, m, dataclasses.replace(base, **opts))
                     results.append(check_row(fmt, w, x, ref, cfg, **opts))
 
@@ -47,6 +47,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", nargs="*", type=int, default=[1, 16, 64, 128])
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--nf4-variants", action="store_true", help="NF4: scale_acc, 256-code steps")
     ap.add_argument("--regs-only", action="store_true", help="int4: the register decoder only")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -59,8 +60,9 @@ def main(argv=None) -> None:
     def configs(w, m):
         base = mg.config_for(w, m)
         opts = {"regs": dict(lut=False), "lut": dict(lut=True)}
-        if w.layout == "gpu_nf4t":
-            opts["lut_k128"] = dict(lut=True, wgmma_k=128)
+        if w.layout == "gpu_nf4t" and args.nf4_variants:
+            opts["lut_sacc"] = dict(lut=True, scale_acc=True)
+            opts["lut_bk256"] = dict(lut=True, block_k=256, stages=6)
         if args.regs_only and w.layout != "gpu_nf4t":
             opts = {"regs": opts["regs"]}
         return {k: mg.config_for(w, m, dataclasses.replace(base, **o)) for k, o in opts.items()}
