@@ -9,6 +9,7 @@ XLA's bf16 ``dot``; weights rotated over > 150 MB. One correctness row per confi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import jax
@@ -19,7 +20,7 @@ from qjax.kernels.gpu import mgpu_matmul as mg
 
 CONFIGS = {
     "mgpu_bk128": mg.Config("mgpu", 128, None, 4),
-    "mgpu_bk256": mg.Config("mgpu", 256, None, 3),
+    "mgpu_bk128_minner": mg.Config("mgpu", 128, None, 4, m_inner=True),
 }
 
 
@@ -30,19 +31,32 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--ms", nargs="*", type=int, default=[2048])
     ap.add_argument("--budget-s", type=float, default=200)
+    ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": []}
-    for fmt in args.fmts:
+    for fmt in [] if args.no_check else args.fmts:
         spec, layout = kb.FORMATS[fmt]
         w, x, ref = kb.check_case(spec, layout, 2048, 1024, 512, seed=5)
+        lut = layout == "gpu_nf4t"
         for label, cfg in CONFIGS.items():
             out["checks"].append(
-                check_row(fmt, w, x, ref, mg.config_for(w, 2048, cfg), config=label)
+                check_row(
+                    fmt,
+                    w,
+                    x,
+                    ref,
+                    mg.config_for(w, 2048, dataclasses.replace(cfg, lut=lut)),
+                    config=label,
+                )
             )
 
     def variants(w, m):
-        cfgs = {"xla": None, **{k: mg.config_for(w, m, c) for k, c in CONFIGS.items()}}
+        lut = w.layout == "gpu_nf4t"  # NF4: the pair table, as the table's configs
+        cfgs = {"xla": None}
+        cfgs.update(
+            {k: mg.config_for(w, m, dataclasses.replace(c, lut=lut)) for k, c in CONFIGS.items()}
+        )
         return {label: jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
                 for label, cfg in cfgs.items()}  # fmt: skip
 

@@ -91,6 +91,8 @@ class Config:
     fused: bool | None = None  # partial sums added in the kernel (`_stream_k`), y written as
     #                            is; None: where every hand-off comes early (`handoffs_early`)
     lut: bool = False  # 4-bit codes decoded by the shared-memory pair table (`mgpu_decode`)
+    m_inner: bool = False  # the row blocks of x as the grid's fastest axis (CTAs launched
+    #                        together share weight steps, not rows of x)
 
 
 # M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
@@ -496,8 +498,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     out = plgpu.kernel(
         kernel,
         out_type=out_type,
-        grid=(ctas, m_tiles),
-        grid_names=("c", "m"),
+        grid=(m_tiles, ctas) if cfg.m_inner else (ctas, m_tiles),
+        grid_names=("m", "c") if cfg.m_inner else ("c", "m"),
         num_threads=3,
         thread_name="wg",
         scratch_types=dict(
