@@ -21,7 +21,7 @@ from qjax.kernels.gpu import mgpu_matmul as mg
 CONFIGS = {
     "mgpu_bk128": mg.Config("mgpu", 128, None, 4),
     "mgpu_bk128_minner": mg.Config("mgpu", 128, None, 4, m_inner=True),
-}
+}  # the committed runs: bk256 (st3) in large_m_mgpu_probe.json, then these two
 
 
 def main(argv=None) -> None:
@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", nargs="*", type=int, default=[2048])
     ap.add_argument("--budget-s", type=float, default=200)
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": []}
@@ -55,7 +56,7 @@ def main(argv=None) -> None:
         lut = w.layout == "gpu_nf4t"  # NF4: the pair table, as the table's configs
         cfgs = {"xla": None}
         cfgs.update(
-            {k: mg.config_for(w, m, dataclasses.replace(c, lut=lut)) for k, c in CONFIGS.items()}
+            {k: mg.config_for(w, m, dataclasses.replace(CONFIGS[k], lut=lut)) for k in args.configs}
         )
         return {label: jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
                 for label, cfg in cfgs.items()}  # fmt: skip
