@@ -201,17 +201,19 @@ def test_ptx_uses_the_emulated_constants():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m", [1, 16, 32, 64, 100, 128])
+@pytest.mark.parametrize("m", [1, 16, 32, 64, 100, 128, 300, 1024])
 @pytest.mark.parametrize(("k", "n"), [(8192, 8192), (8192, 57344), (28672, 8192), (640, 384)])
 def test_table_configs_fit_shared_memory_and_divide_k(bits, m, k, n):
     cfg = mg.pick(m, k, n, bits)
-    bm = max(8, -(-m // 8) * 8)
+    _, bm = mg.padded_rows(m)
     assert cfg.path == "mgpu"
     assert k % cfg.block_k == 0 and cfg.block_k % mg.SLICE == 0
     n_tiles = -(-n // 128)
     assert (n_tiles * (k // cfg.block_k)) % cfg.cta_steps == 0
     assert mg.smem_bytes(bm, cfg.block_k, cfg.stages, bits) <= mg.SMEM_BYTES
-    assert mg.pick(129, k, n).path == "xla"
+    assert mg.pick(1025, k, n).path == "xla" and mg.pick(1024, k, n).path == "mgpu"
+    assert mg.pick(2048, k, n, max_rows=2048).path == "mgpu"
+    assert mg.pick(2049, k, n, max_rows=2048).path == "xla"
 
 
 @pytest.mark.parametrize("m", [1, 7, 8, 9, 16, 33, 100, 128, 129, 300])
@@ -370,10 +372,11 @@ def test_large_m_takes_xla_and_matches_float64(spec):
     seed = int(np.random.default_rng().integers(1 << 30))
     q = _weight(spec, 384, 200, seed)
     w = rp.repack(q, _layout(spec))
-    x = jax.random.normal(jax.random.key(seed + 1), (2, 150, 384), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(seed + 1), (3, 700, 384), jnp.bfloat16)  # 2100 rows
+    assert mg.config_for(w, 2100).path == "xla"
     y = np.asarray(mg.matmul(x, w), np.float64)
     ref = np.asarray(x, np.float64) @ np.asarray(q.dequantize(), np.float64)
-    assert y.shape == (2, 150, 200)
+    assert y.shape == (3, 700, 200)
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-2
 
 

@@ -46,12 +46,14 @@ CTAs whatever their tile count. A tile split between CTAs needs its partial sums
 
 ``wgmma`` takes the rows of ``x`` 8 at a time: TMA reads the rows past the end of ``x`` as zeros
 (``x`` with more than 8 rows is padded to a multiple of 8, TMA's tiling) and drops the rows of
-``y`` past its end; M > 128 takes :func:`qjax.kernels.calls.dequantized_matmul` (XLA's GEMM).
+``y`` past its end. Above 128 rows ``x`` is cut into 128-row blocks (a grid axis; the blocks of
+one weight range launch together, so the range is read from HBM once); above :data:`MAX_ROWS`
+(1024, int4 2048) :func:`qjax.kernels.calls.dequantized_matmul` takes over (XLA's GEMM).
 
 Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's bf16 ``dot`` at
 M ≤ 16 on the Llama-3-70B shapes: int4 g128 2.61–3.24× (2.5–2.65 TB/s on the large shapes), int8
 per-channel 1.60–1.87×, FP8 1.57–1.85×, NF4 2.22–2.90× (1.10–1.18× int4's time); M = 64
-2.28–2.51×, M = 128 1.61–1.66×.
+2.28–2.51×, M = 128 1.61–1.66×; M = 256–1024 0.72–0.98× (every format), int4 at 2048 0.82–0.86×.
 Tested on the device (``kernel_bench --check``); the CPU tests lower the kernel to Mosaic GPU
 code and check the layouts, decoders and the stream-K bookkeeping, because this jax version's
 interpreter cannot run warp-specialized pipelines.
@@ -108,7 +110,14 @@ TABLE = {
     32: Config("mgpu", 512, None, 3, scale_acc=True),
     64: Config("mgpu", 256, None, 4),
     128: Config("mgpu", 128, None, 4),
+    2048: Config("mgpu", 128, None, 4, m_inner=True),  # up to `max_rows`
 }
+# Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) was 0.35×
+# (M = 256), 0.50× (512), 0.63–0.68× (1024) bf16 where this kernel makes 0.85–0.98×, 0.79–0.84×,
+# 0.72–0.85×; at 2048 the kernel is ahead for int4 only (0.82–0.86× vs 0.76–0.87×), from 4096 XLA
+# (`large_m_mgpu_probe_*.json`): rows up to which each layout takes the kernel.
+MAX_ROWS = {"gpu_i4t": 2048}
+DEFAULT_MAX_ROWS = 1024
 NUM_SMS = 132  # H100 SXM; one CTA per SM (three warp groups and their registers fill it)
 
 
@@ -209,12 +218,20 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
     )
 
 
-def pick(m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE, lut: bool = False) -> Config:
+def pick(
+    m: int,
+    k_p: int,
+    n_p: int,
+    bits: int = 4,
+    span: int = SLICE,
+    lut: bool = False,
+    max_rows: int = DEFAULT_MAX_ROWS,
+) -> Config:
     """The table's config for ``m`` rows, ``K_p`` codes and ``N_p`` columns of ``bits``-bit
     codes with a scale row per ``span`` codes (decoded by the pair table: ``lut``), :func:`fit`
-    to them; ``"xla"`` above 128 rows."""
+    to them; ``"xla"`` above ``max_rows`` rows."""
     bucket = next((b for b in TABLE if m <= b), None)
-    if bucket is None:
+    if bucket is None or m > max_rows:
         return Config("xla")
     return fit(dataclasses.replace(TABLE[bucket], lut=lut), m, k_p, n_p, bits, span)
 
@@ -241,7 +258,8 @@ def config_for(w: QArray, m: int, cfg: Config | None = None) -> Config:
     repacked weight ``w``."""
     n_p, k_p = w.codes.shape
     if cfg is None:
-        cfg = pick(m, k_p, n_p, code_bits(w), slice_codes(w), lut=w.layout == "gpu_nf4t")
+        lut, max_rows = w.layout == "gpu_nf4t", MAX_ROWS.get(w.layout, DEFAULT_MAX_ROWS)
+        cfg = pick(m, k_p, n_p, code_bits(w), slice_codes(w), lut, max_rows)
         return dataclasses.replace(cfg, scale_acc=cfg.scale_acc and w.layout != "gpu_nf4t")
     return fit(cfg, m, k_p, n_p, code_bits(w), slice_codes(w))
 
@@ -587,7 +605,8 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
     """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a weight ``(K, N)`` repacked to one of
     :data:`LAYOUTS`.
 
-    Needs a Hopper GPU for M ≤ 128 (``config`` overrides the table); larger M runs XLA.
+    Needs a Hopper GPU up to :data:`MAX_ROWS` rows (``config`` overrides the table); larger M
+    runs XLA.
     """
     check_supported(x, w)
     k, n = w.shape
