@@ -342,7 +342,14 @@ def test_kernel_traces_for_every_table_config(spec, m):
 
 @pytest.mark.parametrize(
     ("spec", "m"),
-    [(SPECS[1], 16), (SPECS[4], 1), (SPECS[6], 16), (SPECS[8], 100), (SPECS[0], 128)],
+    [
+        (SPECS[1], 16),
+        (SPECS[4], 1),
+        (SPECS[6], 16),
+        (SPECS[8], 100),
+        (SPECS[0], 128),
+        (SPECS[6], 300),
+    ],  # fmt: skip
     ids=lambda v: v.label() if hasattr(v, "label") else str(v),
 )
 def test_kernel_lowers_to_mosaic_gpu_with_its_decoder(spec, m):
@@ -351,6 +358,7 @@ def test_kernel_lowers_to_mosaic_gpu_with_its_decoder(spec, m):
     w = rp.repack(_weight(spec, 1024, 256, 1), _layout(spec))
     x = jax.random.normal(jax.random.key(2), (m, 1024), jnp.bfloat16)
     cfg = mg.config_for(w, m)
+    assert cfg.path == "mgpu" and cfg.m_inner == (m > mg.MAX_BLOCK_M)
     lowered = jax.jit(lambda x, w: mg._mgpu_matmul(x, w, cfg)).trace(x, w)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

@@ -52,7 +52,7 @@ one weight range launch together, so the range is read from HBM once); above :da
 
 Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's bf16 ``dot`` at
 M ≤ 16 on the Llama-3-70B shapes: int4 g128 2.61–3.24× (2.5–2.65 TB/s on the large shapes), int8
-per-channel 1.60–1.87×, FP8 1.57–1.85×, NF4 2.22–2.90× (1.10–1.18× int4's time); M = 64
+per-channel 1.60–1.87×, FP8 1.57–1.85×, NF4 2.2–2.9× (1.10–1.18× int4's time); M = 64
 2.28–2.51×, M = 128 1.61–1.66×; M = 256–1024 0.72–0.98× (every format), int4 at 2048 0.82–0.86×.
 Tested on the device (``kernel_bench --check``); the CPU tests lower the kernel to Mosaic GPU
 code and check the layouts, decoders and the stream-K bookkeeping, because this jax version's
