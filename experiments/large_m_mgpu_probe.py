@@ -36,28 +36,19 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": []}
+
+    def configs(w, m, labels):
+        lut = w.layout == "gpu_nf4t"  # NF4: the pair table, as the table's configs
+        return {k: mg.config_for(w, m, dataclasses.replace(CONFIGS[k], lut=lut)) for k in labels}
+
     for fmt in [] if args.no_check else args.fmts:
         spec, layout = kb.FORMATS[fmt]
         w, x, ref = kb.check_case(spec, layout, 2048, 1024, 512, seed=5)
-        lut = layout == "gpu_nf4t"
-        for label, cfg in CONFIGS.items():
-            out["checks"].append(
-                check_row(
-                    fmt,
-                    w,
-                    x,
-                    ref,
-                    mg.config_for(w, 2048, dataclasses.replace(cfg, lut=lut)),
-                    config=label,
-                )
-            )
+        for label, cfg in configs(w, 2048, CONFIGS).items():
+            out["checks"].append(check_row(fmt, w, x, ref, cfg, config=label))
 
     def variants(w, m):
-        lut = w.layout == "gpu_nf4t"  # NF4: the pair table, as the table's configs
-        cfgs = {"xla": None}
-        cfgs.update(
-            {k: mg.config_for(w, m, dataclasses.replace(CONFIGS[k], lut=lut)) for k in args.configs}
-        )
+        cfgs = {"xla": mg.Config("xla"), **configs(w, m, args.configs)}  # xla: dequantize + GEMM
         return {label: jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
                 for label, cfg in cfgs.items()}  # fmt: skip
 
