@@ -95,8 +95,6 @@ class Config:
     lut: bool = False  # 4-bit codes decoded by the shared-memory pair table (`mgpu_decode`)
     m_inner: bool = False  # the row blocks of x as the grid's fastest axis (CTAs launched
     #                        together share weight steps, not rows of x)
-    pingpong: bool = False  # the compute warp groups take turns on the tensor cores, one's
-    #                         wgmma running while the other decodes (not with `scale_acc`)
 
 
 # M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
@@ -317,7 +315,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
     lut = cfg.lut
 
-    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, turn, lut_smem=None):
+    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None):
         # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
         # (y_smem[wg, 0] and c_smem[wg, 0] lie in o_smem[wg]: each warp group reuses its part)
         o_smem, y_smem, c_smem = out_smem
@@ -420,24 +418,12 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             def x_slice(j):
                 return x_smem.at[:, pl.ds(j * span, span)].T
 
-            def scaled_operand(j):
-                a = slice_operand(j)
-                if scaled:
-                    a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
-                return a
-
-            if not by_slice and cfg.pingpong:
-                # decode the step, wait for the tensor cores' turn, multiply, hand them over
-                wg = lax.axis_index("wg")
-                ops = [scaled_operand(j) for j in range(per)]
-                plgpu.barrier_wait(turn.at[wg])
-                for j, a in enumerate(ops):
-                    plgpu.wgmma(accs[0], a, x_slice(j))
-                plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(turn.at[1 - wg])
-            elif not by_slice:
+            if not by_slice:
                 for j in range(per):
-                    plgpu.wgmma(accs[0], scaled_operand(j), x_slice(j))
+                    a = slice_operand(j)
+                    if scaled:
+                        a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
+                    plgpu.wgmma(accs[0], a, x_slice(j))
                 plgpu.wgmma_wait(0)
             else:
                 # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
@@ -479,11 +465,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             def _(accs):
                 if lut:  # the pair table, copied by the memory warp group
                     plgpu.barrier_wait(bar.at[2])
-                if cfg.pingpong and not by_slice:  # warp group 0 takes the first turn
-
-                    @pl.when(lax.axis_index("wg") == 1)
-                    def _():
-                        plgpu.barrier_arrive(turn.at[0])
 
                 eval_pipeline(tuple(accs))
                 plgpu.wait_smem_to_gmem(0)
@@ -547,7 +528,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 plgpu.SMEM((2, bm, BLOCK_N), jnp.float32),
             ),
             bar=plgpu.Barrier(num_arrivals=1, num_barriers=3),
-            turn=plgpu.Barrier(num_arrivals=1, num_barriers=2),
             **scratch,
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
