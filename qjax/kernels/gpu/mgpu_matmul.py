@@ -465,7 +465,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             def _(accs):
                 if lut:  # the pair table, copied by the memory warp group
                     plgpu.barrier_wait(bar.at[2])
-
                 eval_pipeline(tuple(accs))
                 plgpu.wait_smem_to_gmem(0)
 
