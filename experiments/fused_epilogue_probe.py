@@ -16,15 +16,13 @@ time of both epilogues and of XLA's bf16 ``dot`` (weights rotated over > 150 MB)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
-import jax
 import numpy as np
 
 from experiments import kernel_bench as kb
-from experiments.mgpu_probe_lib import SHAPES, check_row, time_cases
+from experiments.mgpu_probe_lib import SHAPES, check_row, jitted, probe_parser, start, time_cases
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 FORMATS = ("w4g128t", "w4g128ta", "w4cht", "w8cht", "nf4t", "fp8t")
@@ -52,27 +50,14 @@ def check(results: list) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--fmts", nargs="*", default=["w4g128t", "w8cht", "fp8t"])
-    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
-    ap.add_argument("--ms", nargs="*", type=int, default=[1, 16, 64, 128])
-    ap.add_argument("--budget-s", type=float, default=400)
-    ap.add_argument("--no-check", action="store_true")
+    ap = probe_parser(["w4g128t", "w8cht", "fp8t"], [1, 16, 64, 128], 400)
     args = ap.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": []}
-    if not args.no_check:
-        check(out["checks"])
-        bad = [r for r in out["checks"] if not r.get("ok")]
-        print(f"checks: {len(out['checks'])}, failed: {len(bad)}", flush=True)
+    out = start(args, check)
 
     def variants(w, m):
         base = mg.config_for(w, m)
-        cfgs = {"combine": dataclasses.replace(base, fused=False),
-                "fused": dataclasses.replace(base, fused=True)}  # fmt: skip
-        return {label: jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
-                for label, cfg in cfgs.items()}  # fmt: skip
+        return jitted({"combine": dataclasses.replace(base, fused=False),
+                       "fused": dataclasses.replace(base, fused=True)})  # fmt: skip
 
     cases = [(*SHAPES[name], m) for name in args.shapes for m in args.ms]
     path = os.path.join(args.out, "fused_epilogue_probe.json")

@@ -12,14 +12,11 @@ rotated over > 150 MB).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
-import jax
-
 from experiments import kernel_bench as kb
-from experiments.mgpu_probe_lib import SHAPES, check_row, time_cases
+from experiments.mgpu_probe_lib import SHAPES, check_row, jitted, probe_parser, start, time_cases
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 FORMATS = ("w4g128t", "w4g128ta", "w4cht", "nf4t")
@@ -40,22 +37,11 @@ def check(results: list) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--fmts", nargs="*", default=["w4g128t", "nf4t"])
-    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
-    ap.add_argument("--ms", nargs="*", type=int, default=[1, 16, 64, 128])
-    ap.add_argument("--budget-s", type=float, default=400)
-    ap.add_argument("--no-check", action="store_true")
+    ap = probe_parser(["w4g128t", "nf4t"], [1, 16, 64, 128], 400)
     ap.add_argument("--nf4-variants", action="store_true", help="NF4: scale_acc, 256-code steps")
     ap.add_argument("--regs-only", action="store_true", help="int4: the register decoder only")
     args = ap.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": []}
-    if not args.no_check:
-        check(out["checks"])
-        bad = [r for r in out["checks"] if not r.get("ok")]
-        print(f"checks: {len(out['checks'])}, failed: {len(bad)}", flush=True)
+    out = start(args, check)
 
     def configs(w, m):
         base = mg.config_for(w, m)
@@ -68,8 +54,7 @@ def main(argv=None) -> None:
         return {k: mg.config_for(w, m, dataclasses.replace(base, **o)) for k, o in opts.items()}
 
     def variants(w, m):
-        return {label: jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
-                for label, cfg in configs(w, m).items()}  # fmt: skip
+        return jitted(configs(w, m))
 
     def extra(label, w, m):
         cfg = configs(w, m)[label]

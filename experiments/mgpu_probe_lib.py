@@ -1,10 +1,12 @@
 """What the Mosaic GPU kernel probes share (``scale_acc_probe``, ``stream_k_probe``,
-``row_step_probe``): the Llama-3-70B shapes, one correctness row against ``dequantize`` + float32
-dot, and the timing of several jitted variants of one case against XLA's bf16 ``dot``, weights
-rotated over > 150 MB of buffers (``kernel_bench``'s method)."""
+``row_step_probe``, ``fused_epilogue_probe``, ``lut_decode_probe``, ``large_m_mgpu_probe``): the
+Llama-3-70B shapes, their command line and start (correctness checks first), one correctness row
+against ``dequantize`` + float32 dot, and the timing of several jitted variants of one case
+against XLA's bf16 ``dot``, weights rotated over > 150 MB of buffers (``kernel_bench``'s method)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -18,6 +20,37 @@ from experiments import kernel_bench as kb
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 SHAPES = {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}
+
+
+def probe_parser(fmts: list[str], ms: list[int], budget_s: float) -> argparse.ArgumentParser:
+    """The options of a probe: ``--out`` (required), ``--fmts``, ``--shapes``, ``--ms``,
+    ``--budget-s`` (defaults given) and ``--no-check``; a probe adds its own."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--fmts", nargs="*", default=fmts)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--ms", nargs="*", type=int, default=ms)
+    ap.add_argument("--budget-s", type=float, default=budget_s)
+    ap.add_argument("--no-check", action="store_true")
+    return ap
+
+
+def start(args, check) -> dict:
+    """Makes ``args.out`` and the results ``{"device", "checks", "times"}``; unless
+    ``--no-check``, runs ``check(results["checks"])`` first and prints how many failed."""
+    os.makedirs(args.out, exist_ok=True)
+    out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": []}
+    if not args.no_check:
+        check(out["checks"])
+        bad = [r for r in out["checks"] if not r.get("ok")]
+        print(f"checks: {len(out['checks'])}, failed: {len(bad)}", flush=True)
+    return out
+
+
+def jitted(cfgs: dict) -> dict:
+    """``label: jit(x, w ↦ mg.matmul(x, w, config=cfg))`` for each ``label: cfg``."""
+    return {label: jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
+            for label, cfg in cfgs.items()}  # fmt: skip
 
 
 def time_variant(f, fmt: str, n: int, k: int, m: int, x) -> float:

@@ -18,7 +18,7 @@ import os
 import jax
 
 from experiments import kernel_bench as kb
-from experiments.mgpu_probe_lib import SHAPES, check_row, time_cases
+from experiments.mgpu_probe_lib import SHAPES, check_row, jitted, time_cases
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 
@@ -69,8 +69,7 @@ def main(argv=None) -> None:
     check(out["checks"])
 
     def variants(w, m):
-        return {label: jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
-                for label, cfg in configs(w, m).items()}  # fmt: skip
+        return jitted(configs(w, m))
 
     def cta_steps(label, w, m):
         return {f"{label}_cta_steps": configs(w, m)[label].cta_steps}
