@@ -18,7 +18,14 @@ from qjax.kernels.gpu import mgpu_matmul as mg
 CONFIGS = {
     "mgpu_bk128": mg.Config("mgpu", 128, None, 4),
     "mgpu_bk128_minner": mg.Config("mgpu", 128, None, 4, m_inner=True),
-}  # the committed runs: bk256 (st3) in large_m_mgpu_probe.json, then these two
+    "mgpu_mc": mg.Config("mgpu", 128, None, 4, m_inner=True, multicast=True),
+    "mgpu_bm256": mg.Config("mgpu", 128, None, 2, m_inner=True, block_m=256),
+    "mgpu_bm256_mc": mg.Config("mgpu", 128, None, 2, m_inner=True, block_m=256, multicast=True),
+    "mgpu_bm256_reg": mg.Config("mgpu", 128, None, 2, m_inner=True, block_m=256),
+}  # the committed runs: bk256 (st3) in large_m_mgpu_probe.json, then bk128 (± m_inner); then
+#    x multicast to CTA pairs (`_mc`) and 256-row blocks of x (`_bm256`; `_reg`: NF4 by the
+#    register decoder, not the pair table)
+CHECKS = [(2048, 1024, 512), (300, 2048, 384), (1000, 1280, 200), (512, 8192, 1024)]
 
 
 def main(argv=None) -> None:
@@ -27,15 +34,19 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     def configs(w, m, labels):
-        lut = w.layout == "gpu_nf4t"  # NF4: the pair table, as the table's configs
-        return {k: mg.config_for(w, m, dataclasses.replace(CONFIGS[k], lut=lut)) for k in labels}
+        def lut(label):  # NF4: the pair table, as the table's configs (`_reg`: prmt decoder)
+            return w.layout == "gpu_nf4t" and not label.endswith("_reg")
+
+        return {k: mg.config_for(w, m, dataclasses.replace(CONFIGS[k], lut=lut(k))) for k in labels}
 
     def check(results):
         for fmt in args.fmts:
             spec, layout = kb.FORMATS[fmt]
-            w, x, ref = kb.check_case(spec, layout, 2048, 1024, 512, seed=5)
-            for label, cfg in configs(w, 2048, CONFIGS).items():
-                results.append(check_row(fmt, w, x, ref, cfg, config=label))
+            for m, k, n in CHECKS:
+                w, x, ref = kb.check_case(spec, layout, m, k, n, seed=5 + m)
+                for label, cfg in configs(w, m, args.configs).items():
+                    results.append(check_row(fmt, w, x, ref, cfg, config=label, resolved=str(cfg)))
+                results.append(check_row(fmt, w, x, ref, None, config="table"))
 
     out = start(args, check)
 

@@ -95,6 +95,10 @@ class Config:
     lut: bool = False  # 4-bit codes decoded by the shared-memory pair table (`mgpu_decode`)
     m_inner: bool = False  # the row blocks of x as the grid's fastest axis (CTAs launched
     #                        together share weight steps, not rows of x)
+    block_m: int = MAX_BLOCK_M  # rows of x per CTA above 128 rows: 128 or 256 (256: each
+    #                             weight tile decoded half as often; needs whole tiles per CTA)
+    multicast: bool = False  # CTAs in clusters of two whose runs take the same K steps: each
+    #                          x tile TMA-loaded once for both (`pairs_share_x`)
 
 
 # M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
@@ -110,8 +114,15 @@ TABLE = {
     32: Config("mgpu", 512, None, 3, scale_acc=True),
     64: Config("mgpu", 256, None, 4),
     128: Config("mgpu", 128, None, 4),
-    2048: Config("mgpu", 128, None, 4, m_inner=True),  # up to `max_rows`
+    2048: (  # up to `max_rows`: the one `pick` expects to finish first
+        Config("mgpu", 128, None, 4, m_inner=True),
+        Config("mgpu", 128, None, 2, m_inner=True, block_m=256),
+    ),
 }
+# A K step of 256 rows of x costs this many 128-row steps (M = 2048, 8192², int4: 4 whole tiles
+# per CTA in 356 µs against 8 in 424 µs, `large_m_mgpu_probe_bm256.json`): each weight tile is
+# decoded half as often, so 256-row blocks win where they still fill the SMs.
+ROWS_256_STEP_COST = 1.7
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) was 0.35×
 # (M = 256), 0.50× (512), 0.63–0.68× (1024) bf16 where this kernel makes 0.85–0.98×, 0.79–0.84×,
 # 0.72–0.85×; at 2048 the kernel is ahead for int4 only (0.82–0.86× vs 0.76–0.87×), from 4096 XLA
@@ -121,26 +132,34 @@ DEFAULT_MAX_ROWS = 1024
 NUM_SMS = 132  # H100 SXM; one CTA per SM (three warp groups and their registers fill it)
 
 
-def padded_rows(m: int) -> tuple[int, int]:
+def padded_rows(m: int, block_m: int = MAX_BLOCK_M) -> tuple[int, int]:
     """``(M_p, BM)``: ``m`` rows of ``x`` padded to a multiple of 8 (``wgmma``'s N), and of
-    :data:`MAX_BLOCK_M` above it; ``BM`` rows per CTA."""
+    ``block_m`` (:data:`MAX_BLOCK_M` or 256) above 128; ``BM`` rows per CTA."""
     m_p = max(ROW_STEP, -(-m // ROW_STEP) * ROW_STEP)
     if m_p > MAX_BLOCK_M:
-        m_p = -(-m // MAX_BLOCK_M) * MAX_BLOCK_M
-    return m_p, min(m_p, MAX_BLOCK_M)
+        m_p = -(-m // block_m) * block_m
+    return m_p, min(m_p, block_m)
 
 
 def smem_bytes(
-    bm: int, bk: int, stages: int, bits: int = 4, span: int = SLICE, lut: bool = False
+    bm: int,
+    bk: int,
+    stages: int,
+    bits: int = 4,
+    span: int = SLICE,
+    lut: bool = False,
+    whole: bool = False,
 ) -> int:
     """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows, one per
     ``span`` codes) + the float32 output tiles of the two compute warp groups (which the fused
-    epilogue reuses for its per-channel scales and ``y``) + its barriers (Mosaic GPU's count,
-    for asymmetric int, within :data:`EPILOGUE_SMEM`; an upper bound for the other formats)
-    + the decoder's pair table (``lut``)."""
+    epilogue reuses for its per-channel scales and ``y``; ``whole`` tiles per CTA: only the bf16
+    ``y`` tiles) + its barriers (Mosaic GPU's count, for asymmetric int, within
+    :data:`EPILOGUE_SMEM`; an upper bound for the other formats) + the decoder's pair table
+    (``lut``)."""
     per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * BLOCK_N * 2
     table = LUT_SMEM if lut else 0
-    return stages * per_stage + 2 * BLOCK_N * bm * 4 + EPILOGUE_SMEM + table
+    out = 2 * BLOCK_N * bm * (2 if whole else 4)
+    return stages * per_stage + out + EPILOGUE_SMEM + table
 
 
 EPILOGUE_SMEM = 1024  # the fused epilogue's 2 barriers and their alignment (a bound; measured:
@@ -163,18 +182,20 @@ def segments(n_tiles: int, steps: int, cta_steps: int) -> np.ndarray:
     return np.stack([starts // cta_steps, (starts + steps - 1) // cta_steps], axis=1)
 
 
-def schedule(n_tiles: int, steps: int, m_tiles: int = 1) -> int:
-    """Stream-K: K steps per CTA, a divisor ``L`` of the ``n_tiles·steps`` steps, that minimizes
-    ``waves · (L + RAMP_STEPS)`` (ties: larger ``L``, fewer partial sums). A CTA's steps may
-    span the end of one weight tile and the start of the next (Osama et al. 2023, "Stream-K"),
-    so ``N·K`` work spreads evenly over the SMs whatever the number of tiles."""
+def schedule(n_tiles: int, steps: int, m_tiles: int = 1, whole: bool = False) -> int:
+    """Stream-K: K steps per CTA, a divisor ``L`` of the ``n_tiles·steps`` steps (``whole``: a
+    multiple of ``steps``, whole tiles per CTA), that minimizes ``waves · (L + RAMP_STEPS)``
+    (ties: larger ``L``, fewer partial sums). A CTA's steps may span the end of one weight tile
+    and the start of the next (Osama et al. 2023, "Stream-K"), so ``N·K`` work spreads evenly
+    over the SMs whatever the number of tiles."""
     total = n_tiles * steps
 
     def cost(length: int) -> tuple[int, int]:
         waves = -(-(total // length) * m_tiles // NUM_SMS)
         return waves * (length + RAMP_STEPS), -length
 
-    return min((d for d in range(1, total + 1) if total % d == 0), key=cost)
+    unit = steps if whole else 1
+    return min((d for d in range(unit, total + 1, unit) if total % d == 0), key=cost)
 
 
 def handoffs_early(n_tiles: int, steps: int, cta_steps: int) -> bool:
@@ -190,31 +211,56 @@ def handoffs_early(n_tiles: int, steps: int, cta_steps: int) -> bool:
     return bool(np.all(~split | ((seg[:, 1] - seg[:, 0] == 1) & ~ends_at_cta_end)))
 
 
+def pairs_share_x(n_tiles: int, steps: int, cta_steps: int) -> bool:
+    """Whether CTA ``c`` and CTA ``c + ctas/2`` take the same K steps of ``x`` at every step of
+    their runs (``(ctas/2)·L`` a multiple of the steps per tile), so that a cluster of the two
+    can load each ``x`` tile once, TMA-multicast to both."""
+    ctas = n_tiles * steps // cta_steps
+    return ctas % 2 == 0 and (ctas // 2 * cta_steps) % steps == 0
+
+
 def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
     """``cfg`` made runnable for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step
     halved until it divides ``K_p``, its pipeline depth (then its K step) cut to shared memory,
-    its K steps per CTA chosen by :func:`schedule` (``None``) or cut to divide the steps."""
+    its K steps per CTA chosen by :func:`schedule` (``None``) or cut to divide the steps.
+    256-row blocks of ``x`` (``block_m``) take whole weight tiles per CTA, added in the kernel;
+    ``multicast`` stays on only where CTA pairs share their K steps (:func:`pairs_share_x`)."""
     bk = cfg.block_k
     while k_p % bk:
         bk //= 2
-    m_p, bm = padded_rows(m)
+    m_p, bm = padded_rows(m, cfg.block_m)
+    whole = bm > MAX_BLOCK_M
     stages = cfg.stages
     lut = cfg.lut and bits == 4
-    while smem_bytes(bm, bk, stages, bits, span, lut) > SMEM_BYTES and (stages > 1 or bk > SLICE):
+
+    def too_big(bk: int, stages: int) -> bool:
+        return smem_bytes(bm, bk, stages, bits, span, lut, whole) > SMEM_BYTES
+
+    while too_big(bk, stages) and (stages > 1 or bk > SLICE):
         if stages > 1:
             stages -= 1
         else:
             bk //= 2
     n_tiles, steps = n_p // (2 * BLOCK_N), k_p // bk
     if cfg.cta_steps is None:
-        cta_steps = schedule(n_tiles, steps, m_p // bm)
+        cta_steps = schedule(n_tiles, steps, m_p // bm, whole)
+    elif whole:
+        cta_steps = steps * calls.largest_divisor_at_most(n_tiles, max(1, cfg.cta_steps // steps))
     else:
         cta_steps = calls.largest_divisor_at_most(n_tiles * steps, cfg.cta_steps)
-    fused = cfg.fused
+    fused = True if whole else cfg.fused
     if fused is None:
         fused = handoffs_early(n_tiles, steps, cta_steps)
+    multicast = cfg.multicast and pairs_share_x(n_tiles, steps, cta_steps)
     return dataclasses.replace(
-        cfg, block_k=bk, stages=stages, cta_steps=cta_steps, fused=fused, lut=lut
+        cfg,
+        block_k=bk,
+        stages=stages,
+        cta_steps=cta_steps,
+        fused=fused,
+        lut=lut,
+        block_m=bm if whole else MAX_BLOCK_M,
+        multicast=multicast,
     )
 
 
@@ -233,7 +279,20 @@ def pick(
     bucket = next((b for b in TABLE if m <= b), None)
     if bucket is None or m > max_rows:
         return Config("xla")
-    return fit(dataclasses.replace(TABLE[bucket], lut=lut), m, k_p, n_p, bits, span)
+    entry = TABLE[bucket]
+    cands = entry if isinstance(entry, tuple) else (entry,)
+    fitted = [fit(dataclasses.replace(c, lut=lut), m, k_p, n_p, bits, span) for c in cands]
+    return min(fitted, key=lambda c: estimated_steps(c, m, k_p, n_p))
+
+
+def estimated_steps(cfg: Config, m: int, k_p: int, n_p: int) -> float:
+    """A fitted config's run time in 128-code, 128-row K steps: waves of CTAs × (their steps +
+    :data:`RAMP_STEPS`) × the cost of one step (:data:`ROWS_256_STEP_COST` for 256 rows)."""
+    m_p, bm = padded_rows(m, cfg.block_m)
+    steps = k_p // cfg.block_k
+    ctas = n_p // (2 * BLOCK_N) * steps // cfg.cta_steps * (m_p // bm)
+    step = cfg.block_k / SLICE * (ROWS_256_STEP_COST if bm > MAX_BLOCK_M else 1.0)
+    return -(-ctas // NUM_SMS) * (cfg.cta_steps + RAMP_STEPS) * step
 
 
 def code_bits(w: QArray) -> int:
@@ -295,7 +354,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     from qjax.kernels.gpu import mgpu_decode as dec
 
     m_rows, k_p = x2.shape
-    m_p, bm = padded_rows(m_rows)  # rows past x2's are zeros (TMA fills out of bounds)
+    m_p, bm = padded_rows(m_rows, cfg.block_m)  # rows past x2's: zeros (TMA fills out of bounds)
     m_tiles = m_p // bm
     n_p = codes.shape[0]
     bk, length = cfg.block_k, cfg.cta_steps
@@ -308,6 +367,10 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     sym = zeros is None
     scaled = scales is not None
     fused = cfg.fused
+    whole = fused and length % steps == 0  # every tile in one CTA: nothing handed over
+    pairs = cfg.multicast
+    if pairs and not pairs_share_x(n_tiles, steps, length):
+        raise ShapeError(f"mgpu_matmul: multicast needs CTA pairs on the same K steps ({cfg})")
     bits = 4 if codes.dtype == jnp.int4 else 8
     half = 1 << (bits - 1)  # int codes are stored as c − half
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
@@ -318,16 +381,22 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None):
         # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
         # (y_smem[wg, 0] and c_smem[wg, 0] lie in o_smem[wg]: each warp group reuses its part)
-        o_smem, y_smem, c_smem = out_smem
-        if fused:
-            *rest, ws_gmem, y_gmem = rest
+        if whole:
+            y_smem, c_smem = out_smem
+            *rest, y_gmem = rest
         else:
+            o_smem, y_smem, c_smem = out_smem
+        if fused and not whole:
+            *rest, ws_gmem, y_gmem = rest
+        elif not fused:
             *rest, o_gmem = rest
         if lut:
             *rest, lut_gmem = rest
         if fused:
             *rest, chs_gmem = rest
         ci, mi = lax.axis_index("c"), lax.axis_index("m")
+        if pairs:  # the cluster's two CTAs: c and c + ctas/2
+            ci = lax.axis_index("pair") * (ctas // 2) + ci
         first = ci * length  # the CTA's first K step, counting over the tiles end to end
 
         def tile(kk):
@@ -363,7 +432,9 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             rows = pl.ds(t * cta_n + wg * BLOCK_N, BLOCK_N)
             cols = pl.ds(mi * bm, bm)
             c0 = t * steps // length
-            if not fused:
+            if whole:
+                finish(acc[...], rows, cols)
+            elif not fused:
                 write(acc[...], o_gmem.at[ci - c0, rows, cols])
             else:
 
@@ -387,16 +458,22 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                         fetch(ws_gmem.at[slot, rows, cols], o_smem.at[wg])
                         return total + o_smem[wg]
 
-                    total = lax.fori_loop(0, later, add, acc[...])
-                    if ch_scales is not None:
-                        fetch(chs_gmem.at[0, rows], c_smem.at[wg, 0])
-                        s = c_smem[wg, 0]
-                        total = total * lax.broadcast_in_dim(s, (BLOCK_N, bm), (0,))
-                    _store_transposed(total.astype(x2.dtype), y_smem.at[wg, 0])
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(y_smem.at[wg, 0], y_gmem.at[cols, rows])
+                    finish(lax.fori_loop(0, later, add, acc[...]), rows, cols)
 
             acc[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
+
+        def finish(total, rows, cols):
+            """A tile's whole float32 sum: times the per-channel scales, cast, to ``y``."""
+            wg = lax.axis_index("wg")
+            if whole:  # the last tile's write has read y_smem (the other case waited above)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            if ch_scales is not None:
+                fetch(chs_gmem.at[0, rows], c_smem.at[wg, 0])
+                s = c_smem[wg, 0]
+                total = total * lax.broadcast_in_dim(s, (BLOCK_N, bm), (0,))
+            _store_transposed(total.astype(x2.dtype), y_smem.at[wg, 0])
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(y_smem.at[wg, 0], y_gmem.at[cols, rows])
 
         def body(idx, w_smem, x_smem, *rest):
             s_smem = rest[0] if scaled else None
@@ -445,7 +522,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 fold(per - 1, wait_n=0)
 
             (kk,) = idx
-            if fused:  # a CTA that starts its first tile after step 0 signals after the next step
+            if fused and not whole:  # a CTA starting its first tile after step 0 signals later
                 first_end = steps - 1 - k_step(0)
 
                 @pl.when((k_step(0) != 0) & (kk == first_end + 1))
@@ -474,7 +551,10 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 (cta_n, bk), lambda kk: (tile(kk), k_step(kk)), transforms=_tiled(span, bits, "lhs")
             ),
             plgpu.BlockSpec(
-                (bm, bk), lambda kk: (0, k_step(kk)), transforms=_tiled(span, 16, "rhs")
+                (bm, bk),
+                lambda kk: (0, k_step(kk)),
+                transforms=_tiled(span, 16, "rhs"),
+                collective_axes=("pair",) if pairs else (),
             ),
         ] + [row_spec] * (int(scaled) + int(not sym))
         pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -488,7 +568,9 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             compute_context=compute_context,
         )
         n_sems = n_tiles * m_tiles * 2  # per tile, row block of x and warp group
-        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_sems,))) if fused else None
+        sems = (
+            pl.get_global(plgpu.SemaphoreType.REGULAR((n_sems,))) if fused and not whole else None
+        )
         if lut:
 
             @pl.when(lax.axis_index("wg") == 2)
@@ -498,14 +580,12 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
         pipeline(w_gmem, x_gmem.at[pl.ds(mi * bm, bm)], *rest)
 
     args = [codes, x2] + ([scales] if scaled else []) + ([] if sym else [zeros])
+    y_type = jax.ShapeDtypeStruct((m_rows, n_p), x2.dtype)
     if fused:
         chs = jnp.zeros((1, n_p), jnp.float32) if ch_scales is None else ch_scales
         ws = max(slots - 1, 1)
         args.append(chs)
-        out_type = (
-            jax.ShapeDtypeStruct((ws, n_p, m_p), jnp.float32),
-            jax.ShapeDtypeStruct((m_rows, n_p), x2.dtype),
-        )
+        out_type = y_type if whole else (jax.ShapeDtypeStruct((ws, n_p, m_p), jnp.float32), y_type)
     else:
         out_type = jax.ShapeDtypeStruct((slots, n_p, m_p), jnp.float32)
     scratch = {}
@@ -513,24 +593,45 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
         args.append(jnp.asarray(dec.lut_words(decode)))
         scratch["lut_smem"] = plgpu.SMEM((256, dec.LUT_LANES), jnp.uint32)
     y_sw = _tiled(BLOCK_N, 16, "out")
+    if whole:  # the bf16 y tiles, and in each warp group's part its per-channel scales
+        out_smem = plgpu.RefUnion(
+            plgpu.SMEM((2, 1, bm, BLOCK_N), x2.dtype, transforms=y_sw),
+            plgpu.SMEM((2, bm // 2, BLOCK_N), jnp.float32),
+        )
+    else:
+        out_smem = plgpu.RefUnion(
+            plgpu.SMEM((2, BLOCK_N, bm), jnp.float32, transforms=_tiled(bm, 32, "out")),
+            plgpu.SMEM((2, 2, bm, BLOCK_N), x2.dtype, transforms=y_sw),
+            plgpu.SMEM((2, bm, BLOCK_N), jnp.float32),
+        )
+    grid = [m_tiles, ctas // 2 if pairs else ctas]
+    names = ["m", "c"]
+    cluster, cluster_names = ([1, 2], ["pair_m", "pair"]) if pairs else ([], [])
+    if not cfg.m_inner:
+        grid, names, cluster, cluster_names = (
+            grid[::-1],
+            names[::-1],
+            cluster[::-1],
+            cluster_names[::-1],
+        )
     out = plgpu.kernel(
         kernel,
         out_type=out_type,
-        grid=(m_tiles, ctas) if cfg.m_inner else (ctas, m_tiles),
-        grid_names=("m", "c") if cfg.m_inner else ("c", "m"),
+        grid=tuple(grid),
+        grid_names=tuple(names),
+        cluster=tuple(cluster),
+        cluster_names=tuple(cluster_names),
         num_threads=3,
         thread_name="wg",
         scratch_types=dict(
-            out_smem=plgpu.RefUnion(
-                plgpu.SMEM((2, BLOCK_N, bm), jnp.float32, transforms=_tiled(bm, 32, "out")),
-                plgpu.SMEM((2, 2, bm, BLOCK_N), x2.dtype, transforms=y_sw),
-                plgpu.SMEM((2, bm, BLOCK_N), jnp.float32),
-            ),
+            out_smem=out_smem,
             bar=plgpu.Barrier(num_arrivals=1, num_barriers=3),
             **scratch,
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(*args)
+    if whole:
+        return out
     return out[1] if fused else out
 
 
@@ -630,8 +731,9 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
         if cfg.cta_steps is None or total % cfg.cta_steps:
             raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} "
                              f"K steps of the weight's tiles (use fit())")  # fmt: skip
-        _, bm = padded_rows(x2.shape[0])
-        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut)
+        _, bm = padded_rows(x2.shape[0], cfg.block_m)
+        whole = cfg.fused and cfg.cta_steps % (k_p // cfg.block_k) == 0
+        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, whole)
         if need > SMEM_BYTES:
             raise ShapeError(
                 f"mgpu_matmul: {cfg} needs {need} bytes "
