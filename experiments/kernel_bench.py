@@ -489,16 +489,20 @@ def run_check(args, results: list, interpret: bool) -> None:
 
 def run_check_mgpu(results: list) -> None:
     """The Mosaic GPU kernel (no interpret mode for its warp-specialized pipeline) vs
-    ``dequantize`` + float32 dot: every format and table config, ragged K / N, M from 1 to 300,
-    both epilogues (``Config.fused``), through ``qjax.matmul``'s dispatch as well."""
+    ``dequantize`` + float32 dot: every format and table config, ragged K / N, M from 1 to 2048
+    (128- and 256-row blocks of ``x``), both epilogues (``Config.fused``), through
+    ``qjax.matmul``'s dispatch as well."""
     mg = mgpu_matmul
     cases = [(1, 8192, 1024), (16, 640, 384), (100, 4096, 256), (128, 1024, 512), (37, 300, 200),
-             (300, 1024, 384)]  # fmt: skip
+             (300, 1024, 384), (2048, 2048, 4096)]  # fmt: skip
+    table = [
+        c for entry in mg.TABLE.values() for c in (entry if isinstance(entry, tuple) else [entry])
+    ]
     for fmt in ("w4g128t", "w4g128ta", "w4cht", "w8cht", "nf4t", "fp8t"):
         spec, layout = FORMATS[fmt]
         for m, k, n in cases:
             w, x, ref = check_case(spec, layout, m, k, n, seed=m * 13 + k)
-            tries = [None, *(mg.config_for(w, m, c) for c in mg.TABLE.values())]
+            tries = [None, *(mg.config_for(w, m, c) for c in table)]
             both = dataclasses.replace(tries[1], fused=not tries[1].fused)  # the other epilogue
             for cfg in [*tries, both]:
                 if cfg is None:
@@ -566,6 +570,7 @@ def targets(rows: list) -> list[str]:
         ("w4g128t", "W4 g128 Mosaic GPU, M<=16", lambda m: m <= 16, 3.3),
         ("w4g128t", "W4 g128 Mosaic GPU, M=64", lambda m: m == 64, 2.5),
         ("w4g128t", "W4 g128 Mosaic GPU, M=128", lambda m: m == 128, 1.8),
+        ("w4g128t", "W4 g128 Mosaic GPU, M>=2048", lambda m: m >= 2048, 0.9),
         ("w8ch", "W8 per-channel, M<=16", lambda m: m <= 16, 1.8),
         ("w8cht", "W8 per-channel Mosaic GPU, M<=16", lambda m: m <= 16, 1.8),
         ("fp8", "FP8 e4m3 weights, M<=16", lambda m: m <= 16, 1.8),

@@ -18,13 +18,10 @@ from qjax.kernels.gpu import mgpu_matmul as mg
 CONFIGS = {
     "mgpu_bk128": mg.Config("mgpu", 128, None, 4),
     "mgpu_bk128_minner": mg.Config("mgpu", 128, None, 4, m_inner=True),
-    "mgpu_mc": mg.Config("mgpu", 128, None, 4, m_inner=True, multicast=True),
     "mgpu_bm256": mg.Config("mgpu", 128, None, 2, m_inner=True, block_m=256),
-    "mgpu_bm256_mc": mg.Config("mgpu", 128, None, 2, m_inner=True, block_m=256, multicast=True),
-    "mgpu_bm256_reg": mg.Config("mgpu", 128, None, 2, m_inner=True, block_m=256),
 }  # the committed runs: bk256 (st3) in large_m_mgpu_probe.json, then bk128 (± m_inner); then
-#    x multicast to CTA pairs (`_mc`) and 256-row blocks of x (`_bm256`; `_reg`: NF4 by the
-#    register decoder, not the pair table)
+#    256-row blocks of x (`_bm256`; its `_reg` column: NF4 by the register decoder, as `fit`
+#    now does for 256 rows) and, at b7e6bee, x TMA-multicast to CTA pairs (`_mc`)
 CHECKS = [(2048, 1024, 512), (300, 2048, 384), (1000, 1280, 200), (512, 8192, 1024)]
 
 
@@ -34,10 +31,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     def configs(w, m, labels):
-        def lut(label):  # NF4: the pair table, as the table's configs (`_reg`: prmt decoder)
-            return w.layout == "gpu_nf4t" and not label.endswith("_reg")
-
-        return {k: mg.config_for(w, m, dataclasses.replace(CONFIGS[k], lut=lut(k))) for k in labels}
+        lut = w.layout == "gpu_nf4t"  # NF4: the pair table, as the table's configs
+        return {k: mg.config_for(w, m, dataclasses.replace(CONFIGS[k], lut=lut)) for k in labels}
 
     def check(results):
         for fmt in args.fmts:

@@ -201,19 +201,49 @@ def test_ptx_uses_the_emulated_constants():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m", [1, 16, 32, 64, 100, 128, 300, 1024])
+@pytest.mark.parametrize("m", [1, 16, 32, 64, 100, 128, 300, 1024, 2048, 4096])
 @pytest.mark.parametrize(("k", "n"), [(8192, 8192), (8192, 57344), (28672, 8192), (640, 384)])
 def test_table_configs_fit_shared_memory_and_divide_k(bits, m, k, n):
     cfg = mg.pick(m, k, n, bits)
-    _, bm = mg.padded_rows(m)
-    assert cfg.path == "mgpu"
+    _, bm = mg.padded_rows(m, cfg.block_m)
+    assert cfg.path == "mgpu" and cfg.stages >= 2
     assert k % cfg.block_k == 0 and cfg.block_k % mg.SLICE == 0
-    n_tiles = -(-n // 128)
-    assert (n_tiles * (k // cfg.block_k)) % cfg.cta_steps == 0
-    assert mg.smem_bytes(bm, cfg.block_k, cfg.stages, bits) <= mg.SMEM_BYTES
-    assert mg.pick(1025, k, n).path == "xla" and mg.pick(1024, k, n).path == "mgpu"
-    assert mg.pick(2048, k, n, max_rows=2048).path == "mgpu"
-    assert mg.pick(2049, k, n, max_rows=2048).path == "xla"
+    n_tiles, steps = -(-n // 128), k // cfg.block_k
+    assert (n_tiles * steps) % cfg.cta_steps == 0
+    whole = bm > mg.MAX_BLOCK_M
+    if whole:  # 256-row blocks: whole weight tiles per CTA, y written by the kernel
+        assert cfg.cta_steps % steps == 0 and cfg.fused
+    assert mg.smem_bytes(bm, cfg.block_k, cfg.stages, bits, whole=whole) <= mg.SMEM_BYTES
+    assert mg.pick(mg.MAX_ROWS, k, n).path == "mgpu"
+    assert mg.pick(mg.MAX_ROWS + 1, k, n).path == "xla"
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "m", "block_m"),
+    [
+        (8192, 8192, 256, 128),  # 256-row blocks: 64 CTAs
+        (10240, 8192, 512, 128),  # 80 tiles: whole tiles per CTA leave 52 SMs idle
+        (10240, 8192, 1024, 128),
+        (8192, 8192, 512, 256),
+        (57344, 8192, 512, 256),
+        (8192, 8192, 1024, 256),
+        (8192, 28672, 1024, 256),
+        (8192, 8192, 2048, 256),
+        (10240, 8192, 2048, 256),
+        (8192, 28672, 4096, 256),
+    ],
+)
+def test_pick_takes_the_row_blocks_that_won_on_the_h100(n, k, m, block_m):
+    # large_m_mgpu_probe_bm256*.json: the faster of the 128- and 256-row configs, int4
+    assert mg.pick(m, k, n).block_m == block_m
+
+
+def test_256_row_blocks_decode_nf4_in_registers():
+    # beside the pair table (32 KB) only one pipeline stage of 256 rows fits
+    w = rp.repack(_weight(SPECS[6], 1024, 8192, 1), "gpu_nf4t")
+    cfg = mg.config_for(w, 2048)
+    assert cfg.block_m == 256 and not cfg.lut and cfg.stages == 2
+    assert mg.config_for(w, 16).lut and mg.config_for(w, 128).lut
 
 
 @pytest.mark.parametrize("m", [1, 7, 8, 9, 16, 33, 100, 128, 129, 300])
@@ -349,6 +379,9 @@ def test_kernel_traces_for_every_table_config(spec, m):
         (SPECS[8], 100),
         (SPECS[0], 128),
         (SPECS[6], 300),
+        (SPECS[0], 2048),
+        (SPECS[4], 700),
+        (SPECS[6], 2048),
     ],  # fmt: skip
     ids=lambda v: v.label() if hasattr(v, "label") else str(v),
 )
@@ -362,8 +395,19 @@ def test_kernel_lowers_to_mosaic_gpu_with_its_decoder(spec, m):
     lowered = jax.jit(lambda x, w: mg._mgpu_matmul(x, w, cfg)).trace(x, w)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-    if isinstance(spec, qjax.NF4):  # the pair table's loads
-        assert "ld.shared.b32" in text
+    if isinstance(spec, qjax.NF4):  # the pair table's loads (not with 256-row blocks)
+        assert cfg.lut == (cfg.block_m == mg.MAX_BLOCK_M)
+        assert ("ld.shared.b32" in text) == cfg.lut
+
+
+@pytest.mark.parametrize("spec", [SPECS[1], SPECS[6], SPECS[8]], ids=lambda s: s.label())
+def test_256_row_blocks_lower_with_whole_tiles_per_cta(spec):
+    w = rp.repack(_weight(spec, 1024, 384, 1), _layout(spec))
+    x = jax.random.normal(jax.random.key(2), (700, 1024), jnp.bfloat16)
+    cfg = mg.config_for(w, 700, mg.TABLE[mg.MAX_ROWS][1])
+    assert cfg.block_m == 256 and cfg.fused and cfg.cta_steps % (1024 // cfg.block_k) == 0
+    lowered = jax.jit(lambda x, w: mg._mgpu_matmul(x, w, cfg)).trace(x, w)
+    assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_direct_call_on_cpu_says_it_needs_a_gpu():
@@ -380,11 +424,11 @@ def test_large_m_takes_xla_and_matches_float64(spec):
     seed = int(np.random.default_rng().integers(1 << 30))
     q = _weight(spec, 384, 200, seed)
     w = rp.repack(q, _layout(spec))
-    x = jax.random.normal(jax.random.key(seed + 1), (3, 700, 384), jnp.bfloat16)  # 2100 rows
-    assert mg.config_for(w, 2100).path == "xla"
+    x = jax.random.normal(jax.random.key(seed + 1), (3, 1400, 384), jnp.bfloat16)  # 4200 rows
+    assert mg.config_for(w, 4200).path == "xla"
     y = np.asarray(mg.matmul(x, w), np.float64)
     ref = np.asarray(x, np.float64) @ np.asarray(q.dequantize(), np.float64)
-    assert y.shape == (3, 700, 200)
+    assert y.shape == (3, 1400, 200)
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-2
 
 

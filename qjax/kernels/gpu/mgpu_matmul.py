@@ -46,14 +46,17 @@ CTAs whatever their tile count. A tile split between CTAs needs its partial sums
 
 ``wgmma`` takes the rows of ``x`` 8 at a time: TMA reads the rows past the end of ``x`` as zeros
 (``x`` with more than 8 rows is padded to a multiple of 8, TMA's tiling) and drops the rows of
-``y`` past its end. Above 128 rows ``x`` is cut into 128-row blocks (a grid axis; the blocks of
-one weight range launch together, so the range is read from HBM once); above :data:`MAX_ROWS`
-(1024, int4 2048) :func:`qjax.kernels.calls.dequantized_matmul` takes over (XLA's GEMM).
+``y`` past its end. Above 128 rows ``x`` is cut into 128- or 256-row blocks (a grid axis; the
+blocks of one weight range launch together, so the range is read from HBM once; 256-row blocks
+decode each weight tile half as often and take whole tiles per CTA, :func:`pick` chooses by
+:func:`estimated_steps`); above :data:`MAX_ROWS` (4096)
+:func:`qjax.kernels.calls.dequantized_matmul` takes over (XLA's GEMM).
 
 Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's bf16 ``dot`` at
 M ≤ 16 on the Llama-3-70B shapes: int4 g128 2.61–3.24× (2.5–2.65 TB/s on the large shapes), int8
 per-channel 1.60–1.87×, FP8 1.57–1.85×, NF4 2.2–2.9× (1.10–1.18× int4's time); M = 64
-2.28–2.51×, M = 128 1.61–1.66×; M = 256–1024 0.72–0.98× (every format), int4 at 2048 0.82–0.86×.
+2.28–2.51×, M = 128 1.61–1.66×; int4 M = 256–1024 0.83–1.01×, M = 2048 0.97–1.05×, M = 4096
+0.94–1.03×.
 Tested on the device (``kernel_bench --check``); the CPU tests lower the kernel to Mosaic GPU
 code and check the layouts, decoders and the stream-K bookkeeping, because this jax version's
 interpreter cannot run warp-specialized pipelines.
@@ -96,12 +99,18 @@ class Config:
     m_inner: bool = False  # the row blocks of x as the grid's fastest axis (CTAs launched
     #                        together share weight steps, not rows of x)
     block_m: int = MAX_BLOCK_M  # rows of x per CTA above 128 rows: 128 or 256 (256: each
-    #                             weight tile decoded half as often; needs whole tiles per CTA)
-    multicast: bool = False  # CTAs in clusters of two whose runs take the same K steps: each
-    #                          x tile TMA-loaded once for both (`pairs_share_x`)
+    #                             weight tile decoded half as often; whole tiles per CTA)
 
 
-# M bucket -> config; winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
+# Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4
+# 0.35–0.39× bf16 at M = 256, 0.50–0.52× (512), 0.65–0.72× (1024), 0.78–0.93× (2048), 0.84–0.97×
+# (4096) where this kernel (the table's pick of 128- / 256-row blocks) makes 0.90–0.99×,
+# 0.83–0.98×, 0.85–1.01×, 0.97–1.05×, 0.94–1.03×; at 8192 the two are level (0.89–0.99× and
+# 0.89–1.01×), `large_m_mgpu_probe_bm256*.json`: rows up to which the kernel runs.
+MAX_ROWS = 4096
+
+
+# M bucket -> config(s); winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
 # Llama-3-70B shapes, experiments/results/kernels/, the latest under stream-K): large K steps
 # amortize the per-step barriers; stages are cut to shared memory by `fit`.
 # NF4 codes are decoded by the shared-memory pair table (`config_for` sets `lut`): 10–20 % faster
@@ -114,7 +123,7 @@ TABLE = {
     32: Config("mgpu", 512, None, 3, scale_acc=True),
     64: Config("mgpu", 256, None, 4),
     128: Config("mgpu", 128, None, 4),
-    2048: (  # up to `max_rows`: the one `pick` expects to finish first
+    MAX_ROWS: (  # the one `pick` expects to finish first (`estimated_steps`)
         Config("mgpu", 128, None, 4, m_inner=True),
         Config("mgpu", 128, None, 2, m_inner=True, block_m=256),
     ),
@@ -123,12 +132,6 @@ TABLE = {
 # per CTA in 356 µs against 8 in 424 µs, `large_m_mgpu_probe_bm256.json`): each weight tile is
 # decoded half as often, so 256-row blocks win where they still fill the SMs.
 ROWS_256_STEP_COST = 1.7
-# Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) was 0.35×
-# (M = 256), 0.50× (512), 0.63–0.68× (1024) bf16 where this kernel makes 0.85–0.98×, 0.79–0.84×,
-# 0.72–0.85×; at 2048 the kernel is ahead for int4 only (0.82–0.86× vs 0.76–0.87×), from 4096 XLA
-# (`large_m_mgpu_probe_*.json`): rows up to which each layout takes the kernel.
-MAX_ROWS = {"gpu_i4t": 2048}
-DEFAULT_MAX_ROWS = 1024
 NUM_SMS = 132  # H100 SXM; one CTA per SM (three warp groups and their registers fill it)
 
 
@@ -211,27 +214,20 @@ def handoffs_early(n_tiles: int, steps: int, cta_steps: int) -> bool:
     return bool(np.all(~split | ((seg[:, 1] - seg[:, 0] == 1) & ~ends_at_cta_end)))
 
 
-def pairs_share_x(n_tiles: int, steps: int, cta_steps: int) -> bool:
-    """Whether CTA ``c`` and CTA ``c + ctas/2`` take the same K steps of ``x`` at every step of
-    their runs (``(ctas/2)·L`` a multiple of the steps per tile), so that a cluster of the two
-    can load each ``x`` tile once, TMA-multicast to both."""
-    ctas = n_tiles * steps // cta_steps
-    return ctas % 2 == 0 and (ctas // 2 * cta_steps) % steps == 0
-
-
 def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
     """``cfg`` made runnable for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step
     halved until it divides ``K_p``, its pipeline depth (then its K step) cut to shared memory,
     its K steps per CTA chosen by :func:`schedule` (``None``) or cut to divide the steps.
-    256-row blocks of ``x`` (``block_m``) take whole weight tiles per CTA, added in the kernel;
-    ``multicast`` stays on only where CTA pairs share their K steps (:func:`pairs_share_x`)."""
+    256-row blocks of ``x`` (``block_m``) take whole weight tiles per CTA, their ``y`` written
+    by the kernel, and decode 4-bit codes in registers (beside the pair table only one stage
+    fits: NF4 0.29–0.55× bf16, 0.55–0.94× with two: ``large_m_mgpu_probe_bm256_nf4_fp8``)."""
     bk = cfg.block_k
     while k_p % bk:
         bk //= 2
     m_p, bm = padded_rows(m, cfg.block_m)
     whole = bm > MAX_BLOCK_M
     stages = cfg.stages
-    lut = cfg.lut and bits == 4
+    lut = cfg.lut and bits == 4 and not whole
 
     def too_big(bk: int, stages: int) -> bool:
         return smem_bytes(bm, bk, stages, bits, span, lut, whole) > SMEM_BYTES
@@ -251,7 +247,6 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
     fused = True if whole else cfg.fused
     if fused is None:
         fused = handoffs_early(n_tiles, steps, cta_steps)
-    multicast = cfg.multicast and pairs_share_x(n_tiles, steps, cta_steps)
     return dataclasses.replace(
         cfg,
         block_k=bk,
@@ -260,7 +255,6 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
         fused=fused,
         lut=lut,
         block_m=bm if whole else MAX_BLOCK_M,
-        multicast=multicast,
     )
 
 
@@ -271,13 +265,13 @@ def pick(
     bits: int = 4,
     span: int = SLICE,
     lut: bool = False,
-    max_rows: int = DEFAULT_MAX_ROWS,
 ) -> Config:
     """The table's config for ``m`` rows, ``K_p`` codes and ``N_p`` columns of ``bits``-bit
     codes with a scale row per ``span`` codes (decoded by the pair table: ``lut``), :func:`fit`
-    to them; ``"xla"`` above ``max_rows`` rows."""
+    to them (of a bucket's candidates, the one :func:`estimated_steps` expects to finish
+    first); ``"xla"`` above :data:`MAX_ROWS` rows."""
     bucket = next((b for b in TABLE if m <= b), None)
-    if bucket is None or m > max_rows:
+    if bucket is None:
         return Config("xla")
     entry = TABLE[bucket]
     cands = entry if isinstance(entry, tuple) else (entry,)
@@ -317,8 +311,8 @@ def config_for(w: QArray, m: int, cfg: Config | None = None) -> Config:
     repacked weight ``w``."""
     n_p, k_p = w.codes.shape
     if cfg is None:
-        lut, max_rows = w.layout == "gpu_nf4t", MAX_ROWS.get(w.layout, DEFAULT_MAX_ROWS)
-        cfg = pick(m, k_p, n_p, code_bits(w), slice_codes(w), lut, max_rows)
+        lut = w.layout == "gpu_nf4t"
+        cfg = pick(m, k_p, n_p, code_bits(w), slice_codes(w), lut)
         return dataclasses.replace(cfg, scale_acc=cfg.scale_acc and w.layout != "gpu_nf4t")
     return fit(cfg, m, k_p, n_p, code_bits(w), slice_codes(w))
 
@@ -368,9 +362,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     scaled = scales is not None
     fused = cfg.fused
     whole = fused and length % steps == 0  # every tile in one CTA: nothing handed over
-    pairs = cfg.multicast
-    if pairs and not pairs_share_x(n_tiles, steps, length):
-        raise ShapeError(f"mgpu_matmul: multicast needs CTA pairs on the same K steps ({cfg})")
     bits = 4 if codes.dtype == jnp.int4 else 8
     half = 1 << (bits - 1)  # int codes are stored as c − half
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
@@ -395,8 +386,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
         if fused:
             *rest, chs_gmem = rest
         ci, mi = lax.axis_index("c"), lax.axis_index("m")
-        if pairs:  # the cluster's two CTAs: c and c + ctas/2
-            ci = lax.axis_index("pair") * (ctas // 2) + ci
         first = ci * length  # the CTA's first K step, counting over the tiles end to end
 
         def tile(kk):
@@ -554,7 +543,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 (bm, bk),
                 lambda kk: (0, k_step(kk)),
                 transforms=_tiled(span, 16, "rhs"),
-                collective_axes=("pair",) if pairs else (),
             ),
         ] + [row_spec] * (int(scaled) + int(not sym))
         pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -604,23 +592,12 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             plgpu.SMEM((2, 2, bm, BLOCK_N), x2.dtype, transforms=y_sw),
             plgpu.SMEM((2, bm, BLOCK_N), jnp.float32),
         )
-    grid = [m_tiles, ctas // 2 if pairs else ctas]
-    names = ["m", "c"]
-    cluster, cluster_names = ([1, 2], ["pair_m", "pair"]) if pairs else ([], [])
-    if not cfg.m_inner:
-        grid, names, cluster, cluster_names = (
-            grid[::-1],
-            names[::-1],
-            cluster[::-1],
-            cluster_names[::-1],
-        )
+    grid, names = ((m_tiles, ctas), ("m", "c")) if cfg.m_inner else ((ctas, m_tiles), ("c", "m"))
     out = plgpu.kernel(
         kernel,
         out_type=out_type,
-        grid=tuple(grid),
-        grid_names=tuple(names),
-        cluster=tuple(cluster),
-        cluster_names=tuple(cluster_names),
+        grid=grid,
+        grid_names=names,
         num_threads=3,
         thread_name="wg",
         scratch_types=dict(
