@@ -383,7 +383,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             *rest, o_gmem = rest
         if lut:
             *rest, lut_gmem = rest
-        if fused:
+        if fused and ch_scales is not None:
             *rest, chs_gmem = rest
         ci, mi = lax.axis_index("c"), lax.axis_index("m")
         first = ci * length  # the CTA's first K step, counting over the tiles end to end
@@ -570,9 +570,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     args = [codes, x2] + ([scales] if scaled else []) + ([] if sym else [zeros])
     y_type = jax.ShapeDtypeStruct((m_rows, n_p), x2.dtype)
     if fused:
-        chs = jnp.zeros((1, n_p), jnp.float32) if ch_scales is None else ch_scales
         ws = max(slots - 1, 1)
-        args.append(chs)
+        args += [] if ch_scales is None else [ch_scales]
         out_type = y_type if whole else (jax.ShapeDtypeStruct((ws, n_p, m_p), jnp.float32), y_type)
     else:
         out_type = jax.ShapeDtypeStruct((slots, n_p, m_p), jnp.float32)
