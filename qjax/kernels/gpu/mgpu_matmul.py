@@ -53,10 +53,10 @@ decode each weight tile half as often and take whole tiles per CTA, :func:`pick`
 :func:`qjax.kernels.calls.dequantized_matmul` takes over (XLA's GEMM).
 
 Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's bf16 ``dot`` at
-M ≤ 16 on the Llama-3-70B shapes: int4 g128 2.61–3.24× (2.5–2.65 TB/s on the large shapes), int8
-per-channel 1.60–1.87×, FP8 1.57–1.85×, NF4 2.2–2.9× (1.10–1.18× int4's time); M = 64
-2.28–2.51×, M = 128 1.61–1.66×; int4 M = 256–1024 0.83–1.01×, M = 2048 0.97–1.05×, M = 4096
-0.94–1.03×.
+M ≤ 16 on the Llama-3-70B shapes: int4 g128 2.60–3.30× (2.5–2.7 TB/s on the large shapes), int8
+per-channel 1.64–1.88×, FP8 1.58–1.86×, NF4 2.2–3.0× (1.10–1.17× int4's time); M = 64
+2.28–2.51×, M = 128 1.61–1.66×; int4 M = 256–1024 0.83–1.01×, M = 2048 0.89–0.97×, M = 4096
+0.94–1.03× (the other formats 0.77–1.04× from 512 rows).
 Tested on the device (``kernel_bench --check``); the CPU tests lower the kernel to Mosaic GPU
 code and check the layouts, decoders and the stream-K bookkeeping, because this jax version's
 interpreter cannot run warp-specialized pipelines.
