@@ -100,8 +100,6 @@ class Config:
     #                        together share weight steps, not rows of x)
     block_m: int = MAX_BLOCK_M  # rows of x per CTA above 128 rows: 128 or 256 (256: each
     #                             weight tile decoded half as often; whole tiles per CTA)
-    pingpong: bool = False  # the compute warp groups issue their wgmma in turns, each handing
-    #                         the turn over once issued (not with `scale_acc`)
 
 
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4
@@ -371,7 +369,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
     lut = cfg.lut
 
-    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, turn, lut_smem=None):
+    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None):
         # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
         # (y_smem[wg, 0] and c_smem[wg, 0] lie in o_smem[wg]: each warp group reuses its part)
         if whole:
@@ -492,17 +490,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                     a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
                 return a
 
-            if not by_slice and cfg.pingpong:
-                # decode the step, wait for the turn, issue, hand the turn over, wait: the two
-                # groups' wgmma queue one after the other, so one decodes while the other's run
-                wg = lax.axis_index("wg")
-                ops = [scaled_operand(j) for j in range(per)]
-                plgpu.barrier_wait(turn.at[wg])
-                for j, a in enumerate(ops):
-                    plgpu.wgmma(accs[0], a, x_slice(j))
-                plgpu.barrier_arrive(turn.at[1 - wg])
-                plgpu.wgmma_wait(0)
-            elif not by_slice:
+            if not by_slice:
                 for j in range(per):
                     plgpu.wgmma(accs[0], scaled_operand(j), x_slice(j))
                 plgpu.wgmma_wait(0)
@@ -546,12 +534,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             def _(accs):
                 if lut:  # the pair table, copied by the memory warp group
                     plgpu.barrier_wait(bar.at[2])
-                if cfg.pingpong and not by_slice:  # warp group 0 takes the first turn
-
-                    @pl.when(lax.axis_index("wg") == 1)
-                    def _():
-                        plgpu.barrier_arrive(turn.at[0])
-
                 eval_pipeline(tuple(accs))
                 plgpu.wait_smem_to_gmem(0)
 
@@ -623,7 +605,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
         scratch_types=dict(
             out_smem=out_smem,
             bar=plgpu.Barrier(num_arrivals=1, num_barriers=3),
-            turn=plgpu.Barrier(num_arrivals=1, num_barriers=2),
             **scratch,
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
