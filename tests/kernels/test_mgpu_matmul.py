@@ -264,6 +264,33 @@ def test_scales_go_on_float32_sums_up_to_32_rows_except_nf4(spec, m):
                          cfg.lut) <= mg.SMEM_BYTES  # fmt: skip
 
 
+@given(
+    n_tiles=st.integers(1, 600),
+    steps=st.integers(1, 64),
+    m_tiles=st.integers(1, 32),
+)
+@settings(max_examples=200, deadline=None)
+def test_whole_tile_schedule_gives_each_cta_whole_tiles_in_the_fewest_step_waves(
+    n_tiles, steps, m_tiles
+):
+    length = mg.schedule(n_tiles, steps, m_tiles, whole=True)
+    assert length % steps == 0 and (n_tiles * steps) % length == 0
+
+    def cost(d):  # waves × (steps per CTA + ramp), as `schedule` weighs it
+        return -(-(n_tiles * steps // d) * m_tiles // mg.NUM_SMS) * (d + mg.RAMP_STEPS)
+
+    divisors = [t * steps for t in range(1, n_tiles + 1) if n_tiles % t == 0]
+    assert cost(length) == min(cost(d) for d in divisors)
+
+
+def test_only_two_stages_of_256_rows_fit_and_only_without_float32_staging():
+    # 2 × (8 KB weight + 64 KB x + scales) + the bf16 y tiles: 210 KB; a third stage or the
+    # float32 partial-sum tiles (128 KB) of a split tile would not fit
+    assert mg.smem_bytes(256, 128, 2, whole=True) <= mg.SMEM_BYTES
+    assert mg.smem_bytes(256, 128, 3, whole=True) > mg.SMEM_BYTES
+    assert mg.smem_bytes(256, 128, 2, whole=False) > mg.SMEM_BYTES
+
+
 def test_stream_k_schedule_fills_the_sms_in_one_wave_where_it_can():
     # 10240×8192 in 512-code steps: 80 tiles × 16 steps = 1280 steps; 128 CTAs of 10 steps
     # (one wave) beat split-K's best (320 CTAs of 4 steps: three waves)
