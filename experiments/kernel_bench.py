@@ -489,12 +489,12 @@ def run_check(args, results: list, interpret: bool) -> None:
 
 def run_check_mgpu(results: list) -> None:
     """The Mosaic GPU kernel (no interpret mode for its warp-specialized pipeline) vs
-    ``dequantize`` + float32 dot: every format and table config, ragged K / N, M from 1 to 2048
-    (128- and 256-row blocks of ``x``), both epilogues (``Config.fused``), through
+    ``dequantize`` + float32 dot: every format and table config, ragged K / N, M from 1 to 5000
+    (128- and 256-row blocks of ``x``, grouped jobs), both epilogues (``Config.fused``), through
     ``qjax.matmul``'s dispatch as well."""
     mg = mgpu_matmul
     cases = [(1, 8192, 1024), (16, 640, 384), (100, 4096, 256), (128, 1024, 512), (37, 300, 200),
-             (300, 1024, 384), (2048, 2048, 4096)]  # fmt: skip
+             (300, 1024, 384), (2048, 2048, 4096), (5000, 1024, 640)]  # fmt: skip
     table = [
         c for entry in mg.TABLE.values() for c in (entry if isinstance(entry, tuple) else [entry])
     ]

@@ -18,12 +18,20 @@ from qjax.kernels.gpu import mgpu_matmul as mg
 CONFIGS = {
     "mgpu_bk128": mg.Config("mgpu", 128, None, 4),
     "mgpu_bk128_minner": mg.Config("mgpu", 128, None, 4, m_inner=True),
-    "mgpu_bm256": mg.Config("mgpu", 128, None, 2, m_inner=True, block_m=256),
+    "mgpu_bm256": mg.Config("mgpu", 128, None, 2, m_inner=True, block_m=256, grouped=False),
+    "mgpu_bm256_grouped": mg.Config("mgpu", 128, None, 2, m_inner=True, block_m=256, grouped=True),
 }  # the committed runs: bk256 (st3) in large_m_mgpu_probe.json, then bk128 (± m_inner); then
 #    256-row blocks of x (`_bm256`; its `_reg` column: NF4 by the register decoder, as `fit`
 #    now does for 256 rows), at b7e6bee x TMA-multicast to CTA pairs (`_mc`), and at 38e1e4a
-#    ping-pong of the compute warp groups (`_pp`, `pingpong_issue_probe_*.json`)
-CHECKS = [(2048, 1024, 512), (300, 2048, 384), (1000, 1280, 200), (512, 8192, 1024)]
+#    ping-pong of the compute warp groups (`_pp`, `pingpong_issue_probe_*.json`); then jobs
+#    grouped by row blocks (`_grouped`)
+CHECKS = [
+    (2048, 1024, 512),
+    (300, 2048, 384),
+    (1000, 1280, 200),
+    (512, 8192, 1024),
+    (5000, 1024, 640),
+]
 
 
 def main(argv=None) -> None:

@@ -201,7 +201,7 @@ def test_ptx_uses_the_emulated_constants():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m", [1, 16, 32, 64, 100, 128, 300, 1024, 2048, 4096])
+@pytest.mark.parametrize("m", [1, 16, 32, 64, 100, 128, 300, 1024, 2048, 4096, 8192])
 @pytest.mark.parametrize(("k", "n"), [(8192, 8192), (8192, 57344), (28672, 8192), (640, 384)])
 def test_table_configs_fit_shared_memory_and_divide_k(bits, m, k, n):
     cfg = mg.pick(m, k, n, bits)
@@ -236,6 +236,13 @@ def test_table_configs_fit_shared_memory_and_divide_k(bits, m, k, n):
 def test_pick_takes_the_row_blocks_that_won_on_the_h100(n, k, m, block_m):
     # large_m_mgpu_probe_bm256*.json: the faster of the 128- and 256-row configs, int4
     assert mg.pick(m, k, n).block_m == block_m
+
+
+@pytest.mark.parametrize("m", [2048, 4096, 4097, 8192])
+def test_jobs_are_grouped_above_grouped_rows(m):
+    cfg = mg.pick(m, 8192, 8192)
+    assert cfg.block_m == 256 and cfg.grouped == (m > mg.GROUPED_ROWS)
+    assert mg.pick(m, 8192, 8192 * 4).grouped == (m > mg.GROUPED_ROWS)
 
 
 def test_256_row_blocks_decode_nf4_in_registers():
@@ -281,6 +288,21 @@ def test_whole_tile_schedule_gives_each_cta_whole_tiles_in_the_fewest_step_waves
 
     divisors = [t * steps for t in range(1, n_tiles + 1) if n_tiles % t == 0]
     assert cost(length) == min(cost(d) for d in divisors)
+
+
+@pytest.mark.parametrize(
+    ("n_tiles", "m_tiles", "per_cta"), [(64, 32, 16), (80, 8, 5), (448, 16, 56), (3, 5, 1)]
+)
+def test_grouped_jobs_cover_every_row_block_and_tile_once(n_tiles, m_tiles, per_cta):
+    n_ctas = n_tiles * m_tiles // per_cta
+    group = max(g for g in range(1, mg.GROUP_M + 1) if m_tiles % g == 0)
+    cta, i = np.meshgrid(np.arange(n_ctas), np.arange(per_cta), indexing="ij")
+    m_block, tile = mg.grouped_job(cta, i, n_ctas, n_tiles, group)
+    pairs = set(zip(m_block.ravel().tolist(), tile.ravel().tolist(), strict=True))
+    assert pairs == {(m, t) for m in range(m_tiles) for t in range(n_tiles)}
+    # the CTAs running together (one job each) stay within one group of row blocks
+    first = m_block[:, 0]
+    assert first.max() - first.min() < max(group, -(-n_ctas // n_tiles))
 
 
 def test_only_two_stages_of_256_rows_fit_and_only_without_float32_staging():
@@ -427,12 +449,15 @@ def test_kernel_lowers_to_mosaic_gpu_with_its_decoder(spec, m):
         assert ("ld.shared.b32" in text) == cfg.lut
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("spec", [SPECS[1], SPECS[6], SPECS[8]], ids=lambda s: s.label())
-def test_256_row_blocks_lower_with_whole_tiles_per_cta(spec):
+def test_256_row_blocks_lower_with_whole_tiles_per_cta(spec, grouped):
     w = rp.repack(_weight(spec, 1024, 384, 1), _layout(spec))
     x = jax.random.normal(jax.random.key(2), (700, 1024), jnp.bfloat16)
-    cfg = mg.config_for(w, 700, mg.TABLE[mg.MAX_ROWS][1])
+    cand = dataclasses.replace(mg.TABLE[mg.MAX_ROWS][1], grouped=grouped)
+    cfg = mg.config_for(w, 700, cand)
     assert cfg.block_m == 256 and cfg.fused and cfg.cta_steps % (1024 // cfg.block_k) == 0
+    assert cfg.grouped == grouped
     lowered = jax.jit(lambda x, w: mg._mgpu_matmul(x, w, cfg)).trace(x, w)
     assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
@@ -451,11 +476,11 @@ def test_large_m_takes_xla_and_matches_float64(spec):
     seed = int(np.random.default_rng().integers(1 << 30))
     q = _weight(spec, 384, 200, seed)
     w = rp.repack(q, _layout(spec))
-    x = jax.random.normal(jax.random.key(seed + 1), (3, 1400, 384), jnp.bfloat16)  # 4200 rows
-    assert mg.config_for(w, 4200).path == "xla"
+    x = jax.random.normal(jax.random.key(seed + 1), (3, 2740, 384), jnp.bfloat16)  # 8220 rows
+    assert mg.config_for(w, 8220).path == "xla"
     y = np.asarray(mg.matmul(x, w), np.float64)
     ref = np.asarray(x, np.float64) @ np.asarray(q.dequantize(), np.float64)
-    assert y.shape == (3, 1400, 200)
+    assert y.shape == (3, 2740, 200)
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-2
 
 

@@ -49,14 +49,15 @@ CTAs whatever their tile count. A tile split between CTAs needs its partial sums
 ``y`` past its end. Above 128 rows ``x`` is cut into 128- or 256-row blocks (a grid axis; the
 blocks of one weight range launch together, so the range is read from HBM once; 256-row blocks
 decode each weight tile half as often and take whole tiles per CTA, :func:`pick` chooses by
-:func:`estimated_steps`); above :data:`MAX_ROWS` (4096)
+:func:`estimated_steps`; above :data:`GROUPED_ROWS` their jobs go round-robin in groups of row
+blocks, :func:`grouped_job`, so that ``x`` stays in L2); above :data:`MAX_ROWS` (8192)
 :func:`qjax.kernels.calls.dequantized_matmul` takes over (XLA's GEMM).
 
 Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's bf16 ``dot`` at
 M ≤ 16 on the Llama-3-70B shapes: int4 g128 2.60–3.30× (2.5–2.7 TB/s on the large shapes), int8
 per-channel 1.64–1.88×, FP8 1.58–1.86×, NF4 2.2–3.0× (1.10–1.17× int4's time); M = 64
-2.28–2.51×, M = 128 1.61–1.66×; int4 M = 256–1024 0.83–1.01×, M = 2048 0.89–0.97×, M = 4096
-0.94–1.03× (the other formats 0.77–1.04× from 512 rows).
+2.28–2.51×, M = 128 1.61–1.66×; int4 M = 256–1024 0.83–1.01×, M = 2048 0.89–1.06×, M = 4096
+0.93–1.02×, M = 8192 0.96–1.01× (the other formats 0.77–1.04× from 512 rows).
 Tested on the device (``kernel_bench --check``); the CPU tests lower the kernel to Mosaic GPU
 code and check the layouts, decoders and the stream-K bookkeeping, because this jax version's
 interpreter cannot run warp-specialized pipelines.
@@ -100,14 +101,18 @@ class Config:
     #                        together share weight steps, not rows of x)
     block_m: int = MAX_BLOCK_M  # rows of x per CTA above 128 rows: 128 or 256 (256: each
     #                             weight tile decoded half as often; whole tiles per CTA)
+    grouped: bool | None = None  # whole tiles per CTA: (row block, tile) jobs dealt round-robin
+    #                              in groups of GROUP_M row blocks (`grouped_job`), not each
+    #                              CTA's tiles in a row; None: above GROUPED_ROWS rows of x
 
 
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4
 # 0.35–0.39× bf16 at M = 256, 0.50–0.52× (512), 0.65–0.72× (1024), 0.78–0.93× (2048), 0.84–0.97×
 # (4096) where this kernel (the table's pick of 128- / 256-row blocks) makes 0.90–0.99×,
-# 0.83–0.98×, 0.85–1.01×, 0.97–1.05×, 0.94–1.03×; at 8192 the two are level (0.89–0.99× and
-# 0.89–1.01×), `large_m_mgpu_probe_bm256*.json`: rows up to which the kernel runs.
-MAX_ROWS = 4096
+# 0.83–0.98×, 0.85–1.01×, 0.97–1.05×, 0.94–1.03×; at 8192 the two are level (int4 0.93–0.99×
+# grouped against 0.88–1.02×, int8 0.88–0.97× against 0.89–1.03×, `large_m_mgpu_probe_bm256*`,
+# `_grouped`), and the kernel needs no bf16 copy of the weight: rows up to which it runs.
+MAX_ROWS = 8192
 
 
 # M bucket -> config(s); winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
@@ -173,6 +178,10 @@ EPILOGUE_SMEM = 1024  # the fused epilogue's 2 barriers and their alignment (a b
 LUT_SMEM = 256 * 32 * 4  # the pair table, one copy per lane (`mgpu_decode.lut_words`)
 
 
+GROUP_M = 8  # row blocks of x per group of jobs (`Config.grouped`): their x stays in L2
+GROUPED_ROWS = 4096  # above: grouped jobs (M = 8192, int4: +5–7 % on 8192² and 8192×28672, level
+#                      on the others; at 2048 −2–3 %, `large_m_mgpu_probe_grouped.json`)
+
 RAMP_STEPS = 2  # a CTA's pipeline fill + drain, in K steps (measured: 3 waves of 4-step CTAs
 #                 take the time of ≈ 19 steps on 10240×8192)
 
@@ -199,6 +208,16 @@ def schedule(n_tiles: int, steps: int, m_tiles: int = 1, whole: bool = False) ->
 
     unit = steps if whole else 1
     return min((d for d in range(unit, total + 1, unit) if total % d == 0), key=cost)
+
+
+def grouped_job(cta, i, n_ctas: int, n_tiles: int, group: int):
+    """``(row block, tile)`` of CTA ``cta``'s ``i``-th job when whole-tile jobs are dealt
+    round-robin (``Config.grouped``): job ``j = cta + i·n_ctas`` in the order groups of
+    ``group`` row blocks of ``x``, within a group tile by tile, its row blocks fastest — the
+    CTAs running together share ``group`` row blocks (their ``x`` stays in L2) and read each
+    weight tile once per group. Works on ints, numpy arrays and traced indices."""
+    j = cta + n_ctas * i
+    return j // (group * n_tiles) * group + j % group, j % (group * n_tiles) // group
 
 
 def handoffs_early(n_tiles: int, steps: int, cta_steps: int) -> bool:
@@ -245,6 +264,7 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
     else:
         cta_steps = calls.largest_divisor_at_most(n_tiles * steps, cfg.cta_steps)
     fused = True if whole else cfg.fused
+    grouped = whole and (m_p > GROUPED_ROWS if cfg.grouped is None else cfg.grouped)
     if fused is None:
         fused = handoffs_early(n_tiles, steps, cta_steps)
     return dataclasses.replace(
@@ -255,6 +275,7 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
         fused=fused,
         lut=lut,
         block_m=bm if whole else MAX_BLOCK_M,
+        grouped=grouped,
     )
 
 
@@ -362,6 +383,9 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     scaled = scales is not None
     fused = cfg.fused
     whole = fused and length % steps == 0  # every tile in one CTA: nothing handed over
+    grouped = whole and bool(cfg.grouped)
+    group = max(g for g in range(1, GROUP_M + 1) if m_tiles % g == 0)
+    n_ctas = ctas * m_tiles
     bits = 4 if codes.dtype == jnp.int4 else 8
     half = 1 << (bits - 1)  # int codes are stored as c − half
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
@@ -385,14 +409,32 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             *rest, lut_gmem = rest
         if fused and ch_scales is not None:
             *rest, chs_gmem = rest
-        ci, mi = lax.axis_index("c"), lax.axis_index("m")
-        first = ci * length  # the CTA's first K step, counting over the tiles end to end
+        if grouped:
+            # job j = (row block, tile) in the order: groups of `group` row blocks, in a group
+            # tile by tile, the row blocks fastest; CTA g takes jobs g, g + n_ctas, ...: the
+            # CTAs running together share a few row blocks of x (in L2) and many tiles
+            ci = mi = None
 
-        def tile(kk):
-            return (first + kk) // steps
+            def tile(kk):
+                return grouped_job(lax.axis_index("c"), kk // steps, n_ctas, n_tiles, group)[1]
 
-        def k_step(kk):
-            return (first + kk) % steps
+            def m_block(kk):
+                return grouped_job(lax.axis_index("c"), kk // steps, n_ctas, n_tiles, group)[0]
+
+            def k_step(kk):
+                return kk % steps
+        else:
+            ci, mi = lax.axis_index("c"), lax.axis_index("m")
+            first = ci * length  # the CTA's first K step, counting over the tiles end to end
+
+            def tile(kk):
+                return (first + kk) // steps
+
+            def m_block(kk):
+                return mi
+
+            def k_step(kk):
+                return (first + kk) % steps
 
         def write(total, dst):
             """TMA-writes this warp group's float32 ``(BLOCK_N, bm)`` block to ``dst``."""
@@ -419,7 +461,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             first CTA, or to ``y``); zeroes the accumulator."""
             wg = lax.axis_index("wg")
             rows = pl.ds(t * cta_n + wg * BLOCK_N, BLOCK_N)
-            cols = pl.ds(mi * bm, bm)
+            cols = pl.ds(m_block(kk) * bm, bm)
             c0 = t * steps // length
             if whole:
                 finish(acc[...], rows, cols)
@@ -544,7 +586,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             ),
             plgpu.BlockSpec(
                 (bm, bk),
-                lambda kk: (0, k_step(kk)),
+                lambda kk: (m_block(kk) if grouped else 0, k_step(kk)),
                 transforms=_tiled(span, 16, "rhs"),
             ),
         ] + [row_spec] * (int(scaled) + int(not sym))
@@ -568,7 +610,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             def _():
                 plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, bar.at[2])
 
-        pipeline(w_gmem, x_gmem.at[pl.ds(mi * bm, bm)], *rest)
+        pipeline(w_gmem, x_gmem if grouped else x_gmem.at[pl.ds(mi * bm, bm)], *rest)
 
     args = [codes, x2] + ([scales] if scaled else []) + ([] if sym else [zeros])
     y_type = jax.ShapeDtypeStruct((m_rows, n_p), x2.dtype)
@@ -595,6 +637,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             plgpu.SMEM((2, bm, BLOCK_N), jnp.float32),
         )
     grid, names = ((m_tiles, ctas), ("m", "c")) if cfg.m_inner else ((ctas, m_tiles), ("c", "m"))
+    if grouped:
+        grid, names = (n_ctas,), ("c",)
     out = plgpu.kernel(
         kernel,
         out_type=out_type,
