@@ -495,9 +495,7 @@ def run_check_mgpu(results: list) -> None:
     mg = mgpu_matmul
     cases = [(1, 8192, 1024), (16, 640, 384), (100, 4096, 256), (128, 1024, 512), (37, 300, 200),
              (300, 1024, 384), (2048, 2048, 4096), (5000, 1024, 640)]  # fmt: skip
-    table = [
-        c for entry in mg.TABLE.values() for c in (entry if isinstance(entry, tuple) else [entry])
-    ]
+    table = [c for cands in mg.TABLE.values() for c in cands]
     for fmt in ("w4g128t", "w4g128ta", "w4cht", "w8cht", "nf4t", "fp8t"):
         spec, layout = FORMATS[fmt]
         for m, k, n in cases:

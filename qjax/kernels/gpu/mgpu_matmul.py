@@ -115,20 +115,21 @@ class Config:
 MAX_ROWS = 8192
 
 
-# M bucket -> config(s); winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the
-# Llama-3-70B shapes, experiments/results/kernels/, the latest under stream-K): large K steps
-# amortize the per-step barriers; stages are cut to shared memory by `fit`.
+# M bucket -> candidate configs (`pick` takes the one `estimated_steps` expects to finish
+# first); winners of `kernel_bench --autotune --formats w4g128t` on an H100 SXM (the Llama-3-70B
+# shapes, experiments/results/kernels/, the latest under stream-K): large K steps amortize the
+# per-step barriers; stages are cut to shared memory by `fit`.
 # NF4 codes are decoded by the shared-memory pair table (`config_for` sets `lut`): 10–20 % faster
 # than the prmt decoder at every M, while int4's own converter stays 1–9 % faster than the table
 # (`lut_decode_probe.json`).
 # Up to 32 rows the scales go on the float32 sums (`scale_acc`): int4 +1–5 %, int8 per-channel
 # +1–2 %, NF4 −4–6 % (so `config_for` turns it off there), `scale_acc_probe.json`.
 TABLE = {
-    16: Config("mgpu", 512, None, 3, scale_acc=True),
-    32: Config("mgpu", 512, None, 3, scale_acc=True),
-    64: Config("mgpu", 256, None, 4),
-    128: Config("mgpu", 128, None, 4),
-    MAX_ROWS: (  # the one `pick` expects to finish first (`estimated_steps`)
+    16: (Config("mgpu", 512, None, 3, scale_acc=True),),
+    32: (Config("mgpu", 512, None, 3, scale_acc=True),),
+    64: (Config("mgpu", 256, None, 4),),
+    128: (Config("mgpu", 128, None, 4),),
+    MAX_ROWS: (
         Config("mgpu", 128, None, 4, m_inner=True),
         Config("mgpu", 128, None, 2, m_inner=True, block_m=256),
     ),
@@ -294,9 +295,7 @@ def pick(
     bucket = next((b for b in TABLE if m <= b), None)
     if bucket is None:
         return Config("xla")
-    entry = TABLE[bucket]
-    cands = entry if isinstance(entry, tuple) else (entry,)
-    fitted = [fit(dataclasses.replace(c, lut=lut), m, k_p, n_p, bits, span) for c in cands]
+    fitted = [fit(dataclasses.replace(c, lut=lut), m, k_p, n_p, bits, span) for c in TABLE[bucket]]
     return min(fitted, key=lambda c: estimated_steps(c, m, k_p, n_p))
 
 
