@@ -1,0 +1,149 @@
+"""Nsight Compute on the Mosaic GPU kernel and XLA's bf16 ``dot``: where the time goes.
+
+Runs each case once — the table's config of :func:`qjax.kernels.gpu.mgpu_matmul.matmul` on a
+random repacked weight, or XLA's bf16 ``jnp.dot`` — under ``ncu`` (real clocks, the
+:data:`SECTIONS`), Mosaic GPU kernels filtered by name (bf16 cases: every kernel, XLA's names
+vary), and writes the ``--csv --page details`` report and its summary (:func:`summarize`):
+
+    python -m experiments.ncu_profile --out DIR --cases w4g128t:57344x8192:1 ...   # on the GPU
+
+A case is ``FORMAT:NxK:M`` (``FORMAT`` of ``kernel_bench.FORMATS`` or ``bf16``); the kernels
+of the report come in the order of the cases (printed ``case i: ...`` lines name them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+SECTIONS = (
+    "SpeedOfLight",
+    "MemoryWorkloadAnalysis",
+    "MemoryWorkloadAnalysis_Tables",
+    "ComputeWorkloadAnalysis",
+    "WarpStateStats",
+    "SchedulerStats",
+    "LaunchStats",
+    "Occupancy",
+    "SourceCounters",
+)
+
+
+def parse_case(text: str) -> tuple[str, int, int, int]:
+    fmt, shape, m = text.split(":")
+    n, k = (int(v) for v in shape.split("x"))
+    return fmt, n, k, int(m)
+
+
+def run_cases(cases: list[str]) -> None:
+    """One launch per case, after its compilation (compiling launches nothing)."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import kernel_bench as kb
+    from qjax.kernels.gpu import mgpu_matmul as mg
+
+    for i, text in enumerate(cases):
+        fmt, n, k, m = parse_case(text)
+        x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+        if fmt == "bf16":
+            w = jax.random.normal(jax.random.key(2), (k, n), jnp.bfloat16)
+            f = jax.jit(lambda x, w: jnp.dot(x, w))
+            label = "xla bf16 dot"
+        else:
+            w = kb.random_weight(fmt, k, n, 0)
+            cfg = mg.config_for(w, m)
+            f = jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
+            label = kb.config_label(dataclasses_asdict(cfg))
+        compiled = f.lower(x, w).compile()
+        jax.block_until_ready((x, w))
+        jax.block_until_ready(compiled(x, w))
+        print(f"case {i}: {text} {label}", flush=True)
+
+
+def dataclasses_asdict(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def summarize(report: str) -> list[dict]:
+    """``ncu --csv --page details`` text → one dict per profiled kernel: its name, grid, block
+    and every metric as ``"Section: Metric": "value unit"``."""
+    rows: dict[str, dict] = {}
+    lines = [ln for ln in report.splitlines() if ln.startswith('"')]
+    for r in csv.DictReader(io.StringIO("\n".join(lines))):
+        head = {"id": int(r["ID"]), "kernel": r["Kernel Name"][:80]}
+        d = rows.setdefault(r["ID"], {**head, "grid": r["Grid Size"], "block": r["Block Size"]})
+        if r.get("Metric Name"):
+            value = f"{r['Metric Value']} {r['Metric Unit']}".strip()
+            d.setdefault(f"{r['Section Name']}: {r['Metric Name']}", value)
+    return sorted(rows.values(), key=lambda d: d["id"])
+
+
+def find_ncu() -> str:
+    found = shutil.which("ncu") or sorted(
+        glob.glob("/usr/local/cuda*/bin/ncu") + glob.glob("/opt/nvidia/nsight-compute/*/ncu")
+    )
+    if not found:
+        raise SystemExit("ncu_profile: no ncu on this machine")
+    return found if isinstance(found, str) else found[-1]
+
+
+def profile(out: str, name: str, cases: list[str], kernels: str | None, source=False) -> None:
+    """``ncu`` around this script's ``--inner`` run of ``cases``: ``out/name.csv`` (the report),
+    ``.log`` (the script's output) and ``.json`` (:func:`summarize`). ``source``: instead, the
+    SASS with each instruction's warp-stall samples (``--page source``)."""
+    cmd = [find_ncu(), "--clock-control", "none", "--csv"]
+    if source:
+        cmd += ["--section", "SourceCounters", "--page", "source", "--print-source", "sass"]
+    else:
+        cmd += ["--page", "details"] + [a for s in SECTIONS for a in ("--section", s)]
+    cmd += ["-k", f"regex:{kernels}"] if kernels else []
+    cmd += [sys.executable, "-m", "experiments.ncu_profile", "--inner", "--cases", *cases]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    with open(os.path.join(out, f"{name}.csv"), "w") as fh:
+        fh.write(run.stdout)
+    with open(os.path.join(out, f"{name}.log"), "w") as fh:
+        fh.write(run.stderr)
+    print(run.stderr[-3000:], flush=True)
+    if source:
+        return
+    with open(os.path.join(out, f"{name}.json"), "w") as fh:
+        json.dump(summarize(run.stdout), fh, indent=1)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--cases", nargs="*", default=[])
+    ap.add_argument("--source", nargs="*", default=[], help="cases whose SASS stalls to report")
+    ap.add_argument("--inner", action="store_true", help="run the cases (ncu runs this)")
+    ap.add_argument("--summarize", help="an ncu --csv --page details report: print its summary")
+    args = ap.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as fh:
+            print(json.dumps(summarize(fh.read()), indent=1))
+    elif args.inner:
+        run_cases(args.cases)
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        mgpu = [c for c in args.cases if not c.startswith("bf16:")]
+        bf16 = [c for c in args.cases if c.startswith("bf16:")]
+        if mgpu:
+            profile(args.out, "ncu_mgpu", mgpu, "mosaic")
+        if bf16:
+            profile(args.out, "ncu_bf16", bf16, None)
+        for i, case in enumerate(args.source):
+            profile(args.out, f"ncu_sass_{i}", [case], "mosaic", source=True)
+
+
+if __name__ == "__main__":
+    main()
