@@ -97,6 +97,9 @@ def find_ncu() -> str:
     return found if isinstance(found, str) else found[-1]
 
 
+STALLS = "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio$"
+
+
 def profile(out: str, name: str, cases: list[str], kernels: str | None, source=False) -> None:
     """``ncu`` around this script's ``--inner`` run of ``cases``: ``out/name.csv`` (the report),
     ``.log`` (the script's output) and ``.json`` (:func:`summarize`). ``source``: instead, the
@@ -106,6 +109,7 @@ def profile(out: str, name: str, cases: list[str], kernels: str | None, source=F
         cmd += ["--section", "SourceCounters", "--page", "source", "--print-source", "sass"]
     else:
         cmd += ["--page", "details"] + [a for s in SECTIONS for a in ("--section", s)]
+        cmd += ["--metrics", STALLS]  # the warp-stall reasons, in cycles per issued instruction
     cmd += ["-k", f"regex:{kernels}"] if kernels else []
     cmd += [sys.executable, "-m", "experiments.ncu_profile", "--inner", "--cases", *cases]
     run = subprocess.run(cmd, capture_output=True, text=True)

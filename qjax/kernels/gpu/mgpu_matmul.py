@@ -101,6 +101,7 @@ class Config:
     #                        together share weight steps, not rows of x)
     block_m: int = MAX_BLOCK_M  # rows of x per CTA above 128 rows: 128 or 256 (256: each
     #                             weight tile decoded half as often; whole tiles per CTA)
+    chunk: int | None = None  # codes decoded per wgmma issue (None: a whole slice)
     grouped: bool | None = None  # whole tiles per CTA: (row block, tile) jobs dealt round-robin
     #                              in groups of GROUP_M row blocks (`grouped_job`), not each
     #                              CTA's tiles in a row; None: above GROUPED_ROWS rows of x
@@ -391,6 +392,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     by_slice = cfg.scale_acc and scaled
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
     lut = cfg.lut
+    chunk = cfg.chunk or span  # codes per wgmma issue
 
     def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None):
         # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
@@ -511,29 +513,32 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             accs = rest[-1]
             rows = pl.ds(lax.axis_index("wg") * BLOCK_N, BLOCK_N)
 
-            def slice_operand(j):
-                cols = pl.ds(j * span, span)
+            def slice_operand(j, c=0):
+                """Chunk ``c`` (``chunk`` codes) of slice ``j``, decoded (and zero-shifted)."""
+                cols = pl.ds(j * span + c * chunk, chunk)
                 raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
                 a = dec.decode(decode, raw, lut_smem if lut else None)
                 if decode in dec.FP8_SHIFT:  # exact: a power of two, no overflow
                     a = a * jnp.bfloat16(fp8_factor)
                 if not sym:  # (c − h) − (z − h) = c − z, exact in bf16 (|c − z| < 256)
                     zh = z_smem[j, rows] - half
-                    a = a - lax.broadcast_in_dim(zh, (BLOCK_N, span), (0,))
+                    a = a - lax.broadcast_in_dim(zh, (BLOCK_N, chunk), (0,))
                 return a
 
-            def x_slice(j):
-                return x_smem.at[:, pl.ds(j * span, span)].T
+            def x_slice(j, c=0):
+                return x_smem.at[:, pl.ds(j * span + c * chunk, chunk)].T
 
-            def scaled_operand(j):
-                a = slice_operand(j)
+            def scaled_operand(j, c=0):
+                a = slice_operand(j, c)
                 if scaled:
-                    a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
+                    a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, chunk), (0,))
                 return a
 
             if not by_slice:
+                # chunk by chunk: a chunk's wgmma runs while the next chunk is decoded
                 for j in range(per):
-                    plgpu.wgmma(accs[0], scaled_operand(j), x_slice(j))
+                    for c in range(span // chunk):
+                        plgpu.wgmma(accs[0], scaled_operand(j, c), x_slice(j, c))
                 plgpu.wgmma_wait(0)
             else:
                 # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
@@ -549,7 +554,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                     part[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
 
                 for j in range(per):
-                    plgpu.wgmma(parts[j % 2], slice_operand(j), x_slice(j))
+                    for c in range(span // chunk):
+                        plgpu.wgmma(parts[j % 2], slice_operand(j, c), x_slice(j, c))
                     if j:
                         fold(j - 1, wait_n=1)
                 fold(per - 1, wait_n=0)
@@ -581,12 +587,14 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
         row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (k_step(kk), tile(kk)))
         in_specs = [
             plgpu.BlockSpec(
-                (cta_n, bk), lambda kk: (tile(kk), k_step(kk)), transforms=_tiled(span, bits, "lhs")
+                (cta_n, bk),
+                lambda kk: (tile(kk), k_step(kk)),
+                transforms=_tiled(chunk, bits, "lhs"),
             ),
             plgpu.BlockSpec(
                 (bm, bk),
                 lambda kk: (m_block(kk) if grouped else 0, k_step(kk)),
-                transforms=_tiled(span, 16, "rhs"),
+                transforms=_tiled(chunk, 16, "rhs"),
             ),
         ] + [row_spec] * (int(scaled) + int(not sym))
         pipeline = plgpu.emit_pipeline_warp_specialized(
