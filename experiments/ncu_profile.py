@@ -7,7 +7,8 @@ vary), and writes the ``--csv --page details`` report and its summary (:func:`su
 
     python -m experiments.ncu_profile --out DIR --cases w4g128t:57344x8192:1 ...   # on the GPU
 
-A case is ``FORMAT:NxK:M`` (``FORMAT`` of ``kernel_bench.FORMATS`` or ``bf16``); the kernels
+A case is ``FORMAT:NxK:M[:field=int,...]`` (``FORMAT`` of ``kernel_bench.FORMATS`` or ``bf16``;
+the fields override the table's :class:`~qjax.kernels.gpu.mgpu_matmul.Config`); the kernels
 of the report come in the order of the cases (printed ``case i: ...`` lines name them).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -36,10 +38,12 @@ SECTIONS = (
 )
 
 
-def parse_case(text: str) -> tuple[str, int, int, int]:
-    fmt, shape, m = text.split(":")
+def parse_case(text: str) -> tuple[str, int, int, int, dict]:
+    """``FORMAT:NxK:M[:field=int,...]`` → its parts; the fields override the table's config."""
+    fmt, shape, m, *extra = text.split(":")
     n, k = (int(v) for v in shape.split("x"))
-    return fmt, n, k, int(m)
+    fields = dict(kv.split("=") for e in extra for kv in e.split(","))
+    return fmt, n, k, int(m), {key: int(v) for key, v in fields.items()}
 
 
 def run_cases(cases: list[str]) -> None:
@@ -51,7 +55,7 @@ def run_cases(cases: list[str]) -> None:
     from qjax.kernels.gpu import mgpu_matmul as mg
 
     for i, text in enumerate(cases):
-        fmt, n, k, m = parse_case(text)
+        fmt, n, k, m, fields = parse_case(text)
         x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
         if fmt == "bf16":
             w = jax.random.normal(jax.random.key(2), (k, n), jnp.bfloat16)
@@ -59,19 +63,13 @@ def run_cases(cases: list[str]) -> None:
             label = "xla bf16 dot"
         else:
             w = kb.random_weight(fmt, k, n, 0)
-            cfg = mg.config_for(w, m)
+            cfg = dataclasses.replace(mg.config_for(w, m), **fields)
             f = jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
-            label = kb.config_label(dataclasses_asdict(cfg))
+            label = kb.config_label(dataclasses.asdict(cfg))
         compiled = f.lower(x, w).compile()
         jax.block_until_ready((x, w))
         jax.block_until_ready(compiled(x, w))
         print(f"case {i}: {text} {label}", flush=True)
-
-
-def dataclasses_asdict(cfg) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 def summarize(report: str) -> list[dict]:
