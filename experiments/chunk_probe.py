@@ -28,11 +28,17 @@ CHECKS = [(1, 4096, 256), (16, 2048, 384), (64, 1024, 640), (128, 1024, 256), (2
           (2048, 1024, 512), (37, 640, 200)]  # fmt: skip
 
 
-def variants_of(w, m) -> dict:
-    """``label: config``: the table's, and the same with each chunk size of the format."""
+ABLATIONS = ("rs_const", "ss_x")  # `Config.ablate`: timing only (the results are not y)
+
+
+def variants_of(w, m, chunks=True, ablate=False) -> dict:
+    """``label: config``: the table's, the same with each chunk size of the format, and (timing
+    only) without the decode: a constant register operand / ``x``'s rows from shared memory."""
     table = mg.config_for(w, m)
     out = {"table": table}
-    if mg.slice_codes(w) == mg.SLICE:
+    if ablate and not table.scale_acc:
+        out.update({a: dataclasses.replace(table, ablate=a) for a in ABLATIONS})
+    if chunks and mg.slice_codes(w) == mg.SLICE:
         for c in CHUNKS[mg.code_bits(w)]:
             out[f"chunk{c}"] = dataclasses.replace(table, chunk=c)
     return out
@@ -40,6 +46,8 @@ def variants_of(w, m) -> dict:
 
 def main(argv=None) -> None:
     ap = probe_parser(["w4g128t", "w8cht", "fp8t"], [128, 64, 2048, 16], 400)
+    ap.add_argument("--ablate", action="store_true", help="time the no-decode variants too")
+    ap.add_argument("--no-chunks", action="store_true")
     args = ap.parse_args(argv)
 
     def check(results):
@@ -53,7 +61,7 @@ def main(argv=None) -> None:
     out = start(args, check)
 
     def variants(w, m):
-        return jitted(variants_of(w, m))
+        return jitted(variants_of(w, m, not args.no_chunks, args.ablate))
 
     cases = [(*SHAPES[name], m) for m in args.ms for name in args.shapes]
     path = os.path.join(args.out, "chunk_probe.json")

@@ -7,7 +7,7 @@ vary), and writes the ``--csv --page details`` report and its summary (:func:`su
 
     python -m experiments.ncu_profile --out DIR --cases w4g128t:57344x8192:1 ...   # on the GPU
 
-A case is ``FORMAT:NxK:M[:field=int,...]`` (``FORMAT`` of ``kernel_bench.FORMATS`` or ``bf16``;
+A case is ``FORMAT:NxK:M[:field=value,...]`` (``FORMAT`` of ``kernel_bench.FORMATS`` or ``bf16``;
 the fields override the table's :class:`~qjax.kernels.gpu.mgpu_matmul.Config`); the kernels
 of the report come in the order of the cases (printed ``case i: ...`` lines name them).
 """
@@ -39,11 +39,12 @@ SECTIONS = (
 
 
 def parse_case(text: str) -> tuple[str, int, int, int, dict]:
-    """``FORMAT:NxK:M[:field=int,...]`` → its parts; the fields override the table's config."""
+    """``FORMAT:NxK:M[:field=value,...]`` → its parts; the fields (ints where they are digits)
+    override the table's config."""
     fmt, shape, m, *extra = text.split(":")
     n, k = (int(v) for v in shape.split("x"))
     fields = dict(kv.split("=") for e in extra for kv in e.split(","))
-    return fmt, n, k, int(m), {key: int(v) for key, v in fields.items()}
+    return fmt, n, k, int(m), {key: int(v) if v.isdigit() else v for key, v in fields.items()}
 
 
 def run_cases(cases: list[str]) -> None:

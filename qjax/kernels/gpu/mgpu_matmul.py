@@ -102,6 +102,7 @@ class Config:
     block_m: int = MAX_BLOCK_M  # rows of x per CTA above 128 rows: 128 or 256 (256: each
     #                             weight tile decoded half as often; whole tiles per CTA)
     chunk: int | None = None  # codes decoded per wgmma issue (None: a whole slice)
+    ablate: str = ""  # probe only: "rs_const" / "ss_x" (no decode), see chunk_probe
     grouped: bool | None = None  # whole tiles per CTA: (row block, tile) jobs dealt round-robin
     #                              in groups of GROUP_M row blocks (`grouped_job`), not each
     #                              CTA's tiles in a row; None: above GROUPED_ROWS rows of x
@@ -529,6 +530,12 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 return x_smem.at[:, pl.ds(j * span + c * chunk, chunk)].T
 
             def scaled_operand(j, c=0):
+                if cfg.ablate == "rs_const":  # probe: no decode, a constant register operand
+                    return plgpu.layout_cast(
+                        jnp.full((BLOCK_N, chunk), 1.0, jnp.bfloat16), plgpu.Layout.WGMMA
+                    )
+                if cfg.ablate == "ss_x":  # probe: no decode, x's first 64 rows from shared memory
+                    return x_smem.at[pl.ds(0, BLOCK_N), pl.ds(j * span + c * chunk, chunk)]
                 a = slice_operand(j, c)
                 if scaled:
                     a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, chunk), (0,))
