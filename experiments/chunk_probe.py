@@ -31,11 +31,14 @@ CHECKS = [(1, 4096, 256), (16, 2048, 384), (64, 1024, 640), (128, 1024, 256), (2
 ABLATIONS = ("rs_const", "ss_x")  # `Config.ablate`: timing only (the results are not y)
 
 
-def variants_of(w, m, chunks=True, ablate=False) -> dict:
-    """``label: config``: the table's, the same with each chunk size of the format, and (timing
-    only) without the decode: a constant register operand / ``x``'s rows from shared memory."""
+def variants_of(w, m, chunks=True, ablate=False, smem_a=False) -> dict:
+    """``label: config``: the table's, the same with each chunk size of the format, with the
+    decoded weights through shared memory (``smem_a``), and (timing only) without the decode: a
+    constant register operand / ``x``'s rows from shared memory."""
     table = mg.config_for(w, m)
     out = {"table": table}
+    if smem_a:
+        out["smem_a"] = mg.config_for(w, m, dataclasses.replace(table, smem_a=True))
     if ablate and not table.scale_acc:
         out.update({a: dataclasses.replace(table, ablate=a) for a in ABLATIONS})
     if chunks and mg.slice_codes(w) == mg.SLICE:
@@ -48,6 +51,7 @@ def main(argv=None) -> None:
     ap = probe_parser(["w4g128t", "w8cht", "fp8t"], [128, 64, 2048, 16], 400)
     ap.add_argument("--ablate", action="store_true", help="time the no-decode variants too")
     ap.add_argument("--no-chunks", action="store_true")
+    ap.add_argument("--smem-a", action="store_true", help="decoded weights via shared memory")
     args = ap.parse_args(argv)
 
     def check(results):
@@ -55,13 +59,13 @@ def main(argv=None) -> None:
             spec, layout = kb.FORMATS[fmt]
             for m, k, n in CHECKS:
                 w, x, ref = kb.check_case(spec, layout, m, k, n, seed=m * 7 + k)
-                for label, cfg in variants_of(w, m).items():
+                for label, cfg in variants_of(w, m, not args.no_chunks, False, args.smem_a).items():
                     results.append(check_row(fmt, w, x, ref, cfg, config=label, resolved=str(cfg)))
 
     out = start(args, check)
 
     def variants(w, m):
-        return jitted(variants_of(w, m, not args.no_chunks, args.ablate))
+        return jitted(variants_of(w, m, not args.no_chunks, args.ablate, args.smem_a))
 
     cases = [(*SHAPES[name], m) for m in args.ms for name in args.shapes]
     path = os.path.join(args.out, "chunk_probe.json")

@@ -102,6 +102,8 @@ class Config:
     block_m: int = MAX_BLOCK_M  # rows of x per CTA above 128 rows: 128 or 256 (256: each
     #                             weight tile decoded half as often; whole tiles per CTA)
     chunk: int | None = None  # codes decoded per wgmma issue (None: a whole slice)
+    smem_a: bool = False  # decoded weights stored to shared memory, wgmma with both operands
+    #                       there (not from registers)
     ablate: str = ""  # probe only: "rs_const" / "ss_x" (no decode), see chunk_probe
     grouped: bool | None = None  # whole tiles per CTA: (row block, tile) jobs dealt round-robin
     #                              in groups of GROUP_M row blocks (`grouped_job`), not each
@@ -160,6 +162,7 @@ def smem_bytes(
     span: int = SLICE,
     lut: bool = False,
     whole: bool = False,
+    smem_a: bool = False,
 ) -> int:
     """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows, one per
     ``span`` codes) + the float32 output tiles of the two compute warp groups (which the fused
@@ -170,7 +173,8 @@ def smem_bytes(
     per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * BLOCK_N * 2
     table = LUT_SMEM if lut else 0
     out = 2 * BLOCK_N * bm * (2 if whole else 4)
-    return stages * per_stage + out + EPILOGUE_SMEM + table
+    a_tiles = 2 * BLOCK_N * bk * 2 if smem_a else 0  # the decoded bf16 weights (`smem_a`)
+    return stages * per_stage + out + EPILOGUE_SMEM + table + a_tiles
 
 
 EPILOGUE_SMEM = 1024  # the fused epilogue's 2 barriers and their alignment (a bound; measured:
@@ -252,7 +256,7 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
     lut = cfg.lut and bits == 4 and not whole
 
     def too_big(bk: int, stages: int) -> bool:
-        return smem_bytes(bm, bk, stages, bits, span, lut, whole) > SMEM_BYTES
+        return smem_bytes(bm, bk, stages, bits, span, lut, whole, cfg.smem_a) > SMEM_BYTES
 
     while too_big(bk, stages) and (stages > 1 or bk > SLICE):
         if stages > 1:
@@ -395,7 +399,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     lut = cfg.lut
     chunk = cfg.chunk or span  # codes per wgmma issue
 
-    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None):
+    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None, a_smem=None):
         # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
         # (y_smem[wg, 0] and c_smem[wg, 0] lie in o_smem[wg]: each warp group reuses its part)
         if whole:
@@ -541,7 +545,14 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                     a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, chunk), (0,))
                 return a
 
-            if not by_slice:
+            if cfg.smem_a:  # decoded weights through shared memory, both wgmma operands there
+                wg = lax.axis_index("wg")
+                for j in range(per):
+                    a_smem[wg, j] = scaled_operand(j)
+                    plgpu.commit_smem()
+                    plgpu.wgmma(accs[0], a_smem.at[wg, j], x_slice(j))
+                plgpu.wgmma_wait(0)
+            elif not by_slice:
                 # chunk by chunk: a chunk's wgmma runs while the next chunk is decoded
                 for j in range(per):
                     for c in range(span // chunk):
@@ -638,6 +649,9 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     if lut:
         args.append(jnp.asarray(dec.lut_words(decode)))
         scratch["lut_smem"] = plgpu.SMEM((256, dec.LUT_LANES), jnp.uint32)
+    if cfg.smem_a:
+        a_sw = _tiled(span, 16, "lhs")
+        scratch["a_smem"] = plgpu.SMEM((2, per, BLOCK_N, span), jnp.bfloat16, transforms=a_sw)
     y_sw = _tiled(BLOCK_N, 16, "out")
     if whole:  # the bf16 y tiles, and in each warp group's part its per-channel scales
         out_smem = plgpu.RefUnion(
@@ -770,7 +784,7 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
                              f"K steps of the weight's tiles (use fit())")  # fmt: skip
         _, bm = padded_rows(x2.shape[0], cfg.block_m)
         whole = cfg.fused and cfg.cta_steps % (k_p // cfg.block_k) == 0
-        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, whole)
+        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, whole, cfg.smem_a)
         if need > SMEM_BYTES:
             raise ShapeError(
                 f"mgpu_matmul: {cfg} needs {need} bytes "
