@@ -31,12 +31,14 @@ CHECKS = [(1, 4096, 256), (16, 2048, 384), (64, 1024, 640), (128, 1024, 256), (2
 ABLATIONS = ("rs_const", "ss_x")  # `Config.ablate`: timing only (the results are not y)
 
 
-def variants_of(w, m, chunks=True, ablate=False, smem_a=False) -> dict:
+def variants_of(w, m, chunks=True, ablate=False, smem_a=False, sacc=False) -> dict:
     """``label: config``: the table's, the same with each chunk size of the format, with the
     decoded weights through shared memory (``smem_a``), and (timing only) without the decode: a
     constant register operand / ``x``'s rows from shared memory."""
     table = mg.config_for(w, m)
     out = {"table": table}
+    if sacc and not table.scale_acc and m <= 64:  # three 64 × M float32 accumulators
+        out["sacc"] = mg.config_for(w, m, dataclasses.replace(table, scale_acc=True))
     if smem_a:
         out["smem_a"] = mg.config_for(w, m, dataclasses.replace(table, smem_a=True))
     if ablate and not table.scale_acc:
@@ -52,20 +54,23 @@ def main(argv=None) -> None:
     ap.add_argument("--ablate", action="store_true", help="time the no-decode variants too")
     ap.add_argument("--no-chunks", action="store_true")
     ap.add_argument("--smem-a", action="store_true", help="decoded weights via shared memory")
+    ap.add_argument("--sacc", action="store_true", help="scales on the float32 sums up to M = 64")
     args = ap.parse_args(argv)
+
+    flags = (not args.no_chunks, args.ablate, args.smem_a, args.sacc)
 
     def check(results):
         for fmt in ("w4g128t", "w4g128ta", "w4cht", "w8cht", "fp8t", "nf4t"):
             spec, layout = kb.FORMATS[fmt]
             for m, k, n in CHECKS:
                 w, x, ref = kb.check_case(spec, layout, m, k, n, seed=m * 7 + k)
-                for label, cfg in variants_of(w, m, not args.no_chunks, False, args.smem_a).items():
+                for label, cfg in variants_of(w, m, flags[0], False, *flags[2:]).items():
                     results.append(check_row(fmt, w, x, ref, cfg, config=label, resolved=str(cfg)))
 
     out = start(args, check)
 
     def variants(w, m):
-        return jitted(variants_of(w, m, not args.no_chunks, args.ablate, args.smem_a))
+        return jitted(variants_of(w, m, *flags))
 
     cases = [(*SHAPES[name], m) for m in args.ms for name in args.shapes]
     path = os.path.join(args.out, "chunk_probe.json")
