@@ -87,7 +87,7 @@ def dequantized_matmul(x2: jax.Array, w: QArray) -> jax.Array:
         wd = jax.lax.optimization_barrier(rp.dequantize_stored(w))
         # bf16 out: the GEMM accumulates in float32 and rounds once (no separate cast pass)
         nt = (((1,), (1,)), ((), ()))
-        xs = x_to_stored(x2, rp.LAYOUTS[w.layout], split=w.layout in rp.SPLIT_ORDER)
+        xs = x_to_stored(x2, rp.LAYOUTS[w.layout])
         return jax.lax.dot_general(xs, wd, nt, preferred_element_type=x2.dtype)
     wd = rp.dequantize_bf16(w)
     return jnp.dot(x2, wd, preferred_element_type=jnp.float32).astype(x2.dtype)

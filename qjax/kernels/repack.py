@@ -110,9 +110,6 @@ _HALVES = ("tpu_i4", "tpu_nf4")  # layouts with the half-split uint8 nibble byte
 _F8 = ("gpu_f8", "tpu_f8")  # fp8 bit patterns as uint8
 # the Mosaic GPU kernel's layouts: transposed codes in its register order, scale rows per slice
 _SLICED = ("gpu_i4t", "gpu_i8t", "gpu_nf4t", "gpu_f8t")
-# Mosaic GPU layouts whose K order is `mgpu_decode.stored_order(..., split=True)` (each 32-bit
-# load's pairs split over low and high nibbles, for the kernel's shift + lop3 int4 decoder)
-SPLIT_ORDER = ("gpu_i4t",)
 SLICED_DTYPES = {
     "gpu_i4t": jnp.int4,
     "gpu_i8t": jnp.int8,
@@ -247,8 +244,7 @@ def repack(q: QArray, layout: str) -> QArray:
     elif layout in _SLICED:
         bits = LAYOUTS[layout]
         signed = codes.astype(jnp.int32) - (0 if layout == "gpu_f8t" else 1 << (bits - 1))
-        split = layout in SPLIT_ORDER
-        packed = to_stored(signed.T, bits, split=split).astype(SLICED_DTYPES[layout])
+        packed = to_stored(signed.T, bits).astype(SLICED_DTYPES[layout])
     elif layout in _F8:
         packed = codes.astype(jnp.uint8)
     else:  # gpu_i8, tpu_i8
@@ -284,7 +280,7 @@ def unpack_codes(q: QArray) -> jnp.ndarray:
     elif q.layout in _SLICED:
         bits = LAYOUTS[q.layout]
         wide = q.codes.astype(jnp.int8) if bits == 4 else q.codes  # XLA permutes bytes faster
-        logical = to_logical(wide, bits, split=q.layout in SPLIT_ORDER).astype(jnp.int32)
+        logical = to_logical(wide, bits).astype(jnp.int32)
         codes = (logical + (0 if q.layout == "gpu_f8t" else 1 << (bits - 1))).T
     elif q.layout in ("gpu_i8", "tpu_i8"):
         codes = q.codes.astype(jnp.int32) + 128
@@ -360,8 +356,7 @@ def dequantize_bf16(q: QArray) -> jnp.ndarray:
     if q.layout not in LAYOUTS:
         raise FormatError(f"dequantize_bf16: unknown kernel layout {q.layout!r}")
     if q.layout in _SLICED:
-        split = q.layout in SPLIT_ORDER
-        return to_logical(dequantize_stored(q), LAYOUTS[q.layout], split=split).T
+        return to_logical(dequantize_stored(q), LAYOUTS[q.layout]).T
     c = unpack_codes(q)
     k_p = c.shape[0]
     reps = k_p // q.scales.shape[0]  # K rows per scale group

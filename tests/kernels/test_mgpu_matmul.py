@@ -80,8 +80,7 @@ def test_repack_is_exact_and_dequantizes_to_reference(spec, shape):
     codes = np.asarray(rp.unpack_codes(r), np.int64)
     shift = 0 if layout == "gpu_f8t" else 2 ** (_bits(spec) - 1)
     stored = np.asarray(r.codes.astype(jnp.int32) if _bits(spec) == 4 else r.codes, np.int64)
-    order = dec.stored_order(k_p, _bits(spec), split=layout in rp.SPLIT_ORDER)
-    np.testing.assert_array_equal((codes.T - shift)[:, order], stored)
+    np.testing.assert_array_equal((codes.T - shift)[:, dec.stored_order(k_p, _bits(spec))], stored)
     ref = np.asarray(q.dequantize(), np.float64)
     got = np.asarray(rp.dequantize_bf16(r), np.float64)[: shape[0], : shape[1]]
     if isinstance(spec, qjax.NF4):  # exactly bf16(L[c]·a), L and a rounded to bf16 first
@@ -137,40 +136,6 @@ def test_stored_order_puts_each_threads_wgmma_columns_in_its_32_bit_load(bits):
     np.testing.assert_array_equal(dec.to_logical(dec.to_stored(x, bits), bits), x)
     xb = jax.random.normal(jax.random.key(int(x[0, 0])), (3, k), jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(dec.x_to_stored(xb, bits)), np.asarray(xb)[:, order])
-
-
-def test_split_order_gives_each_load_its_wgmma_pairs_in_low_and_high_nibbles():
-    # gpu_i4t: in thread q's 32-bit load of each 32-column block, nibble i holds the first and
-    # nibble i + 4 the second column of the WGMMA pair i (columns 8i + 2q, 8i + 2q + 1)
-    k = 256
-    order = dec.stored_order(k, 4, split=True)
-    assert sorted(order) == list(range(k)) and "gpu_i4t" in rp.SPLIT_ORDER
-    for block in range(k // 32):
-        for q in range(4):
-            word = order[block * 32 + 8 * q : block * 32 + 8 * (q + 1)] - block * 32
-            assert list(word[:4]) == [8 * i + 2 * q for i in range(4)]
-            assert list(word[4:]) == [8 * i + 2 * q + 1 for i in range(4)]
-    x = np.random.default_rng().integers(0, 99, (3, k))
-    np.testing.assert_array_equal(dec.to_stored(x, 4, split=True), x[:, order])
-    np.testing.assert_array_equal(dec.to_logical(dec.to_stored(x, 4, split=True), 4, split=True), x)
-    xj = jnp.asarray(x)
-    np.testing.assert_array_equal(np.asarray(dec.to_stored(xj, 4, split=True)), x[:, order])
-    xb = jax.random.normal(jax.random.key(int(x[0, 0])), (3, k), jnp.bfloat16)
-    got = dec.x_to_stored(xb, 4, split=True)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(xb)[:, order])
-
-
-def test_split_int4_decoder_gives_every_signed_code_in_every_position():
-    rng = np.random.default_rng()
-    s = np.concatenate([np.arange(-8, 8).repeat(8).reshape(16, 8), rng.integers(-8, 8, (500, 8))])
-    words = np.zeros(len(s), np.uint32)
-    for p in range(8):  # jnp.int4 two's complement nibbles, element p at bits 4p
-        words |= (s[:, p] & 15).astype(np.uint32) << (4 * p)
-    got = _bf16_values(dec.emulate("int4_split", words))  # register i = nibbles (i, i + 4)
-    np.testing.assert_array_equal(got, s[:, [0, 4, 1, 5, 2, 6, 3, 7]])
-    ptx = dec._int4_split_ptx()
-    assert ptx.count("lop3.b32") == 4 and ptx.count("add.rn.bf16x2") == 4
-    assert ptx.count("shr.b32") == 3 and f"{dec.SPLIT_XOR:#010x}" in ptx
 
 
 def _bf16_values(regs):

@@ -50,54 +50,36 @@ FP8_SCALE_LOG2 = {"e4m3": 120, "e5m2": 112}  # the decoded pattern is value · 2
 
 
 # -- the stored order --------------------------------------------------------------------------
-def stored_order(k: int, bits: int, split: bool = False) -> np.ndarray:
+def stored_order(k: int, bits: int) -> np.ndarray:
     """``order`` with ``stored[..., p] = logical[..., order[p]]`` for ``k`` columns of ``bits``-bit
-    codes (``k`` a multiple of ``4·v``); ``np.argsort(order)`` takes stored back to logical.
-    ``split`` (4-bit codes for :func:`decode`'s ``"int4_split"``): within each 32-bit load the
-    first of each column pair in the low nibbles of the four bytes, the second in the high."""
+    codes (``k`` a multiple of ``4·v``); ``np.argsort(order)`` takes stored back to logical."""
     v = VEC[bits]
     q, i, t = np.meshgrid(np.arange(4), np.arange(v // 2), np.arange(2), indexing="ij")
-    if split:  # stored position v·q + (v/2)·t + i: C order over (q, t, i)
-        q, i, t = (a.transpose(0, 2, 1) for a in (q, i, t))
-    block = (8 * i + 2 * q + t).reshape(-1)  # else v·q + 2i + t: C order over (q, i, t)
+    block = (8 * i + 2 * q + t).reshape(-1)  # stored position v·q + 2i + t, C order over (q, i, t)
     span = 4 * v
     return np.arange(k) // span * span + np.tile(block, k // span)
 
 
-def to_stored(codes, bits: int, pairs: bool = False, split: bool = False):
+def to_stored(codes, bits: int, pairs: bool = False):
     """``codes[..., K]`` in logical K order → :func:`stored_order` (a reshape and a transpose,
     which XLA fuses; ``jnp`` or ``numpy`` arrays). ``pairs``: ``codes`` holds one element per
-    pair ``(2j, 2j + 1)`` of columns (the order moves pairs, never splits them; not ``split``)."""
+    pair ``(2j, 2j + 1)`` of columns (the order moves pairs, never splits them)."""
     v = VEC[bits]
     *lead, k = codes.shape
-    if split:
-        blocks = codes.reshape(*lead, k // (4 * v), v // 2, 4, 2)  # logical (i, q, t)
-        move = np.moveaxis if isinstance(codes, np.ndarray) else _jnp_moveaxis
-        return move(blocks, -3, -1).reshape(*lead, k)  # stored (q, t, i)
     t = 1 if pairs else 2
     blocks = codes.reshape(*lead, k // (4 * v // 2 * t), v // 2, 4, t)  # logical (i, q, t)
     return blocks.swapaxes(-3, -2).reshape(*lead, k)
 
 
-def to_logical(codes, bits: int, split: bool = False):
+def to_logical(codes, bits: int):
     """Inverse of :func:`to_stored`."""
     v = VEC[bits]
     *lead, k = codes.shape
-    if split:
-        blocks = codes.reshape(*lead, k // (4 * v), 4, 2, v // 2)  # stored (q, t, i)
-        move = np.moveaxis if isinstance(codes, np.ndarray) else _jnp_moveaxis
-        return move(blocks, -1, -3).reshape(*lead, k)
     blocks = codes.reshape(*lead, k // (4 * v), 4, v // 2, 2)  # stored (q, i, t)
     return blocks.swapaxes(-3, -2).reshape(*lead, k)
 
 
-def _jnp_moveaxis(a, src: int, dst: int):
-    import jax.numpy as jnp
-
-    return jnp.moveaxis(a, src, dst)
-
-
-def x_to_stored(x, bits: int, split: bool = False):
+def x_to_stored(x, bits: int):
     """:func:`to_stored` for bf16 ``x: (M, K)``, each pair of columns moved as one 32-bit word:
     XLA transposes rows of two 16-bit elements ~13× slower (316 vs 24 µs for 2048×8192 on the
     H100)."""
@@ -105,8 +87,6 @@ def x_to_stored(x, bits: int, split: bool = False):
     import jax.numpy as jnp
 
     m, k = x.shape
-    if split:  # pairs are split: elements move (slower, but only the large-M path needs it)
-        return to_stored(x, bits, split=True)
     words = jax.lax.bitcast_convert_type(x.reshape(m, k // 2, 2), jnp.uint32)
     return jax.lax.bitcast_convert_type(to_stored(words, bits, pairs=True), x.dtype).reshape(m, k)
 
@@ -183,20 +163,6 @@ def emulate(kind: str, words: np.ndarray, table: np.ndarray | None = None) -> np
         lane = np.arange(x.size).reshape(x.shape) % LUT_LANES
         idx = [prmt(x, 0, 0x4440 + j) for j in range(4)]  # byte j, zero-extended
         return np.stack([table[i.astype(np.int64), lane] for i in idx], -1)
-    if kind == "int4_split":
-        import ml_dtypes
-
-        def bf16x2(w):  # uint32 → the float64 values of its (low, high) bf16 halves
-            halves = np.stack([w & 0xFFFF, w >> 16], -1).astype(np.uint16)
-            return halves.view(ml_dtypes.bfloat16).astype(np.float64)
-
-        outs = []
-        for i in range(4):
-            t = ((x >> np.uint32(4 * i)) & np.uint32(SPLIT_MASK)) ^ np.uint32(SPLIT_XOR)
-            val = bf16x2(t) + bf16x2(np.uint32(SPLIT_OFFSET))  # exact: small integers
-            bits = val.astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
-            outs.append(bits[..., 0] | bits[..., 1] << 16)
-        return np.stack(outs, -1)
     if kind in FP8_SHIFT:
         mask = 0x7F << (8 - FP8_SHIFT[kind])
         mask = np.uint32(mask | mask << 16)
@@ -253,29 +219,6 @@ def _nf4_ptx() -> str:
         lines += [
             f"prmt.b32 ${2 * half}, pl, ph, 0x5140;",
             f"prmt.b32 ${2 * half + 1}, pl, ph, 0x7362;",
-        ]
-    return "\n".join(lines + ["}"])
-
-
-SPLIT_MASK, SPLIT_XOR, SPLIT_OFFSET = 0x000F000F, 0x43084308, 0xC308C308  # bf16 pairs: 136, −136
-
-
-def _int4_split_ptx() -> str:
-    """8 signed int4 codes (stored nibbles ``u = s & 15``) in :func:`stored_order`'s ``split``
-    order → 4 bf16 pairs: register ``i`` = nibbles ``(i, i + 4)`` (bits ``4i`` and ``16 + 4i``,
-    moved to bits 0 and 16 by a shift). ``lop3`` writes ``u ^ 8 = s + 8`` into the mantissa of
-    128 (``(w & 0x000F000F) ^ 0x43084308`` = ``136 + s``, exact in bf16) and ``add`` takes 136
-    off: 3 shifts + 4 ``lop3`` + 4 ``add`` per 8 codes, where Mosaic GPU's converter for the pair
-    order takes 13 (4 ``prmt`` gather the nibbles) — FasterTransformer / Marlin's trick, on bf16
-    (whose 7 mantissa bits take a nibble only at bits 0–3, hence the shifts)."""
-    lines = ["{", ".reg .b32 w, t, off;", f"mov.b32 off, {SPLIT_OFFSET:#010x};"]
-    for out in range(4):
-        src = "$4" if out == 0 else "w"
-        if out:
-            lines.append(f"shr.b32 w, $4, {4 * out};")
-        lines += [
-            f"lop3.b32 t, {src}, {SPLIT_MASK:#010x}, {SPLIT_XOR:#010x}, 0x6a;",  # (src & m) ^ x
-            f"add.rn.bf16x2 ${out}, t, off;",
         ]
     return "\n".join(lines + ["}"])
 
@@ -357,8 +300,7 @@ def _lane_address(table):
 
 def decode(kind: str, codes, table=None):
     """``codes`` (a ``(64, S)`` Pallas array loaded in :func:`load_layout`) → bf16 in the WGMMA
-    layout. ``kind``: ``"int"`` (signed int4 / int8 values), ``"int4_split"`` (signed int4 in
-    :func:`stored_order`'s ``split`` order), ``"e4m3"`` / ``"e5m2"``
+    layout. ``kind``: ``"int"`` (signed int4 / int8 values), ``"e4m3"`` / ``"e5m2"``
     (``value · 2^-FP8_SCALE_LOG2``), ``"nf4"`` (the bf16 NF4 level); with ``table`` (4-bit codes:
     a shared-memory ref holding :func:`lut_words` of ``kind``) by the pair-table lookup."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -382,8 +324,6 @@ def decode(kind: str, codes, table=None):
 
         if kind == "int":
             vals = arr.astype(ir.BF16Type.get())
-        elif kind == "int4_split":
-            vals = _asm_map(arr, _int4_split_ptx(), 4)
         elif kind in FP8_SHIFT:
             vals = _asm_map(arr, _fp8_ptx(kind), 2)
         elif kind == "nf4":

@@ -329,8 +329,6 @@ def decoder(w: QArray) -> str:
     """The :func:`qjax.kernels.gpu.mgpu_decode.decode` kind of ``w``'s layout."""
     if w.layout == "gpu_f8t":
         return w.spec.fmt
-    if w.layout in rp.SPLIT_ORDER:
-        return "int4_split"
     return "nf4" if w.layout == "gpu_nf4t" else "int"
 
 
