@@ -101,10 +101,6 @@ class Config:
     #                        together share weight steps, not rows of x)
     block_m: int = MAX_BLOCK_M  # rows of x per CTA above 128 rows: 128 or 256 (256: each
     #                             weight tile decoded half as often; whole tiles per CTA)
-    chunk: int | None = None  # codes decoded per wgmma issue (None: a whole slice)
-    smem_a: bool = False  # decoded weights stored to shared memory, wgmma with both operands
-    #                       there (not from registers)
-    ablate: str = ""  # probe only: "rs_const" / "ss_x" (no decode), see chunk_probe
     grouped: bool | None = None  # whole tiles per CTA: (row block, tile) jobs dealt round-robin
     #                              in groups of GROUP_M row blocks (`grouped_job`), not each
     #                              CTA's tiles in a row; None: above GROUPED_ROWS rows of x
@@ -162,7 +158,6 @@ def smem_bytes(
     span: int = SLICE,
     lut: bool = False,
     whole: bool = False,
-    smem_a: bool = False,
 ) -> int:
     """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows, one per
     ``span`` codes) + the float32 output tiles of the two compute warp groups (which the fused
@@ -173,8 +168,7 @@ def smem_bytes(
     per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * BLOCK_N * 2
     table = LUT_SMEM if lut else 0
     out = 2 * BLOCK_N * bm * (2 if whole else 4)
-    a_tiles = 2 * BLOCK_N * bk * 2 if smem_a else 0  # the decoded bf16 weights (`smem_a`)
-    return stages * per_stage + out + EPILOGUE_SMEM + table + a_tiles
+    return stages * per_stage + out + EPILOGUE_SMEM + table
 
 
 EPILOGUE_SMEM = 1024  # the fused epilogue's 2 barriers and their alignment (a bound; measured:
@@ -256,7 +250,7 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
     lut = cfg.lut and bits == 4 and not whole
 
     def too_big(bk: int, stages: int) -> bool:
-        return smem_bytes(bm, bk, stages, bits, span, lut, whole, cfg.smem_a) > SMEM_BYTES
+        return smem_bytes(bm, bk, stages, bits, span, lut, whole) > SMEM_BYTES
 
     while too_big(bk, stages) and (stages > 1 or bk > SLICE):
         if stages > 1:
@@ -397,9 +391,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     by_slice = cfg.scale_acc and scaled
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
     lut = cfg.lut
-    chunk = cfg.chunk or span  # codes per wgmma issue
 
-    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None, a_smem=None):
+    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None):
         # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
         # (y_smem[wg, 0] and c_smem[wg, 0] lie in o_smem[wg]: each warp group reuses its part)
         if whole:
@@ -518,45 +511,29 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             accs = rest[-1]
             rows = pl.ds(lax.axis_index("wg") * BLOCK_N, BLOCK_N)
 
-            def slice_operand(j, c=0):
-                """Chunk ``c`` (``chunk`` codes) of slice ``j``, decoded (and zero-shifted)."""
-                cols = pl.ds(j * span + c * chunk, chunk)
+            def slice_operand(j):
+                cols = pl.ds(j * span, span)
                 raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
                 a = dec.decode(decode, raw, lut_smem if lut else None)
                 if decode in dec.FP8_SHIFT:  # exact: a power of two, no overflow
                     a = a * jnp.bfloat16(fp8_factor)
                 if not sym:  # (c − h) − (z − h) = c − z, exact in bf16 (|c − z| < 256)
                     zh = z_smem[j, rows] - half
-                    a = a - lax.broadcast_in_dim(zh, (BLOCK_N, chunk), (0,))
+                    a = a - lax.broadcast_in_dim(zh, (BLOCK_N, span), (0,))
                 return a
 
-            def x_slice(j, c=0):
-                return x_smem.at[:, pl.ds(j * span + c * chunk, chunk)].T
+            def x_slice(j):
+                return x_smem.at[:, pl.ds(j * span, span)].T
 
-            def scaled_operand(j, c=0):
-                if cfg.ablate == "rs_const":  # probe: no decode, a constant register operand
-                    return plgpu.layout_cast(
-                        jnp.full((BLOCK_N, chunk), 1.0, jnp.bfloat16), plgpu.Layout.WGMMA
-                    )
-                if cfg.ablate == "ss_x":  # probe: no decode, x's first 64 rows from shared memory
-                    return x_smem.at[pl.ds(0, BLOCK_N), pl.ds(j * span + c * chunk, chunk)]
-                a = slice_operand(j, c)
+            def scaled_operand(j):
+                a = slice_operand(j)
                 if scaled:
-                    a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, chunk), (0,))
+                    a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
                 return a
 
-            if cfg.smem_a:  # decoded weights through shared memory, both wgmma operands there
-                wg = lax.axis_index("wg")
+            if not by_slice:
                 for j in range(per):
-                    a_smem[wg, j] = scaled_operand(j)
-                    plgpu.commit_smem()
-                    plgpu.wgmma(accs[0], a_smem.at[wg, j], x_slice(j))
-                plgpu.wgmma_wait(0)
-            elif not by_slice:
-                # chunk by chunk: a chunk's wgmma runs while the next chunk is decoded
-                for j in range(per):
-                    for c in range(span // chunk):
-                        plgpu.wgmma(accs[0], scaled_operand(j, c), x_slice(j, c))
+                    plgpu.wgmma(accs[0], scaled_operand(j), x_slice(j))
                 plgpu.wgmma_wait(0)
             else:
                 # tot += s_j · (a_j @ x_jᵀ): slice j's product goes to one of two float32
@@ -572,8 +549,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                     part[...] = jnp.zeros((BLOCK_N, bm), jnp.float32)
 
                 for j in range(per):
-                    for c in range(span // chunk):
-                        plgpu.wgmma(parts[j % 2], slice_operand(j, c), x_slice(j, c))
+                    plgpu.wgmma(parts[j % 2], slice_operand(j), x_slice(j))
                     if j:
                         fold(j - 1, wait_n=1)
                 fold(per - 1, wait_n=0)
@@ -605,14 +581,12 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
         row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (k_step(kk), tile(kk)))
         in_specs = [
             plgpu.BlockSpec(
-                (cta_n, bk),
-                lambda kk: (tile(kk), k_step(kk)),
-                transforms=_tiled(chunk, bits, "lhs"),
+                (cta_n, bk), lambda kk: (tile(kk), k_step(kk)), transforms=_tiled(span, bits, "lhs")
             ),
             plgpu.BlockSpec(
                 (bm, bk),
                 lambda kk: (m_block(kk) if grouped else 0, k_step(kk)),
-                transforms=_tiled(chunk, 16, "rhs"),
+                transforms=_tiled(span, 16, "rhs"),
             ),
         ] + [row_spec] * (int(scaled) + int(not sym))
         pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -649,9 +623,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     if lut:
         args.append(jnp.asarray(dec.lut_words(decode)))
         scratch["lut_smem"] = plgpu.SMEM((256, dec.LUT_LANES), jnp.uint32)
-    if cfg.smem_a:
-        a_sw = _tiled(span, 16, "lhs")
-        scratch["a_smem"] = plgpu.SMEM((2, per, BLOCK_N, span), jnp.bfloat16, transforms=a_sw)
     y_sw = _tiled(BLOCK_N, 16, "out")
     if whole:  # the bf16 y tiles, and in each warp group's part its per-channel scales
         out_smem = plgpu.RefUnion(
@@ -784,7 +755,7 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
                              f"K steps of the weight's tiles (use fit())")  # fmt: skip
         _, bm = padded_rows(x2.shape[0], cfg.block_m)
         whole = cfg.fused and cfg.cta_steps % (k_p // cfg.block_k) == 0
-        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, whole, cfg.smem_a)
+        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, whole)
         if need > SMEM_BYTES:
             raise ShapeError(
                 f"mgpu_matmul: {cfg} needs {need} bytes "
