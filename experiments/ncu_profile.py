@@ -1,15 +1,19 @@
-"""Nsight Compute on the Mosaic GPU kernel and XLA's bf16 ``dot``: where the time goes.
+"""Nsight Compute on the Mosaic GPU kernel: where the time goes.
 
 Runs each case once — the table's config of :func:`qjax.kernels.gpu.mgpu_matmul.matmul` on a
-random repacked weight, or XLA's bf16 ``jnp.dot`` — under ``ncu`` (real clocks, the
-:data:`SECTIONS`), Mosaic GPU kernels filtered by name (bf16 cases: every kernel, XLA's names
-vary), and writes the ``--csv --page details`` report and its summary (:func:`summarize`):
+random repacked weight — under ``ncu`` (real clocks, the :data:`SECTIONS` and the warp-stall
+reasons, :data:`STALLS`; kernels filtered by name, so XLA's own kernels are left out), and
+writes the ``--csv --page details`` report and its summary (:func:`summarize`); ``--source``
+cases get the SASS with each instruction's stall samples, summarized by
+:func:`summarize_source` (the compute warps' K-step loop):
 
-    python -m experiments.ncu_profile --out DIR --cases w4g128t:57344x8192:1 ...   # on the GPU
+    python -m experiments.ncu_profile --out DIR --cases w4g128t:57344x8192:1 ... \\
+        [--source w4g128t:8192x8192:128]                                            # on the GPU
 
-A case is ``FORMAT:NxK:M[:field=value,...]`` (``FORMAT`` of ``kernel_bench.FORMATS`` or ``bf16``;
-the fields override the table's :class:`~qjax.kernels.gpu.mgpu_matmul.Config`); the kernels
-of the report come in the order of the cases (printed ``case i: ...`` lines name them).
+A case is ``FORMAT:NxK:M[:field=value,...]`` (``FORMAT`` of ``kernel_bench.FORMATS``; the fields
+override the table's :class:`~qjax.kernels.gpu.mgpu_matmul.Config`); the kernels of the report
+come in the order of the cases (printed ``case i: ...`` lines name them). Results:
+``experiments/results/kernels/ncu_profile.json``.
 """
 
 from __future__ import annotations
@@ -58,15 +62,10 @@ def run_cases(cases: list[str]) -> None:
     for i, text in enumerate(cases):
         fmt, n, k, m, fields = parse_case(text)
         x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
-        if fmt == "bf16":
-            w = jax.random.normal(jax.random.key(2), (k, n), jnp.bfloat16)
-            f = jax.jit(lambda x, w: jnp.dot(x, w))
-            label = "xla bf16 dot"
-        else:
-            w = kb.random_weight(fmt, k, n, 0)
-            cfg = dataclasses.replace(mg.config_for(w, m), **fields)
-            f = jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
-            label = kb.config_label(dataclasses.asdict(cfg))
+        w = kb.random_weight(fmt, k, n, 0)
+        cfg = dataclasses.replace(mg.config_for(w, m), **fields)
+        f = jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
+        label = kb.config_label(dataclasses.asdict(cfg))
         compiled = f.lower(x, w).compile()
         jax.block_until_ready((x, w))
         jax.block_until_ready(compiled(x, w))
@@ -99,7 +98,7 @@ def find_ncu() -> str:
 STALLS = "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio$"
 
 
-def profile(out: str, name: str, cases: list[str], kernels: str | None, source=False) -> None:
+def profile(out: str, name: str, cases: list[str], kernels: str, source=False) -> None:
     """``ncu`` around this script's ``--inner`` run of ``cases``: ``out/name.csv`` (the report),
     ``.log`` (the script's output) and ``.json`` (:func:`summarize`). ``source``: instead, the
     SASS with each instruction's warp-stall samples (``--page source``)."""
@@ -109,7 +108,7 @@ def profile(out: str, name: str, cases: list[str], kernels: str | None, source=F
     else:
         cmd += ["--page", "details"] + [a for s in SECTIONS for a in ("--section", s)]
         cmd += ["--metrics", STALLS]  # the warp-stall reasons, in cycles per issued instruction
-    cmd += ["-k", f"regex:{kernels}"] if kernels else []
+    cmd += ["-k", f"regex:{kernels}"]
     cmd += [sys.executable, "-m", "experiments.ncu_profile", "--inner", "--cases", *cases]
     run = subprocess.run(cmd, capture_output=True, text=True)
     with open(os.path.join(out, f"{name}.csv"), "w") as fh:
@@ -138,12 +137,8 @@ def main(argv=None) -> None:
         run_cases(args.cases)
     else:
         os.makedirs(args.out, exist_ok=True)
-        mgpu = [c for c in args.cases if not c.startswith("bf16:")]
-        bf16 = [c for c in args.cases if c.startswith("bf16:")]
-        if mgpu:
-            profile(args.out, "ncu_mgpu", mgpu, "mosaic")
-        if bf16:
-            profile(args.out, "ncu_bf16", bf16, None)
+        if args.cases:
+            profile(args.out, "ncu_mgpu", args.cases, "mosaic")
         for i, case in enumerate(args.source):
             profile(args.out, f"ncu_sass_{i}", [case], "mosaic", source=True)
 
