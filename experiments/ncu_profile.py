@@ -86,6 +86,56 @@ def summarize(report: str) -> list[dict]:
     return sorted(rows.values(), key=lambda d: d["id"])
 
 
+def summarize_source(report: str, top: int = 12) -> dict:
+    """``ncu --page source --print-source sass --csv`` text → the compute warp groups' K-step
+    loop (the instructions executed as often as the fewest-executed ``HGMMA``): instructions per
+    trip by opcode with their warp-stall samples, the stall reasons in and outside the loop (%
+    of samples), and the ``top`` instructions by samples."""
+    lines = report.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith('"Address"'))
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
+    reasons = [k for k in rows[0] if k.startswith("stall_") and "Not Issued" not in k]
+
+    def opcode(src: str) -> str:
+        words = src.split()
+        return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+
+    def executed(r) -> int:
+        return int(r["Instructions Executed"] or 0)
+
+    def samples(r) -> int:
+        return int(r["Warp Stall Sampling (All Samples)"] or 0)
+
+    trips = min(executed(r) for r in rows if opcode(r["Source"]) == "HGMMA")
+    loop = [r for r in rows if executed(r) == trips]
+    by_op: dict[str, list[int]] = {}
+    for r in loop:
+        entry = by_op.setdefault(opcode(r["Source"]), [0, 0])
+        entry[0] += 1
+        entry[1] += samples(r)
+
+    def stalls(sel) -> dict:
+        tot = {k[6:]: sum(int(r[k] or 0) for r in sel) for k in reasons}
+        n = sum(tot.values()) or 1
+        ranked = sorted(tot.items(), key=lambda kv: -kv[1])
+        return {k: round(100 * v / n, 1) for k, v in ranked if v}
+
+    all_samples = sum(samples(r) for r in rows) or 1
+    ranked = sorted(rows, key=samples, reverse=True)[:top]
+    return {
+        "loop_trips": trips,
+        "loop_instructions_per_trip": len(loop),
+        "loop_samples_pct": round(100 * sum(samples(r) for r in loop) / all_samples, 1),
+        "loop_by_opcode": dict(sorted(by_op.items(), key=lambda kv: -kv[1][0])),
+        "stalls_in_loop_pct": stalls(loop),
+        "stalls_outside_loop_pct": stalls([r for r in rows if executed(r) != trips]),
+        "top_instructions": [
+            [r["Source"].strip(), round(100 * samples(r) / all_samples, 2), executed(r)]
+            for r in ranked
+        ],
+    }
+
+
 def find_ncu() -> str:
     found = shutil.which("ncu") or sorted(
         glob.glob("/usr/local/cuda*/bin/ncu") + glob.glob("/opt/nvidia/nsight-compute/*/ncu")
@@ -101,7 +151,7 @@ STALLS = "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio$"
 def profile(out: str, name: str, cases: list[str], kernels: str, source=False) -> None:
     """``ncu`` around this script's ``--inner`` run of ``cases``: ``out/name.csv`` (the report),
     ``.log`` (the script's output) and ``.json`` (:func:`summarize`). ``source``: instead, the
-    SASS with each instruction's warp-stall samples (``--page source``)."""
+    SASS with each instruction's warp-stall samples (``--page source``; :func:`summarize_source`)."""
     cmd = [find_ncu(), "--clock-control", "none", "--csv"]
     if source:
         cmd += ["--section", "SourceCounters", "--page", "source", "--print-source", "sass"]
@@ -116,10 +166,8 @@ def profile(out: str, name: str, cases: list[str], kernels: str, source=False) -
     with open(os.path.join(out, f"{name}.log"), "w") as fh:
         fh.write(run.stderr)
     print(run.stderr[-3000:], flush=True)
-    if source:
-        return
     with open(os.path.join(out, f"{name}.json"), "w") as fh:
-        json.dump(summarize(run.stdout), fh, indent=1)
+        json.dump((summarize_source if source else summarize)(run.stdout), fh, indent=1)
 
 
 def main(argv=None) -> None:
@@ -128,11 +176,13 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", nargs="*", default=[])
     ap.add_argument("--source", nargs="*", default=[], help="cases whose SASS stalls to report")
     ap.add_argument("--inner", action="store_true", help="run the cases (ncu runs this)")
-    ap.add_argument("--summarize", help="an ncu --csv --page details report: print its summary")
+    ap.add_argument("--summarize", help="an ncu --csv report (details or source): its summary")
     args = ap.parse_args(argv)
     if args.summarize:
         with open(args.summarize) as fh:
-            print(json.dumps(summarize(fh.read()), indent=1))
+            text = fh.read()
+        source = '"Address"' in text
+        print(json.dumps((summarize_source if source else summarize)(text), indent=1))
     elif args.inner:
         run_cases(args.cases)
     else:

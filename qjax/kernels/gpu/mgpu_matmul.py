@@ -60,7 +60,7 @@ per-channel 1.64–1.88×, FP8 1.58–1.86×, NF4 2.2–3.0× (1.10–1.17× int
 0.93–1.02×, M = 8192 0.96–1.01× (the other formats 0.77–1.04× from 512 rows). With no decode at
 all (a constant operand) the same pipeline makes 1.81–2.04× at M = 128 and 2.58–2.94× at 64:
 the decode costs 12–24 %, and the rest is the pipeline (Nsight Compute: tensor pipe busy 57 % of
-the cycles at M = 128, 70 % without the decode, 83–90 % at M = 2048; README, "ncu").
+the cycles at M = 128, 70 % without the decode; 83 % and 90 % at M = 2048; README, "ncu").
 Tested on the device (``kernel_bench --check``); the CPU tests lower the kernel to Mosaic GPU
 code and check the layouts, decoders and the stream-K bookkeeping, because this jax version's
 interpreter cannot run warp-specialized pipelines.
