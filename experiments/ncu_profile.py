@@ -151,7 +151,8 @@ STALLS = "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio$"
 def profile(out: str, name: str, cases: list[str], kernels: str, source=False) -> None:
     """``ncu`` around this script's ``--inner`` run of ``cases``: ``out/name.csv`` (the report),
     ``.log`` (the script's output) and ``.json`` (:func:`summarize`). ``source``: instead, the
-    SASS with each instruction's warp-stall samples (``--page source``; :func:`summarize_source`)."""
+    SASS with each instruction's warp-stall samples (``--page source``), summarized by
+    :func:`summarize_source`."""
     cmd = [find_ncu(), "--clock-control", "none", "--csv"]
     if source:
         cmd += ["--section", "SourceCounters", "--page", "source", "--print-source", "sass"]
