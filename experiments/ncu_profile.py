@@ -137,12 +137,14 @@ def summarize_source(report: str, top: int = 12) -> dict:
 
 
 def find_ncu() -> str:
-    found = shutil.which("ncu") or sorted(
+    """``ncu`` on the PATH, else the newest under the CUDA / Nsight Compute install folders."""
+    installed = sorted(
         glob.glob("/usr/local/cuda*/bin/ncu") + glob.glob("/opt/nvidia/nsight-compute/*/ncu")
     )
-    if not found:
+    found = shutil.which("ncu") or (installed[-1] if installed else None)
+    if found is None:
         raise SystemExit("ncu_profile: no ncu on this machine")
-    return found if isinstance(found, str) else found[-1]
+    return found
 
 
 STALLS = "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio$"
