@@ -9,6 +9,14 @@ decode's dependency chains exposed. Four warp groups give each scheduler four co
 (≤ 112 registers each) and each K step twice the weight bytes per barrier; the price is shared
 memory (fewer or smaller stages) and half as many tiles to spread over the SMs.
 
+Mosaic GPU's warp-specialized pipeline splits the register file as if it held 512 registers per
+lane of a warp group (``pipeline._compute_registers``: ``(512 − memory) / compute``, 112 for four
+compute warp groups) but a CTA of 5 × 128 threads launches with 96 each (``ptxas``), and
+``setmaxnreg.inc`` only takes what the memory warp group released: the 4-group kernel as
+Mosaic GPU builds it waits forever (measured). The probe therefore patches that split to what
+the launch allows (104 registers per compute thread) while it traces; ``ptxas`` still reports
+serialized ``wgmma`` for lack of registers.
+
 Correctness first (every format; shapes whose ``N_p`` is and is not a multiple of 256 — the
 latter fall back to two warp groups), then per 70B shape and M the median device time of each
 variant and of XLA's bf16 ``dot`` (weights rotated > 150 MB).
@@ -28,6 +36,24 @@ from qjax.kernels.gpu import mgpu_matmul as mg
 CHECKS = [(1, 4096, 256), (16, 2048, 512), (64, 1024, 768), (16, 1024, 384), (37, 640, 512),
           (128, 1024, 512)]  # fmt: skip
 BLOCK_KS = (512, 256, 128)  # K steps tried with four warp groups (stages: as many as fit)
+REGISTERS = 64 * 1024  # per SM (and the most one CTA may launch with)
+
+
+def patch_register_split() -> None:
+    """Makes Mosaic GPU's compute warp groups ask ``setmaxnreg`` for no more registers than the
+    CTA launched with minus what the memory warp group gives back (module docstring)."""
+    from jax._src.pallas.mosaic_gpu import pipeline
+
+    original = pipeline._compute_registers
+
+    def split(memory_registers: int, num_compute_wgs: int) -> int:
+        if num_compute_wgs <= 2:
+            return original(memory_registers, num_compute_wgs)
+        launch = REGISTERS // (128 * (num_compute_wgs + 1)) // 8 * 8
+        spare = launch * (num_compute_wgs + 1) - memory_registers
+        return min(256, spare // num_compute_wgs) // 8 * 8
+
+    pipeline._compute_registers = split
 
 
 def variants_of(w, m) -> dict:
@@ -48,6 +74,7 @@ def variants_of(w, m) -> dict:
 def main(argv=None) -> None:
     ap = probe_parser(["w4g128t", "nf4t", "w8cht", "fp8t"], [1, 16, 64], 400)
     args = ap.parse_args(argv)
+    patch_register_split()
 
     def check(results):
         for fmt in ("w4g128t", "w4g128ta", "w4cht", "w8cht", "fp8t", "nf4t"):
