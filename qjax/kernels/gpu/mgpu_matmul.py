@@ -107,10 +107,6 @@ class Config:
     grouped: bool | None = None  # whole tiles per CTA: (row block, tile) jobs dealt round-robin
     #                              in groups of GROUP_M row blocks (`grouped_job`), not each
     #                              CTA's tiles in a row; None: above GROUPED_ROWS rows of x
-    warp_groups: int = 2  # compute warp groups per CTA, BLOCK_N weight rows each (a weight
-    #                       tile is warp_groups·BLOCK_N rows; 4: twice the warps to hide the
-    #                       decode's latency, ≤ 112 registers each; `fit` falls back to 2
-    #                       where N_p is no multiple of the tile or above 128 rows)
 
 
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4
@@ -165,18 +161,16 @@ def smem_bytes(
     span: int = SLICE,
     lut: bool = False,
     whole: bool = False,
-    warp_groups: int = 2,
 ) -> int:
     """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows, one per
-    ``span`` codes) + the float32 output tiles of the ``warp_groups`` compute warp groups
-    (which the fused epilogue reuses for its per-channel scales and ``y``; ``whole`` tiles per
-    CTA: only the bf16 ``y`` tiles) + its barriers (Mosaic GPU's count, for asymmetric int, within
+    ``span`` codes) + the float32 output tiles of the two compute warp groups (which the fused
+    epilogue reuses for its per-channel scales and ``y``; ``whole`` tiles per CTA: only the bf16
+    ``y`` tiles) + its barriers (Mosaic GPU's count, for asymmetric int, within
     :data:`EPILOGUE_SMEM`; an upper bound for the other formats) + the decoder's pair table
     (``lut``)."""
-    rows = warp_groups * BLOCK_N
-    per_stage = rows * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * rows * 2
+    per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * BLOCK_N * 2
     table = LUT_SMEM if lut else 0
-    out = rows * bm * (2 if whole else 4)
+    out = 2 * BLOCK_N * bm * (2 if whole else 4)
     return stages * per_stage + out + EPILOGUE_SMEM + table
 
 
@@ -246,8 +240,7 @@ def handoffs_early(n_tiles: int, steps: int, cta_steps: int) -> bool:
 def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
     """``cfg`` made runnable for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step
     halved until it divides ``K_p``, its pipeline depth (then its K step) cut to shared memory,
-    its K steps per CTA chosen by :func:`schedule` (``None``) or cut to divide the steps, its
-    compute warp groups 2 where ``N_p`` is no multiple of their tile (or above 128 rows).
+    its K steps per CTA chosen by :func:`schedule` (``None``) or cut to divide the steps.
     256-row blocks of ``x`` (``block_m``) take whole weight tiles per CTA, their ``y`` written
     by the kernel, and decode 4-bit codes in registers (beside the pair table only one stage
     fits: NF4 0.29–0.55× bf16, 0.55–0.94× with two: ``large_m_mgpu_probe_bm256_nf4_fp8``)."""
@@ -258,17 +251,16 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
     whole = bm > MAX_BLOCK_M
     stages = cfg.stages
     lut = cfg.lut and bits == 4 and not whole
-    wgs = cfg.warp_groups if not whole and n_p % (cfg.warp_groups * BLOCK_N) == 0 else 2
 
     def too_big(bk: int, stages: int) -> bool:
-        return smem_bytes(bm, bk, stages, bits, span, lut, whole, wgs) > SMEM_BYTES
+        return smem_bytes(bm, bk, stages, bits, span, lut, whole) > SMEM_BYTES
 
     while too_big(bk, stages) and (stages > 1 or bk > SLICE):
         if stages > 1:
             stages -= 1
         else:
             bk //= 2
-    n_tiles, steps = n_p // (wgs * BLOCK_N), k_p // bk
+    n_tiles, steps = n_p // (2 * BLOCK_N), k_p // bk
     if cfg.cta_steps is None:
         cta_steps = schedule(n_tiles, steps, m_p // bm, whole)
     elif whole:
@@ -288,7 +280,6 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
         lut=lut,
         block_m=bm if whole else MAX_BLOCK_M,
         grouped=grouped,
-        warp_groups=wgs,
     )
 
 
@@ -313,13 +304,11 @@ def pick(
 
 def estimated_steps(cfg: Config, m: int, k_p: int, n_p: int) -> float:
     """A fitted config's run time in 128-code, 128-row K steps: waves of CTAs × (their steps +
-    :data:`RAMP_STEPS`) × the cost of one step (:data:`ROWS_256_STEP_COST` for 256 rows of x,
-    twice as much for 256 weight rows)."""
+    :data:`RAMP_STEPS`) × the cost of one step (:data:`ROWS_256_STEP_COST` for 256 rows)."""
     m_p, bm = padded_rows(m, cfg.block_m)
     steps = k_p // cfg.block_k
-    ctas = n_p // (cfg.warp_groups * BLOCK_N) * steps // cfg.cta_steps * (m_p // bm)
-    step = cfg.block_k / SLICE * cfg.warp_groups / 2
-    step *= ROWS_256_STEP_COST if bm > MAX_BLOCK_M else 1.0
+    ctas = n_p // (2 * BLOCK_N) * steps // cfg.cta_steps * (m_p // bm)
+    step = cfg.block_k / SLICE * (ROWS_256_STEP_COST if bm > MAX_BLOCK_M else 1.0)
     return -(-ctas // NUM_SMS) * (cfg.cta_steps + RAMP_STEPS) * step
 
 
@@ -386,8 +375,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     m_tiles = m_p // bm
     n_p = codes.shape[0]
     bk, length = cfg.block_k, cfg.cta_steps
-    wgs = cfg.warp_groups
-    cta_n = wgs * BLOCK_N
+    cta_n = 2 * BLOCK_N
     n_tiles, steps = n_p // cta_n, k_p // bk
     ctas = n_tiles * steps // length
     seg = segments(n_tiles, steps, length)
@@ -468,7 +456,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             """Tells tile ``t``'s first CTA that this CTA's sum is in the workspace."""
             wg = lax.axis_index("wg")
             plgpu.wait_smem_to_gmem(0)  # written, not only read
-            plgpu.semaphore_signal(sems.at[(t * m_tiles + mi) * wgs + wg], 1, memory_scope="gpu")
+            plgpu.semaphore_signal(sems.at[(t * m_tiles + mi) * 2 + wg], 1, memory_scope="gpu")
 
         def flush(acc, t, kk):
             """Tile ``t``'s sum so far (at step ``kk``): to its slot (or, fused, to the tile's
@@ -495,7 +483,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 def _():
                     later = ((t + 1) * steps - 1) // length - c0
                     plgpu.semaphore_wait(
-                        sems.at[(t * m_tiles + mi) * wgs + wg], later, memory_scope="gpu"
+                        sems.at[(t * m_tiles + mi) * 2 + wg], later, memory_scope="gpu"
                     )
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -589,7 +577,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             @functools.partial(pl.run_scoped, accs=[acc] * n_acc)
             def _(accs):
                 if lut:  # the pair table, copied by the memory warp group
-                    plgpu.barrier_wait(bar.at[wgs])
+                    plgpu.barrier_wait(bar.at[2])
                 eval_pipeline(tuple(accs))
                 plgpu.wait_smem_to_gmem(0)
 
@@ -610,19 +598,19 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             memory_registers=40,
             in_specs=in_specs,
             wg_axis="wg",
-            num_compute_wgs=wgs,
+            num_compute_wgs=2,
             max_concurrent_steps=cfg.stages,
             compute_context=compute_context,
         )
-        n_sems = n_tiles * m_tiles * wgs  # per tile, row block of x and warp group
+        n_sems = n_tiles * m_tiles * 2  # per tile, row block of x and warp group
         sems = (
             pl.get_global(plgpu.SemaphoreType.REGULAR((n_sems,))) if fused and not whole else None
         )
         if lut:
 
-            @pl.when(lax.axis_index("wg") == wgs)
+            @pl.when(lax.axis_index("wg") == 2)
             def _():
-                plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, bar.at[wgs])
+                plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, bar.at[2])
 
         pipeline(w_gmem, x_gmem if grouped else x_gmem.at[pl.ds(mi * bm, bm)], *rest)
 
@@ -641,14 +629,14 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     y_sw = _tiled(BLOCK_N, 16, "out")
     if whole:  # the bf16 y tiles, and in each warp group's part its per-channel scales
         out_smem = plgpu.RefUnion(
-            plgpu.SMEM((wgs, 1, bm, BLOCK_N), x2.dtype, transforms=y_sw),
-            plgpu.SMEM((wgs, bm // 2, BLOCK_N), jnp.float32),
+            plgpu.SMEM((2, 1, bm, BLOCK_N), x2.dtype, transforms=y_sw),
+            plgpu.SMEM((2, bm // 2, BLOCK_N), jnp.float32),
         )
     else:
         out_smem = plgpu.RefUnion(
-            plgpu.SMEM((wgs, BLOCK_N, bm), jnp.float32, transforms=_tiled(bm, 32, "out")),
-            plgpu.SMEM((wgs, 2, bm, BLOCK_N), x2.dtype, transforms=y_sw),
-            plgpu.SMEM((wgs, bm, BLOCK_N), jnp.float32),
+            plgpu.SMEM((2, BLOCK_N, bm), jnp.float32, transforms=_tiled(bm, 32, "out")),
+            plgpu.SMEM((2, 2, bm, BLOCK_N), x2.dtype, transforms=y_sw),
+            plgpu.SMEM((2, bm, BLOCK_N), jnp.float32),
         )
     grid, names = ((m_tiles, ctas), ("m", "c")) if cfg.m_inner else ((ctas, m_tiles), ("c", "m"))
     if grouped:
@@ -658,11 +646,11 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
         out_type=out_type,
         grid=grid,
         grid_names=names,
-        num_threads=wgs + 1,
+        num_threads=3,
         thread_name="wg",
         scratch_types=dict(
             out_smem=out_smem,
-            bar=plgpu.Barrier(num_arrivals=1, num_barriers=wgs + 1),
+            bar=plgpu.Barrier(num_arrivals=1, num_barriers=3),
             **scratch,
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -707,7 +695,7 @@ def product(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     """``Ŵᵀ xᵀ``, ``(N_p, M_p)`` float32: the kernel's partial sums (:func:`_stream_k`),
     combined in one fused XLA pass."""
     parts = _stream_k(x2, codes, scales, zeros, None, cfg, decode, span)
-    n_tiles = codes.shape[0] // (cfg.warp_groups * BLOCK_N)
+    n_tiles = codes.shape[0] // (2 * BLOCK_N)
     return combine(parts, n_tiles, x2.shape[1] // cfg.block_k, cfg.cta_steps)
 
 
@@ -764,19 +752,13 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
             raise ShapeError(f"mgpu_matmul: block_k {cfg.block_k} must be a multiple of "
                              f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
         n_p, k_p = w.codes.shape
-        tile_n = cfg.warp_groups * BLOCK_N
-        if n_p % tile_n:
-            raise ShapeError(
-                f"mgpu_matmul: {cfg.warp_groups} warp groups take tiles of {tile_n} weight "
-                f"rows, N_p = {n_p} is no multiple (use fit())"
-            )
-        total = n_p // tile_n * (k_p // cfg.block_k)
+        total = n_p // (2 * BLOCK_N) * (k_p // cfg.block_k)
         if cfg.cta_steps is None or total % cfg.cta_steps:
             raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} "
                              f"K steps of the weight's tiles (use fit())")  # fmt: skip
         _, bm = padded_rows(x2.shape[0], cfg.block_m)
         whole = cfg.fused and cfg.cta_steps % (k_p // cfg.block_k) == 0
-        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, whole, cfg.warp_groups)
+        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, whole)
         if need > SMEM_BYTES:
             raise ShapeError(
                 f"mgpu_matmul: {cfg} needs {need} bytes "
