@@ -56,8 +56,8 @@ blocks, :func:`grouped_job`, so that ``x`` stays in L2); above :data:`MAX_ROWS` 
 Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's bf16 ``dot`` at
 M ≤ 16 on the Llama-3-70B shapes: int4 g128 2.60–3.30× (2.5–2.7 TB/s on the large shapes), int8
 per-channel 1.64–1.88×, FP8 1.58–1.86×, NF4 2.2–3.0× (1.10–1.17× int4's time); M = 64
-2.27–2.66×, M = 128 1.59–1.75×; int4 M = 256–1024 0.83–1.01×, M = 2048 0.89–1.09×, M = 4096
-0.93–1.02×, M = 8192 0.96–1.01× (the other formats 0.77–1.04× from 512 rows). With no decode at
+2.27–2.66×, M = 128 1.59–1.76×; int4 M = 256–1024 0.83–1.01×, M = 2048 0.89–1.09×, M = 4096
+0.93–1.02×, M = 8192 0.89–1.03× (the other formats 0.77–1.04× from 512 rows). With no decode at
 all (a constant operand) the same pipeline makes 1.81–2.04× at M = 128 and 2.58–2.94× at 64:
 the decode costs 12–24 %, and the rest is the pipeline (Nsight Compute: tensor pipe busy 57 % of
 the cycles at M = 128, 70 % without the decode; 83 % and 90 % at M = 2048; README, "ncu").
