@@ -20,6 +20,11 @@ from experiments import kernel_bench as kb
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 SHAPES = {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}
+# (N, K) of smaller models, by name for `--shapes` (not in the default): Llama-3-8B's (REFERENCE
+# §7) and SmolLM2-135M's (the model of `decode_bench`: q / o, k / v, gate / up, down)
+MORE_SHAPES = {"8b_qkv": (6144, 4096), "8b_o": (4096, 4096), "8b_gate_up": (28672, 4096),
+               "8b_down": (4096, 14336), "smol_qo": (576, 576), "smol_kv": (192, 576),
+               "smol_up": (1536, 576), "smol_down": (576, 1536)}  # fmt: skip
 
 
 def probe_parser(fmts: list[str], ms: list[int], budget_s: float) -> argparse.ArgumentParser:
@@ -28,7 +33,9 @@ def probe_parser(fmts: list[str], ms: list[int], budget_s: float) -> argparse.Ar
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--fmts", nargs="*", default=fmts)
-    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument(
+        "--shapes", nargs="*", default=list(SHAPES), help="names of SHAPES, MORE_SHAPES"
+    )
     ap.add_argument("--ms", nargs="*", type=int, default=ms)
     ap.add_argument("--budget-s", type=float, default=budget_s)
     ap.add_argument("--no-check", action="store_true")
