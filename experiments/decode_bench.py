@@ -1,6 +1,6 @@
 """End-to-end greedy decode speed of a real model: int4 weights vs bf16 (issue: kernels, item 5).
 
-    python experiments/decode_bench.py --gguf smollm2.gguf --out DIR [--batches 1 16]
+    python -m experiments.decode_bench --gguf smollm2.gguf --out DIR [--batches 1 16] [--profile]
 
 The model (SmolLM2-135M by default, from its GGUF) runs in bf16. Variants:
 
@@ -17,6 +17,10 @@ across the batch) and then decodes ``--steps`` tokens greedily. The decode loop 
 ``lax.scan`` (no host round trip per token), compiled and run once before timing; tokens/s is
 ``batch · steps / median wall time`` over ``--repeats`` runs. The int4 variants also report
 whether their greedy tokens match bf16's (they need not: int4 changes the model).
+``--profile`` adds, per variant and batch, the device kernel time of one traced decode per step
+(the traced prefill's subtracted) against the wall time per step — a step whose kernels take
+far less than its wall time is bound by launches and latency, not by the GPU — and the kernels
+that take most of it.
 Writes ``DIR/decode_bench.json`` and ``DIR/decode_bench.md``.
 """
 
@@ -27,6 +31,7 @@ import functools
 import json
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 import qjax
+from experiments.kernel_bench import kernel_events
 from qjax import assets, data
 from qjax.convert.gguf.load import load_gguf_model
 from qjax.kernels import repack
@@ -78,6 +84,33 @@ def _time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
+def kernel_profile(fn) -> tuple[float, dict]:
+    """One traced call of ``fn`` (after a warm-up): its summed device kernel time in ms and
+    each kernel name's total ms."""
+    jax.block_until_ready(fn())
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            jax.block_until_ready(fn())
+        events = kernel_events(tmp)
+    by_name: dict = {}
+    for _, ns, name in events:
+        by_name[name[:70]] = by_name.get(name[:70], 0.0) + ns / 1e6
+    return sum(by_name.values()), by_name
+
+
+def step_profile(run, prefill, steps: int, top: int = 6) -> dict:
+    """Device kernel ms per decode step (``run`` minus ``prefill``, over the ``steps − 1``
+    steps) and the ``top`` kernels by their ms per step."""
+    total, names = kernel_profile(run)
+    pre, pre_names = kernel_profile(prefill)
+    per_step = {k: (v - pre_names.get(k, 0.0)) / (steps - 1) for k, v in names.items()}
+    ranked = sorted(per_step.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "device_ms_per_step": (total - pre) / (steps - 1),
+        "top_kernels_ms_per_step": {k: round(v, 4) for k, v in ranked},
+    }
+
+
 def variants(model) -> dict:
     """name -> param State (bf16 / int4 in a kernel layout / int4 canonical)."""
     state = nnx.state(model, nnx.Param)
@@ -111,6 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--token-cache", type=Path, help="dir with <model>_test.npy (test-text ids)")
     p.add_argument("--out", type=Path, default=Path("experiments/results/kernels"))
+    p.add_argument("--profile", action="store_true", help="device kernel time per step (trace)")
     args = p.parse_args(argv)
     gguf = args.gguf or assets.path(args.model)
     _, model = load_gguf_model(gguf, dtype=jnp.bfloat16)
@@ -151,6 +185,8 @@ def main(argv=None) -> int:
                 "ms_per_step": 1e3 * decode_s / (args.steps - 1),
                 "same_tokens_as_bf16": float(np.mean(toks == ref_tokens[b])),
             }
+            if args.profile:
+                row.update(step_profile(run, prefill, args.steps))
             rows.append(row)
             print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -163,15 +199,20 @@ def main(argv=None) -> int:
         "",
         f"Command: `{command}`",
         "",
-        "| variant | batch | decode tok/s | ms/step | × bf16 | prefill ms | tokens = bf16 |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | batch | decode tok/s | ms/step | × bf16 | prefill ms | tokens = bf16 |"
+        + (" kernels ms/step | top kernels (ms/step) |" if args.profile else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if args.profile else ""),
     ]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['variant']} | {r['batch']} | {r['decode_tok_s']:.0f} | {r['ms_per_step']:.3f} "
             f"| {r['decode_tok_s'] / base[r['batch']]:.2f} | {1e3 * r['prefill_s']:.1f} "
             f"| {100 * r['same_tokens_as_bf16']:.0f} % |"
         )
+        if args.profile:
+            top = ", ".join(f"`{k}` {v:.3f}" for k, v in r["top_kernels_ms_per_step"].items())
+            line += f" {r['device_ms_per_step']:.3f} | {top} |"
+        lines.append(line)
     (args.out / "decode_bench.md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -121,7 +121,7 @@ FAILURES = (ValueError, RuntimeError, NotImplementedError, TypeError)
 _SKIP = ("memcpy", "memset", "Memcpy", "Memset")
 
 
-def _kernel_events(trace_dir: str) -> list[tuple[int, int, str]]:
+def kernel_events(trace_dir: str) -> list[tuple[int, int, str]]:
     """(start_ns, duration_ns, name) of every GPU kernel in the trace under ``trace_dir``."""
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not files:
@@ -149,7 +149,7 @@ def device_time(fn, arg_sets: list, n_calls: int) -> dict:
             for i in range(n_calls):
                 y = fn(*arg_sets[i % len(arg_sets)])
             jax.block_until_ready(y)
-        events = _kernel_events(tmp)
+        events = kernel_events(tmp)
     if events and len(events) % n_calls == 0:
         per = len(events) // n_calls
         sums = [sum(d for _, d, _ in events[i : i + per]) for i in range(0, len(events), per)]
@@ -172,7 +172,7 @@ def kernel_breakdown(fn, args, n_calls=20) -> dict:
             for _ in range(n_calls):
                 y = fn(*args)
             jax.block_until_ready(y)
-        events = _kernel_events(tmp)
+        events = kernel_events(tmp)
     per: dict = {}
     for _, d, name in events:
         per.setdefault(name[:70], []).append(d / 1e3)
