@@ -14,14 +14,17 @@ The model (SmolLM2-135M by default, from its GGUF) runs in bf16. Variants:
 
 Each variant prefills a real prompt (``--prompt`` tokens of the Wikipedia test text, repeated
 across the batch) and then decodes ``--steps`` tokens greedily. The decode loop is one jitted
-``lax.scan`` (no host round trip per token), compiled and run once before timing; tokens/s is
-``batch · steps / median wall time`` over ``--repeats`` runs. The int4 variants also report
-whether their greedy tokens match bf16's (they need not: int4 changes the model).
-``--profile`` adds, per variant and batch, the device kernel time of one traced decode per step
-(the traced prefill's subtracted) against the wall time per step — a step whose kernels take
-far less than its wall time is bound by launches and latency, not by the GPU — and the kernels
-that take most of it.
-Writes ``DIR/decode_bench.json`` and ``DIR/decode_bench.md``.
+``lax.scan`` (no host round trip per token), compiled and run once before timing. The time of
+a decode step is the difference of the median wall times (over ``--repeats`` runs) of the whole
+program with ``--steps`` and with ``steps // 2`` tokens, divided by the tokens between: the
+prefill, the cache set-up and the dispatch cancel out (subtracting a separately timed prefill did
+not: it varied by ±30 ms between runs at batch 16); tokens/s is ``batch`` over it. The prefill
+alone is timed for its own column. The variants also report whether their greedy tokens match
+bf16's (they need not: quantization changes the model). ``--profile`` adds, per variant and
+batch, the device kernel time per step from one traced run of each length — a step whose
+kernels take far less than its wall time is bound by launches and latency, not by the GPU —
+and the kernels that take most of it.
+Writes ``DIR/decode_bench.json`` and ``DIR/decode_bench.md`` after every row.
 """
 
 from __future__ import annotations
@@ -98,15 +101,15 @@ def kernel_profile(fn) -> tuple[float, dict]:
     return sum(by_name.values()), by_name
 
 
-def step_profile(run, prefill, steps: int, top: int = 6) -> dict:
-    """Device kernel ms per decode step (``run`` minus ``prefill``, over the ``steps − 1``
-    steps) and the ``top`` kernels by their ms per step."""
-    total, names = kernel_profile(run)
-    pre, pre_names = kernel_profile(prefill)
-    per_step = {k: (v - pre_names.get(k, 0.0)) / (steps - 1) for k, v in names.items()}
+def step_profile(run_long, run_short, steps: int, top: int = 6) -> dict:
+    """Device kernel ms per decode step (``run_long`` minus ``run_short``, which decodes
+    ``steps`` fewer tokens) and the ``top`` kernels by their ms per step."""
+    total, names = kernel_profile(run_long)
+    pre, pre_names = kernel_profile(run_short)
+    per_step = {k: (v - pre_names.get(k, 0.0)) / steps for k, v in names.items()}
     ranked = sorted(per_step.items(), key=lambda kv: -kv[1])[:top]
     return {
-        "device_ms_per_step": (total - pre) / (steps - 1),
+        "device_ms_per_step": (total - pre) / steps,
         "top_kernels_ms_per_step": {k: round(v, 4) for k, v in ranked},
     }
 
@@ -134,6 +137,70 @@ def variants(model) -> dict:
     }
 
 
+def measure(name, gd, state, prompt_ids, b: int, args) -> tuple[dict, np.ndarray]:
+    """One variant at batch ``b``: its row (module docstring) and its greedy tokens."""
+    prompt = jnp.asarray(np.tile(prompt_ids, (b, 1)))
+    max_len = args.prompt + args.steps
+
+    def run(steps):
+        def call():
+            caches = nnx.merge(gd, state).init_cache(b, max_len)
+            return _decode(gd, state, prompt, caches, steps)
+
+        return call
+
+    def prefill():
+        caches = nnx.merge(gd, state).init_cache(b, max_len)
+        return _prefill_only(gd, state, prompt, caches)
+
+    short = args.steps // 2
+    t_all = _time(run(args.steps), args.repeats)
+    t_short = _time(run(short), args.repeats)
+    step_s = max(t_all - t_short, 1e-9) / (args.steps - short)
+    row = {
+        "variant": name,
+        "batch": b,
+        "prompt": args.prompt,
+        "steps": args.steps,
+        "total_s": t_all,
+        "prefill_s": _time(prefill, args.repeats),
+        "decode_tok_s": b / step_s,
+        "ms_per_step": 1e3 * step_s,
+    }
+    if args.profile:
+        row.update(step_profile(run(args.steps), run(short), args.steps - short))
+    return row, np.asarray(run(args.steps)())
+
+
+def write_report(out: Path, model: str, command: str, rows: list, profile: bool) -> None:
+    """``out/decode_bench.json`` and ``.md`` with the rows so far."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command, "jax": jax.__version__, "device": str(jax.devices()[0])}
+    (out / "decode_bench.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    base = {r["batch"]: r["decode_tok_s"] for r in rows if r["variant"] == "bf16"}
+    lines = [
+        f"# Greedy decode, {model} ({meta['device']}, jax {jax.__version__})",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| variant | batch | decode tok/s | ms/step | × bf16 | prefill ms | tokens = bf16 |"
+        + (" kernels ms/step | top kernels (ms/step) |" if profile else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if profile else ""),
+    ]
+    for r in rows:
+        ratio = r["decode_tok_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
+        line = (
+            f"| {r['variant']} | {r['batch']} | {r['decode_tok_s']:.0f} | {r['ms_per_step']:.3f} "
+            f"| {ratio:.2f} | {1e3 * r['prefill_s']:.1f} "
+            f"| {100 * r['same_tokens_as_bf16']:.0f} % |"
+        )
+        if profile:
+            top = ", ".join(f"`{k}` {v:.3f}" for k, v in r["top_kernels_ms_per_step"].items())
+            line += f" {r['device_ms_per_step']:.3f} | {top} |"
+        lines.append(line)
+    (out / "decode_bench.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
@@ -146,6 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("experiments/results/kernels"))
     p.add_argument("--profile", action="store_true", help="device kernel time per step (trace)")
     args = p.parse_args(argv)
+    command = "python -m experiments.decode_bench " + shlex.join(argv or sys.argv[1:])
     gguf = args.gguf or assets.path(args.model)
     _, model = load_gguf_model(gguf, dtype=jnp.bfloat16)
     if args.token_cache:
@@ -158,62 +226,12 @@ def main(argv=None) -> int:
     for name, params in variants(model).items():
         gd, state = nnx.split(nnx.merge(graphdef, params, rest))
         for b in args.batches:
-            prompt = jnp.asarray(np.tile(prompt_ids, (b, 1)))
-            max_len = args.prompt + args.steps
-
-            def run(state=state, gd=gd, prompt=prompt, b=b, max_len=max_len):
-                caches = nnx.merge(gd, state).init_cache(b, max_len)
-                return _decode(gd, state, prompt, caches, args.steps)
-
-            def prefill(state=state, gd=gd, prompt=prompt, b=b, max_len=max_len):
-                caches = nnx.merge(gd, state).init_cache(b, max_len)
-                return _prefill_only(gd, state, prompt, caches)
-
-            t_all = _time(run, args.repeats)
-            t_pre = _time(prefill, args.repeats)
-            toks = np.asarray(run())
+            row, toks = measure(name, gd, state, prompt_ids, b, args)
             ref_tokens.setdefault(b, toks)
-            decode_s = max(t_all - t_pre, 1e-9)
-            row = {
-                "variant": name,
-                "batch": b,
-                "prompt": args.prompt,
-                "steps": args.steps,
-                "total_s": t_all,
-                "prefill_s": t_pre,
-                "decode_tok_s": b * (args.steps - 1) / decode_s,
-                "ms_per_step": 1e3 * decode_s / (args.steps - 1),
-                "same_tokens_as_bf16": float(np.mean(toks == ref_tokens[b])),
-            }
-            if args.profile:
-                row.update(step_profile(run, prefill, args.steps))
+            row["same_tokens_as_bf16"] = float(np.mean(toks == ref_tokens[b]))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    command = "python " + shlex.join(sys.argv)
-    meta = {"command": command, "jax": jax.__version__, "device": str(jax.devices()[0])}
-    (args.out / "decode_bench.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    base = {r["batch"]: r["decode_tok_s"] for r in rows if r["variant"] == "bf16"}
-    lines = [
-        f"# Greedy decode, {args.model} ({meta['device']}, jax {jax.__version__})",
-        "",
-        f"Command: `{command}`",
-        "",
-        "| variant | batch | decode tok/s | ms/step | × bf16 | prefill ms | tokens = bf16 |"
-        + (" kernels ms/step | top kernels (ms/step) |" if args.profile else ""),
-        "|---|---|---|---|---|---|---|" + ("---|---|" if args.profile else ""),
-    ]
-    for r in rows:
-        line = (
-            f"| {r['variant']} | {r['batch']} | {r['decode_tok_s']:.0f} | {r['ms_per_step']:.3f} "
-            f"| {r['decode_tok_s'] / base[r['batch']]:.2f} | {1e3 * r['prefill_s']:.1f} "
-            f"| {100 * r['same_tokens_as_bf16']:.0f} % |"
-        )
-        if args.profile:
-            top = ", ".join(f"`{k}` {v:.3f}" for k, v in r["top_kernels_ms_per_step"].items())
-            line += f" {r['device_ms_per_step']:.3f} | {top} |"
-        lines.append(line)
-    (args.out / "decode_bench.md").write_text("\n".join(lines) + "\n")
+            write_report(args.out, args.model, command, rows, args.profile)
     return 0
 
 
