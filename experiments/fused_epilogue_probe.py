@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from experiments import kernel_bench as kb
-from experiments.mgpu_probe_lib import SHAPES, check_row, jitted, probe_parser, start, time_cases
+from experiments.mgpu_probe_lib import check_row, jitted, probe_parser, shape, start, time_cases
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 FORMATS = ("w4g128t", "w4g128ta", "w4cht", "w8cht", "nf4t", "fp8t")
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
         return jitted({"combine": dataclasses.replace(base, fused=False),
                        "fused": dataclasses.replace(base, fused=True)})  # fmt: skip
 
-    cases = [(*SHAPES[name], m) for name in args.shapes for m in args.ms]
+    cases = [(*shape(name), m) for name in args.shapes for m in args.ms]
     path = os.path.join(args.out, "fused_epilogue_probe.json")
     time_cases(out, path, cases, args.fmts, variants, budget_s=args.budget_s)
 

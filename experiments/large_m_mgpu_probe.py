@@ -12,7 +12,7 @@ import dataclasses
 import os
 
 from experiments import kernel_bench as kb
-from experiments.mgpu_probe_lib import SHAPES, check_row, jitted, probe_parser, start, time_cases
+from experiments.mgpu_probe_lib import check_row, jitted, probe_parser, shape, start, time_cases
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 CONFIGS = {
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     def variants(w, m):  # xla: dequantize + GEMM
         return jitted({"xla": mg.Config("xla"), **configs(w, m, args.configs)})
 
-    cases = [(*SHAPES[name], m) for m in args.ms for name in args.shapes]
+    cases = [(*shape(name), m) for m in args.ms for name in args.shapes]
     path = os.path.join(args.out, "large_m_mgpu_probe.json")
     time_cases(out, path, cases, args.fmts, variants, budget_s=args.budget_s)
 

@@ -16,15 +16,7 @@ import dataclasses
 import os
 
 from experiments import kernel_bench as kb
-from experiments.mgpu_probe_lib import (
-    MORE_SHAPES,
-    SHAPES,
-    check_row,
-    jitted,
-    probe_parser,
-    start,
-    time_cases,
-)
+from experiments.mgpu_probe_lib import check_row, jitted, probe_parser, shape, start, time_cases
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 FORMATS = ("w4g128t", "w4g128ta", "w4cht", "nf4t")
@@ -68,7 +60,7 @@ def main(argv=None) -> None:
         cfg = configs(w, m)[label]
         return {f"{label}_cfg": f"bk{cfg.block_k} st{cfg.stages} L{cfg.cta_steps}"}
 
-    cases = [(*{**SHAPES, **MORE_SHAPES}[name], m) for m in args.ms for name in args.shapes]
+    cases = [(*shape(name), m) for m in args.ms for name in args.shapes]
     path = os.path.join(args.out, "lut_decode_probe.json")
     time_cases(out, path, cases, args.fmts, variants, extra, budget_s=args.budget_s)
 

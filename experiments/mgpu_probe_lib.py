@@ -27,15 +27,18 @@ MORE_SHAPES = {"8b_qkv": (6144, 4096), "8b_o": (4096, 4096), "8b_gate_up": (2867
                "smol_up": (1536, 576), "smol_down": (576, 1536)}  # fmt: skip
 
 
+def shape(name: str) -> tuple[int, int]:
+    """``(N, K)`` of a shape named in :data:`SHAPES` or :data:`MORE_SHAPES`."""
+    return {**SHAPES, **MORE_SHAPES}[name]
+
+
 def probe_parser(fmts: list[str], ms: list[int], budget_s: float) -> argparse.ArgumentParser:
     """The options of a probe: ``--out`` (required), ``--fmts``, ``--shapes``, ``--ms``,
     ``--budget-s`` (defaults given) and ``--no-check``; a probe adds its own."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--fmts", nargs="*", default=fmts)
-    ap.add_argument(
-        "--shapes", nargs="*", default=list(SHAPES), help="names of SHAPES, MORE_SHAPES"
-    )
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=[*SHAPES, *MORE_SHAPES])
     ap.add_argument("--ms", nargs="*", type=int, default=ms)
     ap.add_argument("--budget-s", type=float, default=budget_s)
     ap.add_argument("--no-check", action="store_true")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import kernel_bench as kb
-from experiments.mgpu_probe_lib import SHAPES, check_row, time_cases
+from experiments.mgpu_probe_lib import SHAPES, check_row, shape, time_cases
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     path = os.path.join(args.out, "scale_acc_probe.json")
     out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": [], "breakdown": {}}
     check(args.fmts, out["checks"])
-    cases = [(*SHAPES[name], m) for name in args.shapes for m in args.ms]
+    cases = [(*shape(name), m) for name in args.shapes for m in args.ms]
     time_cases(out, path, cases, args.fmts, variants, budget_s=args.budget_s)
     for n, k, m in cases:  # where a call's time goes: the table's default, first format
         x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)

@@ -18,7 +18,7 @@ import os
 import jax
 
 from experiments import kernel_bench as kb
-from experiments.mgpu_probe_lib import SHAPES, check_row, jitted, time_cases
+from experiments.mgpu_probe_lib import SHAPES, check_row, jitted, shape, time_cases
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     def cta_steps(label, w, m):
         return {f"{label}_cta_steps": configs(w, m)[label].cta_steps}
 
-    cases = [(*SHAPES[name], m) for name in args.shapes for m in args.ms]
+    cases = [(*shape(name), m) for name in args.shapes for m in args.ms]
     path = os.path.join(args.out, "stream_k_probe.json")
     time_cases(out, path, cases, args.fmts, variants, cta_steps, budget_s=args.budget_s)
 
