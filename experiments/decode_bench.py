@@ -34,7 +34,6 @@ import functools
 import json
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 import qjax
-from experiments.kernel_bench import kernel_events
+from experiments.kernel_bench import traced_kernels
 from qjax import assets, data
 from qjax.convert.gguf.load import load_gguf_model
 from qjax.kernels import repack
@@ -91,12 +90,8 @@ def kernel_profile(fn) -> tuple[float, dict]:
     """One traced call of ``fn`` (after a warm-up): its summed device kernel time in ms and
     each kernel name's total ms."""
     jax.block_until_ready(fn())
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
-            jax.block_until_ready(fn())
-        events = kernel_events(tmp)
     by_name: dict = {}
-    for _, ns, name in events:
+    for _, ns, name in traced_kernels(fn):
         by_name[name[:70]] = by_name.get(name[:70], 0.0) + ns / 1e6
     return sum(by_name.values()), by_name
 

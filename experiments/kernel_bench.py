@@ -121,7 +121,7 @@ FAILURES = (ValueError, RuntimeError, NotImplementedError, TypeError)
 _SKIP = ("memcpy", "memset", "Memcpy", "Memset")
 
 
-def kernel_events(trace_dir: str) -> list[tuple[int, int, str]]:
+def _kernel_events(trace_dir: str) -> list[tuple[int, int, str]]:
     """(start_ns, duration_ns, name) of every GPU kernel in the trace under ``trace_dir``."""
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not files:
@@ -140,16 +140,25 @@ def kernel_events(trace_dir: str) -> list[tuple[int, int, str]]:
     return sorted(events)
 
 
+def traced_kernels(run) -> list[tuple[int, int, str]]:
+    """:func:`_kernel_events` of ``run()`` (waited for) under the profiler."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            jax.block_until_ready(run())
+        return _kernel_events(tmp)
+
+
 def device_time(fn, arg_sets: list, n_calls: int) -> dict:
     """Median per-call device time (µs) of ``fn`` over ``n_calls`` calls rotating ``arg_sets``."""
     for args in arg_sets:
         jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
-            for i in range(n_calls):
-                y = fn(*arg_sets[i % len(arg_sets)])
-            jax.block_until_ready(y)
-        events = kernel_events(tmp)
+
+    def calls():
+        for i in range(n_calls):
+            y = fn(*arg_sets[i % len(arg_sets)])
+        return y
+
+    events = traced_kernels(calls)
     if events and len(events) % n_calls == 0:
         per = len(events) // n_calls
         sums = [sum(d for _, d, _ in events[i : i + per]) for i in range(0, len(events), per)]
@@ -167,13 +176,14 @@ def device_time(fn, arg_sets: list, n_calls: int) -> dict:
 def kernel_breakdown(fn, args, n_calls=20) -> dict:
     """Median device µs per kernel name over ``n_calls`` calls (profiler trace)."""
     jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
-            for _ in range(n_calls):
-                y = fn(*args)
-            jax.block_until_ready(y)
-        events = kernel_events(tmp)
+
+    def calls():
+        for _ in range(n_calls):
+            y = fn(*args)
+        return y
+
     per: dict = {}
+    events = traced_kernels(calls)
     for _, d, name in events:
         per.setdefault(name[:70], []).append(d / 1e3)
     return {k: round(float(np.median(v)), 2) for k, v in per.items()}
