@@ -49,6 +49,8 @@ class Small:
     block_k: int
     stages: int
     occupancy: int  # CTAs per SM the schedule fills (one wave of 132 · occupancy)
+    scale_acc: bool = False  # group scales on float32 per-slice sums (as `mg.Config.scale_acc`)
+    even: bool = False  # every CTA the same steps, a divisor of the total (fewer CTAs than slots)
 
 
 def cta_smem(bm: int, bk: int, stages: int, bits: int) -> int:
@@ -62,14 +64,50 @@ def fits(cfg: Small, bm: int, bits: int) -> bool:
     return cta_smem(bm, cfg.block_k, cfg.stages, bits) <= SMEM_PER_SM // cfg.occupancy - 1024
 
 
-def cta_steps(total: int, ctas: int) -> int:
-    """The smallest divisor ``L`` of ``total`` steps with at most ``ctas`` CTAs of ``L`` steps."""
-    return next(d for d in range(1, total + 1) if total % d == 0 and total // d <= ctas)
+def uneven(total: int, slots: int, even: bool = False) -> tuple[int, int, int]:
+    """``(ctas, L, r)``: ``total`` K steps over ``min(slots, total)`` CTAs, the first ``r`` of
+    them ``L + 1`` steps, the rest ``L`` (stream-K with no divisibility constraint); ``even``:
+    ``L`` the smallest divisor of ``total`` with at most ``slots`` CTAs, ``r = 0``."""
+    if even:
+        length = next(d for d in range(1, total + 1) if total % d == 0 and total // d <= slots)
+        return total // length, length, 0
+    ctas = min(slots, total)
+    return ctas, total // ctas, total % ctas
+
+
+def first_cta(step, length: int, r: int, xp=np):
+    """The CTA that takes step ``step`` (tiles end to end) when CTA ``c`` starts at step
+    ``c·L + min(c, r)``; ``xp``: ``np``, or ``jnp`` for traced steps."""
+    split = r * (length + 1)
+    return xp.where(step < split, step // (length + 1), r + (step - split) // length)
+
+
+def uneven_segments(n_tiles: int, steps: int, length: int, r: int) -> np.ndarray:
+    """``(n_tiles, 2)``: first and last CTA on each weight tile."""
+    starts = np.arange(n_tiles) * steps
+    return np.stack([first_cta(starts, length, r), first_cta(starts + steps - 1, length, r)], 1)
+
+
+def combine(parts, seg: np.ndarray):
+    """Sums the ``(slots, N_p, M_p)`` partials over the slots each tile was written to."""
+    if parts.shape[0] == 1:
+        return parts[0]
+    n_tiles = seg.shape[0]
+    written = np.arange(parts.shape[0])[:, None] <= (seg[:, 1] - seg[:, 0])[None, :]
+    mask = np.repeat(written, parts.shape[1] // n_tiles, axis=1)[:, :, None]
+    return jnp.sum(jnp.where(mask, parts, 0.0), axis=0)
+
+
+def schedule(n_p: int, k_p: int, cfg: Small):
+    n_tiles, steps = n_p // ROWS, k_p // cfg.block_k
+    ctas, length, r = uneven(n_tiles * steps, mg.NUM_SMS * cfg.occupancy, cfg.even)
+    return ctas, length, r, uneven_segments(n_tiles, steps, length, r)
 
 
 def _kernel(x2, codes, scales, cfg: Small, decode: str):
-    """``(slots, N_p, M_p)`` float32 partial sums of ``Ŵᵀ xᵀ`` (scales on the weights when
-    given), one 64-row tile per warp group, one warp group per CTA."""
+    """``(slots, N_p, M_p)`` float32 partial sums of ``Ŵᵀ xᵀ`` (scales on the weights, or with
+    ``scale_acc`` on per-slice float32 sums, when given), one 64-row tile per warp group, one
+    warp group per CTA, CTA ``c`` taking steps ``[start(c), start(c + 1))``."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -79,20 +117,20 @@ def _kernel(x2, codes, scales, cfg: Small, decode: str):
     _, bm = mg.padded_rows(m_rows)
     n_p = codes.shape[0]
     bk, span = cfg.block_k, mg.SLICE
-    n_tiles, steps = n_p // ROWS, k_p // bk
-    length = cta_steps(n_tiles * steps, mg.NUM_SMS * cfg.occupancy)
-    ctas = n_tiles * steps // length
-    seg = mg.segments(n_tiles, steps, length)
+    steps = k_p // bk
+    ctas, length, r, seg = schedule(n_p, k_p, cfg)
     slots = int(np.max(seg[:, 1] - seg[:, 0])) + 1
     per = bk // span
     bits = 4 if codes.dtype == jnp.int4 else 8
     scaled = scales is not None
+    by_slice = scaled and cfg.scale_acc
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
 
     def kernel(w_gmem, x_gmem, *rest, o_smem):
         o_gmem = rest[-1]
         ci = lax.axis_index("c")
-        first = ci * length
+        first = ci * length + jnp.minimum(ci, r)
+        n_steps = jnp.where(ci < r, length + 1, length)
 
         def tile(kk):
             return (first + kk) // steps
@@ -100,29 +138,52 @@ def _kernel(x2, codes, scales, cfg: Small, decode: str):
         def k_step(kk):
             return (first + kk) % steps
 
-        def scoped(acc):
+        def scoped(accs):
+            tot = accs[0]
+
             def body(idx, w_smem, x_smem, *s):
                 (kk,) = idx
-                for j in range(per):
+
+                def operand(j):
                     cols = pl.ds(j * span, span)
-                    raw = plgpu.load(w_smem, (slice(None), cols), layout=dec.load_layout(bits))
+                    raw = plgpu.load(w_smem.at[:, cols], (), layout=dec.load_layout(bits))
                     a = dec.decode(decode, raw, None)
                     if decode in dec.FP8_SHIFT:
                         a = a * jnp.bfloat16(fp8_factor)
-                    if scaled:
+                    if scaled and not by_slice:
                         a = a * lax.broadcast_in_dim(s[0][j, :], (ROWS, span), (0,))
-                    plgpu.wgmma(acc, a, x_smem.at[:, cols].T)
-                plgpu.wgmma_wait(0)
+                    return a, x_smem.at[:, cols].T
 
-                @pl.when((k_step(kk) == steps - 1) | (kk == length - 1))
+                if not by_slice:
+                    for j in range(per):
+                        plgpu.wgmma(tot, *operand(j))
+                    plgpu.wgmma_wait(0)
+                else:
+                    parts = accs[1:]
+
+                    def fold(j, wait_n):
+                        part = parts[j % 2]
+                        p = plgpu.wgmma_accumulator_load(part, wait_n=wait_n)
+                        sc = s[0][j, :].astype(jnp.float32)
+                        t = plgpu.wgmma_accumulator_load(tot, wait_n=None)
+                        tot[...] = t + p * lax.broadcast_in_dim(sc, (ROWS, bm), (0,))
+                        part[...] = jnp.zeros((ROWS, bm), jnp.float32)
+
+                    for j in range(per):
+                        plgpu.wgmma(parts[j % 2], *operand(j))
+                        if j:
+                            fold(j - 1, wait_n=1)
+                    fold(per - 1, wait_n=0)
+
+                @pl.when((k_step(kk) == steps - 1) | (kk == n_steps - 1))
                 def _():
                     t = tile(kk)
-                    c0 = t * steps // length
+                    c0 = first_cta(t * steps, length, r, jnp)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    o_smem[...] = acc[...]
+                    o_smem[...] = tot[...]
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[ci - c0, pl.ds(t * ROWS, ROWS)])
-                    acc[...] = jnp.zeros((ROWS, bm), jnp.float32)
+                    tot[...] = jnp.zeros((ROWS, bm), jnp.float32)
 
             in_specs = [
                 plgpu.BlockSpec(
@@ -137,12 +198,13 @@ def _kernel(x2, codes, scales, cfg: Small, decode: str):
             if scaled:
                 in_specs.append(plgpu.BlockSpec((per, ROWS), lambda kk: (k_step(kk), tile(kk))))
             pipeline = plgpu.emit_pipeline(
-                body, grid=(length,), in_specs=in_specs, max_concurrent_steps=cfg.stages
+                body, grid=(n_steps,), in_specs=in_specs, max_concurrent_steps=cfg.stages
             )
             pipeline(w_gmem, x_gmem, *rest[:-1])
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(scoped, plgpu.ACC((ROWS, bm), jnp.float32))
+        acc = plgpu.ACC((ROWS, bm), jnp.float32)
+        pl.run_scoped(scoped, [acc] * (3 if by_slice else 1))
 
     args = [codes, x2] + ([scales] if scaled else [])
     return plgpu.kernel(
@@ -154,7 +216,7 @@ def _kernel(x2, codes, scales, cfg: Small, decode: str):
             o_smem=plgpu.SMEM((ROWS, bm), jnp.float32, transforms=mg._tiled(bm, 32, "out"))
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )(*args), length
+    )(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -166,24 +228,30 @@ def small_matmul(x, w, cfg: Small):
         x = jnp.pad(x, [(0, -m % mg.TMA_ROWS), (0, 0)])
     per_channel = w.layout == "gpu_f8t" or w.spec.group == "channel"
     scales = None if per_channel else w.scales
-    parts, length = _kernel(x, w.codes, scales, cfg, mg.decoder(w))
+    parts = _kernel(x, w.codes, scales, cfg, mg.decoder(w))
     n_p, k_p = w.codes.shape
-    y = mg.combine(parts, n_p // ROWS, k_p // cfg.block_k, length).T[:m]
+    y = combine(parts, schedule(n_p, k_p, cfg)[3]).T[:m]
     if per_channel:
         y = y * w.scales[:1].astype(jnp.float32)
     return y.astype(x.dtype)[:, : w.shape[1]]
 
 
 def candidates(m: int, bits: int) -> dict[str, Small]:
-    """The variants timed: for each occupancy the deepest pipeline of 512- / 256-code steps
-    that fits its share of the SM's shared memory."""
+    """The variants timed: occupancy 2 and 3, 512-code steps (256 where 512 does not fit two
+    stages), the deepest pipeline that fits the SM's share, every CTA's steps a divisor of the
+    total (``even``) or not; int4 with and without scales on the float32 sums."""
     _, bm = mg.padded_rows(m)
     out = {}
-    for occ in (2, 3, 4):
+    for occ in (2, 3):
         for bk in (512, 256):
             stages = max((s for s in range(1, 9) if fits(Small(bk, s, occ), bm, bits)), default=0)
             if stages >= 2:
-                out[f"o{occ}_bk{bk}_st{stages}"] = Small(bk, stages, occ)
+                for even in (True, False):
+                    name = f"o{occ}_bk{bk}_st{stages}" + ("_even" if even else "")
+                    out[name] = Small(bk, stages, occ, even=even)
+                    if bits == 4:
+                        out[f"{name}_sacc"] = Small(bk, stages, occ, True, even)
+                break
     return out
 
 
@@ -236,6 +304,7 @@ def ptxas_registers(args) -> None:
 def main(argv=None) -> None:
     ap = probe_parser(list(FORMATS), [1, 16], 450)
     ap.add_argument("--ptxas", action="store_true", help="registers per candidate, no timing")
+    ap.add_argument("--variants", nargs="*", help="time only these candidates (and the table)")
     args = ap.parse_args(argv)
     if args.ptxas:
         os.makedirs(args.out, exist_ok=True)
@@ -246,7 +315,8 @@ def main(argv=None) -> None:
         bits = 4 if w.codes.dtype == jnp.int4 else 8
         fs = jitted({"table": mg.config_for(w, m)})
         for label, cfg in candidates(m, bits).items():
-            fs[label] = jax.jit(functools.partial(small_matmul, cfg=cfg))
+            if args.variants is None or label in args.variants:
+                fs[label] = jax.jit(functools.partial(small_matmul, cfg=cfg))
         return fs
 
     cases = [(*shape(name), m) for m in args.ms for name in args.shapes]
