@@ -34,7 +34,8 @@ def check(results: list) -> None:
         for m, k, n in [(16, 2048, 384), (1, 4096, 256), (64, 1024, 640), (7, 640, 200),
                         (100, 1024, 256), (200, 1024, 384)]:  # fmt: skip
             w, x, ref = kb.check_case(spec, layout, m, k, n, seed=m * 31 + k)
-            base = mg.config_for(w, m, mg.Config("mgpu", 128, None, 3) if m > 128 else None)
+            big = mg.Config("mgpu", 128, None, 3)
+            base = mg.config_for(w, m, big) if m > 128 else mg.table_config(w, m)
             total = w.codes.shape[0] // 128 * (w.codes.shape[1] // base.block_k)
             for length in sorted({1, 3, 6, base.cta_steps, total}):
                 if total % length:
@@ -55,7 +56,7 @@ def main(argv=None) -> None:
     out = start(args, check)
 
     def variants(w, m):
-        base = mg.config_for(w, m)
+        base = mg.table_config(w, m)
         return jitted({"combine": dataclasses.replace(base, fused=False),
                        "fused": dataclasses.replace(base, fused=True)})  # fmt: skip
 

@@ -40,7 +40,7 @@ import numpy as np
 
 import qjax
 from qjax.kernels import repack
-from qjax.kernels.gpu import configs, mgpu_matmul
+from qjax.kernels.gpu import configs, mgpu_matmul, mgpu_skinny
 from qjax.kernels.gpu.int_matmul import int_matmul
 from qjax.kernels.gpu.table_matmul import XLA_FROM_M, table_matmul
 from qjax.kernels.gpu.table_matmul import pick as table_pick
@@ -512,6 +512,9 @@ def run_check_mgpu(results: list) -> None:
             w, x, ref = check_case(spec, layout, m, k, n, seed=m * 13 + k)
             tries = [None, *(mg.config_for(w, m, c) for c in table)]
             both = dataclasses.replace(tries[1], fused=not tries[1].fused)  # the other epilogue
+            if mgpu_skinny.eligible(w, m):  # the skinny kernel, both scale placements and shares
+                tries += [mg.config_for(w, m, mg.Config("skinny", 512, scale_acc=s, ctas_per_sm=c))
+                          for s in (False, True) for c in (2, 3)]  # fmt: skip
             for cfg in [*tries, both]:
                 if cfg is None:
                     y = np.asarray(qjax.matmul(x, w), np.float32)

@@ -28,7 +28,8 @@ def check(results: list) -> None:
         for m, k, n in [(16, 2048, 384), (1, 4096, 256), (64, 1024, 640), (7, 640, 200),
                         (128, 1024, 256), (200, 1024, 384)]:  # fmt: skip
             w, x, ref = kb.check_case(spec, layout, m, k, n, seed=m * 31 + k)
-            base = mg.config_for(w, m, mg.Config("mgpu", 128, None, 3) if m > 128 else None)
+            big = mg.Config("mgpu", 128, None, 3)
+            base = mg.config_for(w, m, big) if m > 128 else mg.table_config(w, m)
             for fused in (False, True):
                 for sacc in (False, True) if fmt == "nf4t" else (base.scale_acc,):
                     opts = dict(lut=True, fused=fused, scale_acc=sacc)
@@ -44,7 +45,7 @@ def main(argv=None) -> None:
     out = start(args, check)
 
     def configs(w, m):
-        base = mg.config_for(w, m)
+        base = mg.table_config(w, m)
         opts = {"regs": dict(lut=False), "lut": dict(lut=True)}
         if w.layout == "gpu_nf4t" and args.nf4_variants:
             opts["lut_sacc"] = dict(lut=True, scale_acc=True)

@@ -63,7 +63,7 @@ def run_cases(cases: list[str]) -> None:
         fmt, n, k, m, fields = parse_case(text)
         x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
         w = kb.random_weight(fmt, k, n, 0)
-        cfg = dataclasses.replace(mg.config_for(w, m), **fields)
+        cfg = dataclasses.replace(mg.table_config(w, m), **fields)
         f = jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
         label = kb.config_label(dataclasses.asdict(cfg))
         compiled = f.lower(x, w).compile()

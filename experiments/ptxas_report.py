@@ -50,7 +50,7 @@ def main(argv=None) -> None:
             before = set(glob.glob(f"{args.dump}/*"))
             spec, layout = kb.FORMATS[fmt]
             w, x, _ = kb.check_case(spec, layout, m, 8192, 8192, seed=0)
-            cfg = mg.config_for(w, m)
+            cfg = mg.table_config(w, m)
             jax.block_until_ready(mg.matmul(x, w, config=cfg))
             new = sorted(set(glob.glob(f"{args.dump}/*")) - before)
             ptxas = "".join(open(f).read() for f in new if f.endswith(".ptxas"))

@@ -27,7 +27,7 @@ from qjax.kernels.gpu import mgpu_matmul as mg
 
 
 def with_scale_acc(w, m: int, on: bool) -> mg.Config:
-    return dataclasses.replace(mg.config_for(w, m), scale_acc=on)
+    return dataclasses.replace(mg.table_config(w, m), scale_acc=on)
 
 
 def variants(w, m: int) -> dict:

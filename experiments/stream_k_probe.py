@@ -35,7 +35,7 @@ def split_k_steps(n_tiles: int, steps: int, m_tiles: int) -> int:
 
 
 def configs(w, m: int) -> dict:
-    stream = mg.config_for(w, m)
+    stream = mg.table_config(w, m)
     n_p, k_p = w.codes.shape
     m_p, bm = mg.padded_rows(m)
     length = split_k_steps(n_p // 128, k_p // stream.block_k, m_p // bm)
@@ -47,7 +47,7 @@ def check(results: list) -> None:
         spec, layout = kb.FORMATS[fmt]
         for m, k, n in [(16, 2048, 384), (1, 4096, 256), (64, 1024, 640), (7, 640, 200)]:
             w, x, ref = kb.check_case(spec, layout, m, k, n, seed=m * 19 + k)
-            base = mg.config_for(w, m)
+            base = mg.table_config(w, m)
             total = w.codes.shape[0] // 128 * (w.codes.shape[1] // base.block_k)
             for length in sorted({1, 3, 6, base.cta_steps, total}):
                 if total % length:

@@ -264,7 +264,7 @@ def test_rows_of_x_go_to_wgmma_in_steps_of_8(m):
 @pytest.mark.parametrize("m", [1, 32, 64])
 def test_scales_go_on_float32_sums_up_to_32_rows_except_nf4(spec, m):
     w = rp.repack(_weight(spec, 1024, 256, 1), _layout(spec))
-    cfg = mg.config_for(w, m)
+    cfg = mg.table_config(w, m)
     assert cfg.scale_acc == (m <= 32 and not isinstance(spec, qjax.NF4))
     assert cfg.lut == isinstance(spec, qjax.NF4)  # NF4 decoded by the pair table
     assert mg.smem_bytes(8 * -(-m // 8), cfg.block_k, cfg.stages, _bits(spec), mg.slice_codes(w),
@@ -398,7 +398,7 @@ def test_fused_epilogue_hands_every_partial_sum_to_the_tiles_first_cta(n_tiles, 
 def test_fused_config_lowers_with_semaphores_and_a_transposed_store(fused):
     w = rp.repack(_weight(SPECS[4], 1024, 256, 1), "gpu_i8t")
     x = jax.random.normal(jax.random.key(2), (16, 1024), jnp.bfloat16)
-    cfg = dataclasses.replace(mg.config_for(w, 16), fused=fused)
+    cfg = dataclasses.replace(mg.table_config(w, 16), fused=fused)
     out = jax.eval_shape(lambda x, w: mg._mgpu_matmul(x, w, cfg), x, w)
     assert out.shape == (16, 256) and out.dtype == jnp.bfloat16
     lowered = jax.jit(lambda x, w: mg._mgpu_matmul(x, w, cfg)).trace(x, w)
@@ -412,7 +412,7 @@ def test_fused_config_lowers_with_semaphores_and_a_transposed_store(fused):
 def test_kernel_traces_for_every_table_config(spec, m):
     w = rp.repack(_weight(spec, 1024, 256, 1), _layout(spec))
     x = jax.random.normal(jax.random.key(2), (m, 1024), jnp.bfloat16)
-    cfg = mg.config_for(w, m)
+    cfg = mg.table_config(w, m)
     out = jax.eval_shape(lambda x, w: mg._mgpu_matmul(x, w, cfg), x, w)
     assert out.shape == (m, 256) and out.dtype == jnp.bfloat16
     jaxpr = str(jax.make_jaxpr(lambda x, w: mg._mgpu_matmul(x, w, cfg))(x, w))
@@ -439,7 +439,7 @@ def test_kernel_lowers_to_mosaic_gpu_with_its_decoder(spec, m):
     # (their PTX strings) and the wgmma / TMA pipeline are all built; only ptxas needs the GPU
     w = rp.repack(_weight(spec, 1024, 256, 1), _layout(spec))
     x = jax.random.normal(jax.random.key(2), (m, 1024), jnp.bfloat16)
-    cfg = mg.config_for(w, m)
+    cfg = mg.table_config(w, m)
     assert cfg.path == "mgpu" and cfg.m_inner == (m > mg.MAX_BLOCK_M)
     lowered = jax.jit(lambda x, w: mg._mgpu_matmul(x, w, cfg)).trace(x, w)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()

@@ -92,7 +92,7 @@ SMEM_BYTES = 227 * 1024  # H100 shared memory per block (opt-in maximum)
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    path: str  # "mgpu" | "xla"
+    path: str  # "mgpu" | "skinny" (`mgpu_skinny`: one warp group per CTA, M ≤ 16) | "xla"
     block_k: int = 512
     cta_steps: int | None = None  # K steps per CTA (stream-K); None: chosen by `schedule`
     stages: int = 2  # K steps the memory warp group runs ahead
@@ -107,6 +107,8 @@ class Config:
     grouped: bool | None = None  # whole tiles per CTA: (row block, tile) jobs dealt round-robin
     #                              in groups of GROUP_M row blocks (`grouped_job`), not each
     #                              CTA's tiles in a row; None: above GROUPED_ROWS rows of x
+    ctas_per_sm: int = 1  # "skinny": CTAs an SM holds (shared memory cut to a share each,
+    #                       the stream-K schedule fills 132 × this in one wave)
 
 
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4
@@ -329,14 +331,33 @@ def decoder(w: QArray) -> str:
     return "nf4" if w.layout == "gpu_nf4t" else "int"
 
 
+def table_config(w: QArray, m: int) -> Config:
+    """This kernel's config for ``m`` rows of ``x`` times the repacked weight ``w``: the table's
+    (:func:`pick`), the scales on the weights for NF4."""
+    n_p, k_p = w.codes.shape
+    lut = w.layout == "gpu_nf4t"
+    cfg = pick(m, k_p, n_p, code_bits(w), slice_codes(w), lut)
+    return dataclasses.replace(cfg, scale_acc=cfg.scale_acc and w.layout != "gpu_nf4t")
+
+
 def config_for(w: QArray, m: int, cfg: Config | None = None) -> Config:
-    """``cfg`` (default: the table's, :func:`pick`) :func:`fit` to ``m`` rows of ``x`` times the
-    repacked weight ``w``."""
+    """``cfg`` :func:`fit` to ``m`` rows of ``x`` times the repacked weight ``w``; by default
+    :func:`table_config`, or at decode sizes the skinny kernel's
+    (:mod:`~qjax.kernels.gpu.mgpu_skinny`) where this kernel's partial sums would need the XLA
+    pass anyway — there its several CTAs per SM are faster."""
+    from qjax.kernels.gpu import mgpu_skinny
+
     n_p, k_p = w.codes.shape
     if cfg is None:
-        lut = w.layout == "gpu_nf4t"
-        cfg = pick(m, k_p, n_p, code_bits(w), slice_codes(w), lut)
-        return dataclasses.replace(cfg, scale_acc=cfg.scale_acc and w.layout != "gpu_nf4t")
+        cfg = table_config(w, m)
+        if cfg.path == "mgpu" and not cfg.fused and mgpu_skinny.eligible(w, m):
+            skinny = dataclasses.replace(
+                cfg, path="skinny", block_k=512, ctas_per_sm=mgpu_skinny.CTAS_PER_SM
+            )
+            return mgpu_skinny.fit(skinny, m, k_p, n_p, code_bits(w))
+        return cfg
+    if cfg.path == "skinny":
+        return mgpu_skinny.fit(cfg, m, k_p, n_p, code_bits(w))
     return fit(cfg, m, k_p, n_p, code_bits(w), slice_codes(w))
 
 
@@ -727,6 +748,27 @@ def supports(x: jax.Array, w: QArray) -> bool:
     return calls.supports(x, w, LAYOUTS)
 
 
+def check_config(x2, w: QArray, cfg: Config) -> None:
+    """Raises a :class:`~qjax.QjaxError` naming what of ``cfg`` does not fit ``x2 @ w``."""
+    bits, span = code_bits(w), slice_codes(w)
+    if cfg.block_k % SLICE or w.codes.shape[1] % cfg.block_k:
+        raise ShapeError(f"mgpu_matmul: block_k {cfg.block_k} must be a multiple of "
+                         f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
+    n_p, k_p = w.codes.shape
+    total = n_p // (2 * BLOCK_N) * (k_p // cfg.block_k)
+    if cfg.cta_steps is None or total % cfg.cta_steps:
+        raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} "
+                         f"K steps of the weight's tiles (use fit())")  # fmt: skip
+    _, bm = padded_rows(x2.shape[0], cfg.block_m)
+    whole = cfg.fused and cfg.cta_steps % (k_p // cfg.block_k) == 0
+    need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, whole)
+    if need > SMEM_BYTES:
+        raise ShapeError(
+            f"mgpu_matmul: {cfg} needs {need} bytes "
+            f"of shared memory for {x2.shape[0]} rows, more than {SMEM_BYTES} (use fit())"
+        )
+
+
 def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Array:
     """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a weight ``(K, N)`` repacked to one of
     :data:`LAYOUTS`.
@@ -738,7 +780,6 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
     k, n = w.shape
     lead = x.shape[:-1]
     x2 = calls.as_rows(x, w.codes.shape[1])
-    bits, span = code_bits(w), slice_codes(w)
     cfg = config or config_for(w, x2.shape[0])
     if cfg.path == "xla":
         y = calls.dequantized_matmul(x2, w)
@@ -748,23 +789,14 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
                 f"mgpu_matmul: the Mosaic GPU kernel needs a GPU, backend is "
                 f"{jax.default_backend()!r}"
             )
-        if cfg.block_k % SLICE or w.codes.shape[1] % cfg.block_k:
-            raise ShapeError(f"mgpu_matmul: block_k {cfg.block_k} must be a multiple of "
-                             f"{SLICE} dividing K_p = {w.codes.shape[1]}")  # fmt: skip
-        n_p, k_p = w.codes.shape
-        total = n_p // (2 * BLOCK_N) * (k_p // cfg.block_k)
-        if cfg.cta_steps is None or total % cfg.cta_steps:
-            raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} "
-                             f"K steps of the weight's tiles (use fit())")  # fmt: skip
-        _, bm = padded_rows(x2.shape[0], cfg.block_m)
-        whole = cfg.fused and cfg.cta_steps % (k_p // cfg.block_k) == 0
-        need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, whole)
-        if need > SMEM_BYTES:
-            raise ShapeError(
-                f"mgpu_matmul: {cfg} needs {need} bytes "
-                f"of shared memory for {x2.shape[0]} rows, more than {SMEM_BYTES} (use fit())"
-            )
-        y = _mgpu_matmul(x2, w, cfg)
+        if cfg.path == "skinny":
+            from qjax.kernels.gpu import mgpu_skinny
+
+            mgpu_skinny.check_config(x2, w, cfg)
+            y = mgpu_skinny.matmul_rows(x2, w, cfg)
+        else:
+            check_config(x2, w, cfg)
+            y = _mgpu_matmul(x2, w, cfg)
     if y.shape[1] != n:
         y = y[:, :n]
     return y.reshape(*lead, n)

@@ -1,0 +1,120 @@
+"""The skinny Mosaic GPU kernel (:mod:`qjax.kernels.gpu.mgpu_skinny`: one warp group per CTA,
+several CTAs per SM) on the CPU: when the dispatch takes it, its stream-K schedule, that its
+configs fit their share of shared memory, that it lowers to Mosaic GPU code, and its errors.
+Its numbers are checked on the H100 (``python -m experiments.occupancy_probe``,
+``python -m experiments.kernel_bench --check``)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qjax
+from qjax.errors import ShapeError
+from qjax.kernels import repack as rp
+from qjax.kernels.gpu import mgpu_matmul as mg
+from qjax.kernels.gpu import mgpu_skinny as sk
+
+SKINNY = [  # (spec, layout) the kernel takes: symmetric codes
+    (qjax.Int(4, group=128), "gpu_i4t"),
+    (qjax.Int(4, group="channel"), "gpu_i4t"),
+    (qjax.Int(8, group="channel"), "gpu_i8t"),
+    (qjax.FP8("e4m3", group="channel"), "gpu_f8t"),
+]
+MAIN_ONLY = [  # zeros, or the pair-table decoder
+    (qjax.Int(4, group=128, symmetric=False), "gpu_i4t"),
+    (qjax.NF4(), "gpu_nf4t"),
+]
+
+
+def _abstract(spec, layout, k, n):
+    """The repacked weight's shapes and metadata only (no 57344 × 8192 array made)."""
+    return jax.eval_shape(lambda: rp.repack(spec.quantize(jnp.zeros((k, n), jnp.float32)), layout))
+
+
+def _weight(spec, layout, k, n, seed=0):
+    w = jax.random.normal(jax.random.key(seed), (k, n)) * (1 + jnp.arange(n) / n)
+    return rp.repack(spec.quantize(w), layout)
+
+
+@pytest.mark.parametrize(("spec", "layout"), SKINNY + MAIN_ONLY, ids=lambda v: str(v))
+@pytest.mark.parametrize("m", [1, 16, 17])
+@pytest.mark.parametrize(("n", "k"), [(8192, 8192), (28672, 4096), (576, 576)])
+def test_decode_sizes_take_the_skinny_kernel_where_the_main_one_needs_the_xla_pass(
+    spec, layout, m, n, k
+):
+    w = _abstract(spec, layout, k, n)
+    main = mg.table_config(w, m)
+    cfg = mg.config_for(w, m)
+    want = (spec, layout) in SKINNY and m <= sk.MAX_ROWS and not main.fused
+    assert cfg.path == ("skinny" if want else "mgpu")
+    if want:  # the same placement of the scales as the main kernel's table
+        assert cfg.scale_acc == main.scale_acc and cfg.ctas_per_sm == sk.CTAS_PER_SM
+    if (n, k) == (28672, 4096):  # the main kernel hands its partial sums over in the kernel
+        assert main.fused and cfg.path == "mgpu"
+
+
+@settings(max_examples=80, deadline=None)
+@given(n_tiles=st.integers(1, 900), steps=st.integers(1, 64), per_sm=st.integers(1, 4))
+def test_schedule_takes_the_fewest_steps_per_cta_that_fit_one_wave(n_tiles, steps, per_sm):
+    total = n_tiles * steps
+    length = sk.schedule(n_tiles, steps, per_sm)
+    assert total % length == 0 and total // length <= mg.NUM_SMS * per_sm
+    assert all(total % d or total // d > mg.NUM_SMS * per_sm for d in range(1, length))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 7, 8, 13, 16])
+@pytest.mark.parametrize(("k", "n"), [(8192, 8192), (640, 640), (28672, 8192), (384, 256)])
+@pytest.mark.parametrize("per_sm", [2, 3])
+def test_configs_fit_their_share_of_shared_memory_and_divide_the_work(bits, m, k, n, per_sm):
+    base = mg.Config("skinny", 512, ctas_per_sm=per_sm)
+    cfg = sk.fit(base, m, k, n, bits)
+    _, bm = mg.padded_rows(m)
+    assert k % cfg.block_k == 0 and cfg.block_k % mg.SLICE == 0 and cfg.stages == sk.STAGES
+    assert sk.smem_bytes(bm, cfg.block_k, cfg.stages, bits) <= sk.smem_share(per_sm)
+    assert (n // sk.ROWS * (k // cfg.block_k)) % cfg.cta_steps == 0
+    # the largest K step that fits: twice it would not divide K or not fit
+    bigger = 2 * cfg.block_k
+    fits = k % bigger == 0 and sk.smem_bytes(bm, bigger, sk.STAGES, bits) <= sk.smem_share(per_sm)
+    assert cfg.block_k == 512 or not fits
+
+
+@pytest.mark.parametrize(("spec", "layout"), SKINNY, ids=lambda v: str(v))
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 1024, 256), (16, 576, 200), (7, 2048, 384)])
+@pytest.mark.parametrize("scale_acc", [False, True])
+def test_kernel_lowers_to_mosaic_gpu(spec, layout, m, k, n, scale_acc):
+    # lowering for CUDA runs on the CPU: the plain pipeline, the decoders and wgmma are built
+    w = _weight(spec, layout, k, n)
+    x = jax.random.normal(jax.random.key(2), (m, w.codes.shape[1]), jnp.bfloat16)
+    cfg = mg.config_for(w, m, mg.Config("skinny", 512, scale_acc=scale_acc, ctas_per_sm=3))
+    sk.check_config(x, w, cfg)
+    out = jax.eval_shape(lambda x, w: sk.matmul_rows(x, w, cfg), x, w)
+    assert out.shape == (m, w.codes.shape[0]) and out.dtype == jnp.bfloat16
+    lowered = jax.jit(lambda x, w: sk.matmul_rows(x, w, cfg)).trace(x, w)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize(("spec", "layout"), MAIN_ONLY, ids=lambda v: str(v))
+def test_weights_it_does_not_take_are_refused_with_their_layout_named(spec, layout):
+    w = _weight(spec, layout, 512, 128)
+    x = jnp.ones((4, 512), jnp.bfloat16)
+    cfg = sk.fit(mg.Config("skinny", 512, ctas_per_sm=3), 4, 512, 128, 4)
+    with pytest.raises(ShapeError, match=layout):
+        sk.check_config(x, w, cfg)
+
+
+def test_too_many_rows_and_unfitted_configs_are_refused():
+    w = _weight(*SKINNY[0], 1024, 256)
+    cfg = sk.fit(mg.Config("skinny", 512, ctas_per_sm=3), 16, 1024, 256, 4)
+    with pytest.raises(ShapeError, match="at most 16 rows"):
+        sk.check_config(jnp.ones((17, 1024), jnp.bfloat16), w, cfg)
+    x = jnp.ones((16, 1024), jnp.bfloat16)
+    with pytest.raises(ShapeError, match="cta_steps"):
+        sk.check_config(x, w, dataclasses.replace(cfg, cta_steps=3))  # 4 tiles × 2 steps
+    with pytest.raises(ShapeError, match="block_k"):
+        sk.check_config(x, w, dataclasses.replace(cfg, block_k=384))
