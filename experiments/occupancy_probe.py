@@ -33,9 +33,8 @@ FORMATS = ("w4g128t", "w4cht", "w8cht", "fp8t")
 
 def skinny(w, m, **fields) -> mg.Config:
     """The skinny kernel's config for ``w`` and ``m`` rows (``fields`` replaced), fitted."""
-    base = dataclasses.replace(
-        mg.table_config(w, m), path="skinny", block_k=512, ctas_per_sm=3, **fields
-    )
+    fields = {"path": "skinny", "block_k": 512, "ctas_per_sm": 3, **fields}
+    base = dataclasses.replace(mg.table_config(w, m), **fields)
     return mg.config_for(w, m, base)
 
 
