@@ -207,6 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--token-cache", type=Path, help="dir with <model>_test.npy (test-text ids)")
     p.add_argument("--out", type=Path, default=Path("experiments/results/kernels"))
     p.add_argument("--profile", action="store_true", help="device kernel time per step (trace)")
+    p.add_argument("--variants", nargs="*", help="run only these variants (names as reported)")
     args = p.parse_args(argv)
     command = "python -m experiments.decode_bench " + shlex.join(argv or sys.argv[1:])
     gguf = args.gguf or assets.path(args.model)
@@ -219,6 +220,8 @@ def main(argv=None) -> int:
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     rows, ref_tokens = [], {}
     for name, params in variants(model).items():
+        if args.variants is not None and name not in args.variants:
+            continue
         gd, state = nnx.split(nnx.merge(graphdef, params, rest))
         for b in args.batches:
             row, toks = measure(name, gd, state, prompt_ids, b, args)
