@@ -343,14 +343,14 @@ def table_config(w: QArray, m: int) -> Config:
 def config_for(w: QArray, m: int, cfg: Config | None = None) -> Config:
     """``cfg`` :func:`fit` to ``m`` rows of ``x`` times the repacked weight ``w``; by default
     :func:`table_config`, or at decode sizes the skinny kernel's
-    (:mod:`~qjax.kernels.gpu.mgpu_skinny`) where this kernel's partial sums would need the XLA
-    pass anyway — there its several CTAs per SM are faster."""
+    (:mod:`~qjax.kernels.gpu.mgpu_skinny`, several CTAs per SM) where it is measured faster
+    (:func:`~qjax.kernels.gpu.mgpu_skinny.beats`)."""
     from qjax.kernels.gpu import mgpu_skinny
 
     n_p, k_p = w.codes.shape
     if cfg is None:
         cfg = table_config(w, m)
-        if cfg.path == "mgpu" and not cfg.fused and mgpu_skinny.eligible(w, m):
+        if cfg.path == "mgpu" and mgpu_skinny.eligible(w, m) and mgpu_skinny.beats(cfg):
             skinny = dataclasses.replace(
                 cfg, path="skinny", block_k=512, ctas_per_sm=mgpu_skinny.CTAS_PER_SM
             )

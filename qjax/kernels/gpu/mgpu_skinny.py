@@ -21,10 +21,10 @@ or, with ``scale_acc``, the float32 per-slice sums, as in the main kernel.
 Measured on the H100 (``experiments/results/kernels/occupancy_probe*.json``; same run as the
 main kernel's table config, M = 1 / 16): int4 g128 2–5 % faster on three of the Llama-3-70B
 shapes (8192²: 16.4 vs 17.0 µs at M = 1), 2–8 % on Llama-3-8B's, 20–35 % on SmolLM2-135M's
-(3.2–3.7 vs 4.3–5.0 µs); int8 / FP8 similar — but 4 % slower where the main kernel adds the
-partial sums inside itself (``Config.fused``: 57344×8192), so
-:func:`~qjax.kernels.gpu.mgpu_matmul.config_for` takes this kernel only where the main one would
-need the XLA pass anyway, for the weights of :func:`eligible`.
+(3.2–3.7 vs 4.3–5.0 µs); int8 / FP8 similar — but 0.3–4 % slower where the main kernel adds its
+partial sums inside itself over long CTA runs (57344×8192), so
+:func:`~qjax.kernels.gpu.mgpu_matmul.config_for` takes this kernel for the weights of
+:func:`eligible` wherever :func:`beats` says.
 """
 
 from __future__ import annotations
@@ -70,9 +70,21 @@ def schedule(n_tiles: int, steps: int, ctas_per_sm: int) -> int:
     return next(d for d in range(1, total + 1) if total % d == 0 and total // d <= slots)
 
 
+MAIN_KEEPS_CODES = 16384  # K codes per CTA from which the main kernel, adding its partial sums
+#                          in the kernel, stays faster (57344×8192: 56 steps of 512, by 0.3–4 %;
+#                          Llama-3-8B's 28672×4096, 14 steps: this kernel 0.5–5 % faster)
+
+
 def eligible(w: QArray, m: int) -> bool:
     """Whether ``w`` (layout, symmetric codes) and ``m`` rows of ``x`` suit this kernel."""
     return m <= MAX_ROWS and w.layout in LAYOUTS and w.zeros is None
+
+
+def beats(main: mg.Config) -> bool:
+    """Whether this kernel is expected to beat the main kernel's fitted config ``main``
+    (measured, ``occupancy_probe_skinny_*.json``): everywhere but where the main kernel adds its
+    partial sums in the kernel (``fused``) over long CTA runs (:data:`MAIN_KEEPS_CODES`)."""
+    return not (main.fused and main.cta_steps * main.block_k >= MAIN_KEEPS_CODES)
 
 
 def fit(cfg: mg.Config, m: int, k_p: int, n_p: int, bits: int) -> mg.Config:
