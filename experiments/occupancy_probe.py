@@ -28,7 +28,7 @@ from experiments import kernel_bench as kb
 from experiments.mgpu_probe_lib import check_row, jitted, probe_parser, shape, start, time_cases
 from qjax.kernels.gpu import mgpu_matmul as mg
 
-FORMATS = ("w4g128t", "w4cht", "w8cht", "fp8t")
+FORMATS = ("w4g128t", "w4cht", "w8cht", "fp8t", "nf4t")
 
 
 def skinny(w, m, **fields) -> mg.Config:
@@ -65,8 +65,10 @@ def main(argv=None) -> None:
         cfgs = {"main": mg.table_config(w, m), "skinny": skinny(w, m)}
         if w.layout == "gpu_i4t":
             cfgs["skinny_sacc"] = skinny(w, m, scale_acc=not cfgs["skinny"].scale_acc)
-        elif args.two_per_sm:  # 512-code steps fit two CTAs per SM
+        elif args.two_per_sm:  # larger K steps (or the pair table) fit two CTAs per SM
             cfgs["skinny_2sm"] = skinny(w, m, ctas_per_sm=2)
+        if w.layout == "gpu_nf4t":  # NF4 by the register decoder: no table, 512-code steps
+            cfgs["skinny_regs"] = skinny(w, m, lut=False)
         return cfgs
 
     def variants(w, m):
@@ -75,7 +77,8 @@ def main(argv=None) -> None:
     def extra(label, w, m):
         c = configs(w, m)[label]
         return {f"{label}_cfg": f"{c.path} bk{c.block_k} st{c.stages} L{c.cta_steps}"
-                + (" sacc" if c.scale_acc else ""), "picked": mg.config_for(w, m).path}  # fmt: skip
+                + (" sacc" if c.scale_acc else "") + (" lut" if c.lut else ""),
+                "picked": mg.config_for(w, m).path}  # fmt: skip
 
     cases = [(*shape(name), m) for m in args.ms for name in args.shapes]
     path = os.path.join(args.out, "occupancy_probe.json")

@@ -5,6 +5,7 @@ Its numbers are checked on the H100 (``python -m experiments.occupancy_probe``,
 ``python -m experiments.kernel_bench --check``)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +24,9 @@ SKINNY = [  # (spec, layout) the kernel takes: symmetric codes
     (qjax.Int(4, group="channel"), "gpu_i4t"),
     (qjax.Int(8, group="channel"), "gpu_i8t"),
     (qjax.FP8("e4m3", group="channel"), "gpu_f8t"),
-]
-MAIN_ONLY = [  # zeros, or the pair-table decoder
-    (qjax.Int(4, group=128, symmetric=False), "gpu_i4t"),
     (qjax.NF4(), "gpu_nf4t"),
 ]
+MAIN_ONLY = [(qjax.Int(4, group=128, symmetric=False), "gpu_i4t")]  # zeros
 
 
 def _abstract(spec, layout, k, n):
@@ -66,20 +65,22 @@ def test_schedule_takes_the_fewest_steps_per_cta_that_fit_one_wave(n_tiles, step
     assert all(total % d or total // d > mg.NUM_SMS * per_sm for d in range(1, length))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("bits", "span", "lut"), [(4, 128, False), (8, 128, False), (4, 64, True)])
 @pytest.mark.parametrize("m", [1, 7, 8, 13, 16])
 @pytest.mark.parametrize(("k", "n"), [(8192, 8192), (640, 640), (28672, 8192), (384, 256)])
 @pytest.mark.parametrize("per_sm", [2, 3])
-def test_configs_fit_their_share_of_shared_memory_and_divide_the_work(bits, m, k, n, per_sm):
-    base = mg.Config("skinny", 512, ctas_per_sm=per_sm)
-    cfg = sk.fit(base, m, k, n, bits)
+def test_configs_fit_their_share_of_shared_memory_and_divide_the_work(
+    bits, span, lut, m, k, n, per_sm
+):
+    cfg = sk.fit(mg.Config("skinny", 512, lut=lut, ctas_per_sm=per_sm), m, k, n, bits, span)
     _, bm = mg.padded_rows(m)
     assert k % cfg.block_k == 0 and cfg.block_k % mg.SLICE == 0 and cfg.stages == sk.STAGES
-    assert sk.smem_bytes(bm, cfg.block_k, cfg.stages, bits) <= sk.smem_share(per_sm)
+    smem = functools.partial(sk.smem_bytes, bm, bits=bits, span=span, lut=lut)
+    assert smem(cfg.block_k, cfg.stages) <= sk.smem_share(per_sm)
     assert (n // sk.ROWS * (k // cfg.block_k)) % cfg.cta_steps == 0
     # the largest K step that fits: twice it would not divide K or not fit
     bigger = 2 * cfg.block_k
-    fits = k % bigger == 0 and sk.smem_bytes(bm, bigger, sk.STAGES, bits) <= sk.smem_share(per_sm)
+    fits = k % bigger == 0 and smem(bigger, sk.STAGES) <= sk.smem_share(per_sm)
     assert cfg.block_k == 512 or not fits
 
 
@@ -90,13 +91,16 @@ def test_kernel_lowers_to_mosaic_gpu(spec, layout, m, k, n, scale_acc):
     # lowering for CUDA runs on the CPU: the plain pipeline, the decoders and wgmma are built
     w = _weight(spec, layout, k, n)
     x = jax.random.normal(jax.random.key(2), (m, w.codes.shape[1]), jnp.bfloat16)
-    cfg = mg.config_for(w, m, mg.Config("skinny", 512, scale_acc=scale_acc, ctas_per_sm=3))
+    lut = layout == "gpu_nf4t"  # NF4: the pair table, as the main kernel's
+    cfg = mg.Config("skinny", 512, scale_acc=scale_acc, lut=lut, ctas_per_sm=3)
+    cfg = mg.config_for(w, m, cfg)
     sk.check_config(x, w, cfg)
     out = jax.eval_shape(lambda x, w: sk.matmul_rows(x, w, cfg), x, w)
     assert out.shape == (m, w.codes.shape[0]) and out.dtype == jnp.bfloat16
     lowered = jax.jit(lambda x, w: sk.matmul_rows(x, w, cfg)).trace(x, w)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+    assert ("ld.shared.b32" in text) == lut  # the pair table's loads
 
 
 @pytest.mark.parametrize(("spec", "layout"), MAIN_ONLY, ids=lambda v: str(v))

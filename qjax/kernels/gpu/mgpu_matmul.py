@@ -354,10 +354,10 @@ def config_for(w: QArray, m: int, cfg: Config | None = None) -> Config:
             skinny = dataclasses.replace(
                 cfg, path="skinny", block_k=512, ctas_per_sm=mgpu_skinny.CTAS_PER_SM
             )
-            return mgpu_skinny.fit(skinny, m, k_p, n_p, code_bits(w))
+            return mgpu_skinny.fit(skinny, m, k_p, n_p, code_bits(w), slice_codes(w))
         return cfg
     if cfg.path == "skinny":
-        return mgpu_skinny.fit(cfg, m, k_p, n_p, code_bits(w))
+        return mgpu_skinny.fit(cfg, m, k_p, n_p, code_bits(w), slice_codes(w))
     return fit(cfg, m, k_p, n_p, code_bits(w), slice_codes(w))
 
 

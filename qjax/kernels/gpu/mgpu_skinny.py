@@ -46,14 +46,16 @@ MAX_ROWS = 16  # rows of x it is chosen for (measured at M = 1 and 16)
 CTAS_PER_SM = 3  # the default `Config.ctas_per_sm`: three CTAs' shared memory per SM
 STAGES = 2  # K steps in flight per CTA (deeper pipelines measured slower: 4–8 % at M = 1)
 SMEM_PER_SM = 228 * 1024  # H100: shared memory of an SM; each CTA reserves 1 KiB of it
-LAYOUTS = ("gpu_i4t", "gpu_i8t", "gpu_f8t")
+LAYOUTS = ("gpu_i4t", "gpu_i8t", "gpu_f8t", "gpu_nf4t")
 
 
-def smem_bytes(bm: int, bk: int, stages: int, bits: int) -> int:
-    """Shared memory of one CTA: ``stages`` × (codes, ``x``, a scale row per 128 codes) + the
-    float32 output tile + barriers (a bound)."""
-    per_stage = ROWS * bk * bits // 8 + bm * bk * 2 + (bk // mg.SLICE) * ROWS * 2
-    return stages * per_stage + ROWS * bm * 4 + 512
+def smem_bytes(
+    bm: int, bk: int, stages: int, bits: int, span: int = mg.SLICE, lut: bool = False
+) -> int:
+    """Shared memory of one CTA: ``stages`` × (codes, ``x``, a scale row per ``span`` codes) +
+    the float32 output tile + barriers (a bound) + the NF4 pair table (``lut``)."""
+    per_stage = ROWS * bk * bits // 8 + bm * bk * 2 + (bk // span) * ROWS * 2
+    return stages * per_stage + ROWS * bm * 4 + 512 + (mg.LUT_SMEM if lut else 0)
 
 
 def smem_share(ctas_per_sm: int) -> int:
@@ -87,13 +89,13 @@ def beats(main: mg.Config) -> bool:
     return not (main.fused and main.cta_steps * main.block_k >= MAIN_KEEPS_CODES)
 
 
-def fit(cfg: mg.Config, m: int, k_p: int, n_p: int, bits: int) -> mg.Config:
+def fit(cfg: mg.Config, m: int, k_p: int, n_p: int, bits: int, span: int = mg.SLICE) -> mg.Config:
     """``cfg`` (``path="skinny"``) made runnable: its K step halved until it divides ``K_p`` and
-    :data:`STAGES` steps fit the shared-memory share of ``cfg.ctas_per_sm`` CTAs, its ``L``
-    from :func:`schedule`."""
+    :data:`STAGES` steps (and the pair table, ``cfg.lut``) fit the shared-memory share of
+    ``cfg.ctas_per_sm`` CTAs, its ``L`` from :func:`schedule`."""
     _, bm = mg.padded_rows(m)
     bk, share = cfg.block_k, smem_share(cfg.ctas_per_sm)
-    while bk > mg.SLICE and (k_p % bk or smem_bytes(bm, bk, STAGES, bits) > share):
+    while bk > mg.SLICE and (k_p % bk or smem_bytes(bm, bk, STAGES, bits, span, cfg.lut) > share):
         bk //= 2
     steps = schedule(n_p // ROWS, k_p // bk, cfg.ctas_per_sm)
     return dataclasses.replace(cfg, block_k=bk, stages=STAGES, cta_steps=steps, fused=False)
@@ -116,18 +118,19 @@ def check_config(x2, w: QArray, cfg: mg.Config) -> None:
         raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} K "
                          f"steps of the weight's 64-row tiles (use fit())")  # fmt: skip
     _, bm = mg.padded_rows(x2.shape[0])
-    need = smem_bytes(bm, cfg.block_k, cfg.stages, mg.code_bits(w))
+    need = smem_bytes(bm, cfg.block_k, cfg.stages, mg.code_bits(w), mg.slice_codes(w), cfg.lut)
     if need > mg.SMEM_BYTES:
         raise ShapeError(f"mgpu_matmul: {cfg} needs {need} bytes of shared memory, more than "
                          f"{mg.SMEM_BYTES} (use fit())")  # fmt: skip
 
 
-def _partials(x2, codes, scales, cfg: mg.Config, decode: str):
+def _partials(x2, codes, scales, cfg: mg.Config, decode: str, span: int):
     """The kernel: ``(slots, N_p, M_p)`` float32 partial sums of ``Ŵᵀ xᵀ`` — CTA ``c`` takes K
     steps ``[c·L, (c+1)·L)`` of the 64-row tiles end to end and writes its sum of tile ``t`` to
     slot ``c − first_cta(t)`` (:func:`qjax.kernels.gpu.mgpu_matmul.segments`); ``scales``: one
-    row per 128 codes on the weights (or, ``cfg.scale_acc``, on the float32 slice sums), or
-    ``None`` (per-channel scales applied by the caller)."""
+    row per ``span`` codes on the weights (or, ``cfg.scale_acc``, on the float32 slice sums), or
+    ``None`` (per-channel scales applied by the caller); ``cfg.lut``: 4-bit codes decoded by
+    the pair table (:mod:`~qjax.kernels.gpu.mgpu_decode`), copied to shared memory first."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -136,7 +139,7 @@ def _partials(x2, codes, scales, cfg: mg.Config, decode: str):
     m_rows, k_p = x2.shape
     _, bm = mg.padded_rows(m_rows)
     n_p = codes.shape[0]
-    bk, length, span = cfg.block_k, cfg.cta_steps, mg.SLICE
+    bk, length, lut = cfg.block_k, cfg.cta_steps, cfg.lut
     n_tiles, steps = n_p // ROWS, k_p // bk
     seg = mg.segments(n_tiles, steps, length)
     slots = int(np.max(seg[:, 1] - seg[:, 0])) + 1
@@ -146,8 +149,12 @@ def _partials(x2, codes, scales, cfg: mg.Config, decode: str):
     by_slice = scaled and cfg.scale_acc
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
 
-    def kernel(w_gmem, x_gmem, *rest, o_smem):
+    def kernel(w_gmem, x_gmem, *rest, o_smem, lut_smem=None, bar=None):
         *s_gmem, o_gmem = rest
+        if lut:
+            *s_gmem, lut_gmem = s_gmem
+            plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, bar.at[0])
+            plgpu.barrier_wait(bar.at[0])
         ci = lax.axis_index("c")
 
         def tile(kk):
@@ -165,7 +172,7 @@ def _partials(x2, codes, scales, cfg: mg.Config, decode: str):
                 def operands(j):
                     cols = pl.ds(j * span, span)
                     raw = plgpu.load(w_smem.at[:, cols], (), layout=dec.load_layout(bits))
-                    a = dec.decode(decode, raw, None)
+                    a = dec.decode(decode, raw, lut_smem if lut else None)
                     if decode in dec.FP8_SHIFT:  # exact: a power of two
                         a = a * jnp.bfloat16(fp8_factor)
                     if scaled and not by_slice:
@@ -225,13 +232,19 @@ def _partials(x2, codes, scales, cfg: mg.Config, decode: str):
         pl.run_scoped(scoped, [acc] * (3 if by_slice else 1))
 
     args = [codes, x2] + ([scales] if scaled else [])
+    scratch = {}
+    if lut:
+        args.append(jnp.asarray(dec.lut_words(decode)))
+        scratch["lut_smem"] = plgpu.SMEM((256, dec.LUT_LANES), jnp.uint32)
+        scratch["bar"] = plgpu.Barrier(num_arrivals=1, num_barriers=1)
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((slots, n_p, bm), jnp.float32),
         grid=(n_tiles * steps // length,),
         grid_names=("c",),
         scratch_types=dict(
-            o_smem=plgpu.SMEM((ROWS, bm), jnp.float32, transforms=mg._tiled(bm, 32, "out"))
+            o_smem=plgpu.SMEM((ROWS, bm), jnp.float32, transforms=mg._tiled(bm, 32, "out")),
+            **scratch,
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(*args)
@@ -245,8 +258,9 @@ def matmul_rows(x2, w: QArray, cfg: mg.Config):
     m = x2.shape[0]
     if m > mg.TMA_ROWS and m % mg.TMA_ROWS:  # TMA reads past the last row only of such x
         x2 = jnp.pad(x2, [(0, -m % mg.TMA_ROWS), (0, 0)])
-    per_channel = w.layout == "gpu_f8t" or w.spec.group == "channel"
-    parts = _partials(x2, w.codes, None if per_channel else w.scales, cfg, mg.decoder(w))
+    per_channel = w.layout == "gpu_f8t" or (w.layout != "gpu_nf4t" and w.spec.group == "channel")
+    scales = None if per_channel else w.scales
+    parts = _partials(x2, w.codes, scales, cfg, mg.decoder(w), mg.slice_codes(w))
     n_p, k_p = w.codes.shape
     y = mg.combine(parts, n_p // ROWS, k_p // cfg.block_k, cfg.cta_steps).T[:m]
     if per_channel:
