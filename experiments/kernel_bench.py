@@ -617,12 +617,14 @@ def config_label(c: dict) -> str:
     """Short label of a config dict, e.g. ``decode 16×64 k4 w4 s4`` (table kernels: ``pallas``)."""
     if c == "xla" or c.get("path") == "xla":
         return "xla"
-    if c.get("path") == "mgpu":  # Mosaic GPU: K step, K steps per CTA, depth, scales, epilogue,
-        acc = " sacc" if c.get("scale_acc") else ""  # the NF4 pair table, rows of x per CTA
-        fused = " fused" if c.get("fused") else ""
+    if c.get("path") in ("mgpu", "skinny"):  # Mosaic GPU: K step, steps per CTA, depth, scales,
+        acc = " sacc" if c.get("scale_acc") else ""  # epilogue, the NF4 pair table, rows of x
+        fused = " fused" if c.get("fused") else ""  # per CTA, CTAs per SM (the skinny kernel)
         lut = " lut" if c.get("lut") else ""
         rows = f" bm{c['block_m']}" if c.get("block_m", 128) != 128 else ""
-        return f"mgpu bk{c['block_k']} L{c['cta_steps']} st{c['stages']}{acc}{fused}{lut}{rows}"
+        per_sm = f" {c['ctas_per_sm']}/SM" if c.get("ctas_per_sm", 1) != 1 else ""
+        tags = f"{acc}{fused}{lut}{rows}{per_sm}"
+        return f"{c['path']} bk{c['block_k']} L{c['cta_steps']} st{c['stages']}{tags}"
     unpack = "" if c.get("planes", True) else " reshape"
     return (
         f"{c.get('path', 'pallas')} {c['block_m']}×{c['block_n']} k{c['split_k']} "

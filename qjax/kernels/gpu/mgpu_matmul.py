@@ -350,7 +350,7 @@ def config_for(w: QArray, m: int, cfg: Config | None = None) -> Config:
     n_p, k_p = w.codes.shape
     if cfg is None:
         cfg = table_config(w, m)
-        if cfg.path == "mgpu" and mgpu_skinny.eligible(w, m) and mgpu_skinny.beats(cfg):
+        if cfg.path == "mgpu" and mgpu_skinny.eligible(w, m) and mgpu_skinny.beats(cfg, w):
             skinny = dataclasses.replace(
                 cfg, path="skinny", block_k=512, ctas_per_sm=mgpu_skinny.CTAS_PER_SM
             )

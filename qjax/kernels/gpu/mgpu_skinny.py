@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -82,10 +83,19 @@ def eligible(w: QArray, m: int) -> bool:
     return m <= MAX_ROWS and w.layout in LAYOUTS and w.zeros is None
 
 
-def beats(main: mg.Config) -> bool:
-    """Whether this kernel is expected to beat the main kernel's fitted config ``main``
-    (measured, ``occupancy_probe_skinny_*.json``): everywhere but where the main kernel adds its
-    partial sums in the kernel (``fused``) over long CTA runs (:data:`MAIN_KEEPS_CODES`)."""
+NF4_MAX_CODES = 1 << 25  # NF4 up to this many codes (Llama-3-8B's attention projections,
+#                          SmolLM2's layers: 3–36 % faster); above, the pair table's 32 KiB per CTA
+#                          leaves room for 256-code steps only, which lose (8192² at M = 16: 14 %,
+#                          8192×28672: 4–8 %, `occupancy_probe_skinny_nf4.json`)
+
+
+def beats(main: mg.Config, w: QArray) -> bool:
+    """Whether this kernel is expected to beat the main kernel's fitted config ``main`` for
+    ``w`` (measured, ``occupancy_probe_skinny_*.json``): everywhere but where the main kernel
+    adds its partial sums in the kernel (``fused``) over long CTA runs
+    (:data:`MAIN_KEEPS_CODES`), and NF4 only up to :data:`NF4_MAX_CODES`."""
+    if w.layout == "gpu_nf4t" and math.prod(w.codes.shape) > NF4_MAX_CODES:
+        return False
     return not (main.fused and main.cta_steps * main.block_k >= MAIN_KEEPS_CODES)
 
 
