@@ -3,13 +3,14 @@ CTA**, several CTAs per SM.
 
 Same product, layouts and decoders as the main kernel (``yᵀ = Ŵᵀ xᵀ``, the dequantized weights
 as ``wgmma``'s register operand, Hopper TMA; symmetric int4 / int8 ``"gpu_i4t"`` / ``"gpu_i8t"``,
-FP8 ``"gpu_f8t"``), shaped differently: each CTA is a single warp group on a 64-row weight tile
-that issues its own TMA copies :data:`STAGES` K steps ahead (Pallas' plain pipeline, not the
-warp-specialized one) and decodes and multiplies the step in front of it. Its shared memory (two
-stages of ``BK``-code steps: codes, ``x``, scale rows) is cut to a share of the SM
-(``Config.ctas_per_sm``, 3 by default), so two or three CTAs run on each SM: independent
-pipelines whose waits for TMA data and for their ``wgmma`` fill each other's gaps, where the
-main kernel's one CTA per SM (a memory warp group feeding two compute warp groups) waits alone.
+FP8 ``"gpu_f8t"``, NF4 ``"gpu_nf4t"`` by the shared-memory pair table), shaped differently: each
+CTA is a single warp group on a 64-row weight tile that issues its own TMA copies :data:`STAGES`
+K steps ahead (Pallas' plain pipeline, not the warp-specialized one) and decodes and multiplies
+the step in front of it. Its shared memory (two stages of ``BK``-code steps: codes, ``x``, scale
+rows; NF4's table) is cut to a share of the SM (``Config.ctas_per_sm``, 3 by default), so two or
+three CTAs run on each SM: independent pipelines whose waits for TMA data and for their
+``wgmma`` fill each other's gaps, where the main kernel's one CTA per SM (a memory warp group
+feeding two compute warp groups) waits alone.
 
 Work is stream-K over the 64-row tiles laid end to end (Osama et al. 2023), every CTA taking the
 same number ``L`` of consecutive K steps (:func:`schedule`: one wave of at most
@@ -18,11 +19,12 @@ same number ``L`` of consecutive K steps (:func:`schedule`: one wave of at most
 (:func:`qjax.kernels.gpu.mgpu_matmul.combine`). Group scales (int4 g128) multiply the weights
 or, with ``scale_acc``, the float32 per-slice sums, as in the main kernel.
 
-Measured on the H100 (``experiments/results/kernels/occupancy_probe*.json``; same run as the
-main kernel's table config, M = 1 / 16): int4 g128 2–5 % faster on three of the Llama-3-70B
-shapes (8192²: 16.4 vs 17.0 µs at M = 1), 2–8 % on Llama-3-8B's, 20–35 % on SmolLM2-135M's
-(3.2–3.7 vs 4.3–5.0 µs); int8 / FP8 similar — but 0.3–4 % slower where the main kernel adds its
-partial sums inside itself over long CTA runs (57344×8192), so
+Measured on the H100 (``experiments/results/kernels/occupancy_probe_skinny_*.json``; same run as
+the main kernel's table config, M = 1 / 16): int4 g128 2–7 % faster on three of the Llama-3-70B
+shapes (8192²: 16.45 vs 17.36 µs at M = 1), 5–9 % on Llama-3-8B's, 12–27 % on SmolLM2-135M's;
+int8 / FP8 3–8 %, 6–15 %, 12–46 % — but 0.3–4 % slower where the main kernel adds its partial
+sums inside itself over long CTA runs (57344×8192), and NF4 (its 32 KB table leaves room for
+256-code steps only) 4–14 % slower on the 70B shapes but 5–36 % faster on the smaller ones. So
 :func:`~qjax.kernels.gpu.mgpu_matmul.config_for` takes this kernel for the weights of
 :func:`eligible` wherever :func:`beats` says.
 """
