@@ -22,7 +22,7 @@ or, with ``scale_acc``, the float32 per-slice sums, as in the main kernel.
 Measured on the H100 (``experiments/results/kernels/occupancy_probe_skinny_*.json``; same run as
 the main kernel's table config, M = 1 / 16): int4 g128 2–7 % faster on three of the Llama-3-70B
 shapes (8192²: 16.45 vs 17.36 µs at M = 1), 5–9 % on Llama-3-8B's, 12–27 % on SmolLM2-135M's;
-int8 / FP8 3–8 %, 6–15 %, 12–46 % — but 0.3–4 % slower where the main kernel adds its partial
+int8 / FP8 1–8 %, 6–15 %, 12–46 % — but 0.3–4 % slower where the main kernel adds its partial
 sums inside itself over long CTA runs (57344×8192), and NF4 (its 32 KB table leaves room for
 256-code steps only) 4–14 % slower on the 70B shapes but 5–36 % faster on the smaller ones. So
 :func:`~qjax.kernels.gpu.mgpu_matmul.config_for` takes this kernel for the weights of
