@@ -57,7 +57,7 @@ def check(results: list) -> None:
 
 def main(argv=None) -> None:
     ap = probe_parser(list(FORMATS), [1, 16], 450)
-    ap.add_argument("--two-per-sm", action="store_true", help="8-bit: two CTAs per SM as well")
+    ap.add_argument("--two-per-sm", action="store_true", help="8-bit, NF4: two CTAs per SM as well")
     args = ap.parse_args(argv)
     out = start(args, check)
 
@@ -75,10 +75,8 @@ def main(argv=None) -> None:
         return jitted(configs(w, m))
 
     def extra(label, w, m):
-        c = configs(w, m)[label]
-        return {f"{label}_cfg": f"{c.path} bk{c.block_k} st{c.stages} L{c.cta_steps}"
-                + (" sacc" if c.scale_acc else "") + (" lut" if c.lut else ""),
-                "picked": mg.config_for(w, m).path}  # fmt: skip
+        label_cfg = kb.config_label(dataclasses.asdict(configs(w, m)[label]))
+        return {f"{label}_cfg": label_cfg, "picked": mg.config_for(w, m).path}
 
     cases = [(*shape(name), m) for m in args.ms for name in args.shapes]
     path = os.path.join(args.out, "occupancy_probe.json")
