@@ -47,7 +47,7 @@ from qjax.qarray import QArray
 ROWS = 64  # weight rows per CTA: one warp group's wgmma M
 MAX_ROWS = 16  # rows of x it is chosen for (measured at M = 1 and 16)
 CTAS_PER_SM = 3  # the default `Config.ctas_per_sm`: three CTAs' shared memory per SM
-STAGES = 2  # K steps in flight per CTA (deeper pipelines measured slower: 4–8 % at M = 1)
+STAGES = 2  # K steps in flight per CTA (4 stages measured 4–10 % slower at M = 1)
 SMEM_PER_SM = 228 * 1024  # H100: shared memory of an SM; each CTA reserves 1 KiB of it
 LAYOUTS = ("gpu_i4t", "gpu_i8t", "gpu_f8t", "gpu_nf4t")
 
@@ -75,18 +75,18 @@ def schedule(n_tiles: int, steps: int, ctas_per_sm: int) -> int:
     return next(d for d in range(1, total + 1) if total % d == 0 and total // d <= slots)
 
 
-MAIN_KEEPS_CODES = 16384  # K codes per CTA from which the main kernel, adding its partial sums
-#                          in the kernel, stays faster (57344×8192: 56 steps of 512, by 0.3–4 %;
-#                          Llama-3-8B's 28672×4096, 14 steps: this kernel 0.5–5 % faster)
-
-
 def eligible(w: QArray, m: int) -> bool:
     """Whether ``w`` (layout, symmetric codes) and ``m`` rows of ``x`` suit this kernel."""
     return m <= MAX_ROWS and w.layout in LAYOUTS and w.zeros is None
 
 
+MAIN_KEEPS_CODES = 16384  # K codes per CTA from which the main kernel, adding its partial sums
+#                          in the kernel, stays faster (57344×8192: 56 steps of 512, by 0.3–4 %;
+#                          Llama-3-8B's 28672×4096, 14 steps: this kernel 0.5–5 % faster)
+
+
 NF4_MAX_CODES = 1 << 25  # NF4 up to this many codes (Llama-3-8B's attention projections,
-#                          SmolLM2's layers: 3–36 % faster); above, the pair table's 32 KiB per CTA
+#                          SmolLM2's layers: 5–36 % faster); above, the pair table's 32 KiB per CTA
 #                          leaves room for 256-code steps only, which lose (8192² at M = 16: 14 %,
 #                          8192×28672: 4–8 %, `occupancy_probe_skinny_nf4.json`)
 
