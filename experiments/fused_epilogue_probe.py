@@ -21,33 +21,39 @@ import os
 
 import numpy as np
 
-from experiments import kernel_bench as kb
-from experiments.mgpu_probe_lib import check_row, jitted, probe_parser, shape, start, time_cases
+from experiments.mgpu_probe_lib import (
+    check_cases,
+    check_row,
+    jitted,
+    probe_parser,
+    shape,
+    start,
+    time_cases,
+)
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 FORMATS = ("w4g128t", "w4g128ta", "w4cht", "w8cht", "nf4t", "fp8t")
 
 
 def check(results: list) -> None:
-    for fmt in FORMATS:
-        spec, layout = kb.FORMATS[fmt]
-        for m, k, n in [(16, 2048, 384), (1, 4096, 256), (64, 1024, 640), (7, 640, 200),
-                        (100, 1024, 256), (200, 1024, 384)]:  # fmt: skip
-            w, x, ref = kb.check_case(spec, layout, m, k, n, seed=m * 31 + k)
-            big = mg.Config("mgpu", 128, None, 3)
-            base = mg.config_for(w, m, big) if m > 128 else mg.table_config(w, m)
-            total = w.codes.shape[0] // 128 * (w.codes.shape[1] // base.block_k)
-            for length in sorted({1, 3, 6, base.cta_steps, total}):
-                if total % length:
-                    continue
-                cfg = dataclasses.replace(base, cta_steps=length, fused=True)
-                row = check_row(fmt, w, x, ref, cfg, cta_steps=length)
-                if row.get("ok"):  # the second call: same bits (semaphores back at zero)
-                    y1 = np.asarray(mg.matmul(x, w, config=cfg))
-                    y2 = np.asarray(mg.matmul(x, w, config=cfg))
-                    row["repeat_identical"] = bool(np.array_equal(y1, y2))
-                    row["ok"] = row["repeat_identical"]
-                results.append(row)
+    cases = [(16, 2048, 384), (1, 4096, 256), (64, 1024, 640), (7, 640, 200), (100, 1024, 256),
+             (200, 1024, 384)]  # fmt: skip
+    for fmt, w, x, ref in check_cases(FORMATS, cases):
+        m = x.shape[0]
+        big = mg.Config("mgpu", 128, None, 3)
+        base = mg.config_for(w, m, big) if m > 128 else mg.table_config(w, m)
+        total = w.codes.shape[0] // 128 * (w.codes.shape[1] // base.block_k)
+        for length in sorted({1, 3, 6, base.cta_steps, total}):
+            if total % length:
+                continue
+            cfg = dataclasses.replace(base, cta_steps=length, fused=True)
+            row = check_row(fmt, w, x, ref, cfg, cta_steps=length)
+            if row.get("ok"):  # the second call: same bits (semaphores back at zero)
+                y1 = np.asarray(mg.matmul(x, w, config=cfg))
+                y2 = np.asarray(mg.matmul(x, w, config=cfg))
+                row["repeat_identical"] = bool(np.array_equal(y1, y2))
+                row["ok"] = row["repeat_identical"]
+            results.append(row)
 
 
 def main(argv=None) -> None:

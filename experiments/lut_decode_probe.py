@@ -15,26 +15,32 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from experiments import kernel_bench as kb
-from experiments.mgpu_probe_lib import check_row, jitted, probe_parser, shape, start, time_cases
+from experiments.mgpu_probe_lib import (
+    check_cases,
+    check_row,
+    jitted,
+    probe_parser,
+    shape,
+    start,
+    time_cases,
+)
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 FORMATS = ("w4g128t", "w4g128ta", "w4cht", "nf4t")
 
 
 def check(results: list) -> None:
-    for fmt in FORMATS:
-        spec, layout = kb.FORMATS[fmt]
-        for m, k, n in [(16, 2048, 384), (1, 4096, 256), (64, 1024, 640), (7, 640, 200),
-                        (128, 1024, 256), (200, 1024, 384)]:  # fmt: skip
-            w, x, ref = kb.check_case(spec, layout, m, k, n, seed=m * 31 + k)
-            big = mg.Config("mgpu", 128, None, 3)
-            base = mg.config_for(w, m, big) if m > 128 else mg.table_config(w, m)
-            for fused in (False, True):
-                for sacc in (False, True) if fmt == "nf4t" else (base.scale_acc,):
-                    opts = dict(lut=True, fused=fused, scale_acc=sacc)
-                    cfg = mg.config_for(w, m, dataclasses.replace(base, **opts))
-                    results.append(check_row(fmt, w, x, ref, cfg, **opts))
+    cases = [(16, 2048, 384), (1, 4096, 256), (64, 1024, 640), (7, 640, 200), (128, 1024, 256),
+             (200, 1024, 384)]  # fmt: skip
+    for fmt, w, x, ref in check_cases(FORMATS, cases):
+        m = x.shape[0]
+        big = mg.Config("mgpu", 128, None, 3)
+        base = mg.config_for(w, m, big) if m > 128 else mg.table_config(w, m)
+        for fused in (False, True):
+            for sacc in (False, True) if fmt == "nf4t" else (base.scale_acc,):
+                opts = dict(lut=True, fused=fused, scale_acc=sacc)
+                cfg = mg.config_for(w, m, dataclasses.replace(base, **opts))
+                results.append(check_row(fmt, w, x, ref, cfg, **opts))
 
 
 def main(argv=None) -> None:

@@ -72,6 +72,15 @@ def time_variant(f, fmt: str, n: int, k: int, m: int, x) -> float:
     return us
 
 
+def check_cases(formats, cases):
+    """``(fmt, w, x, ref)`` for each format and ``(m, k, n)`` case: a fresh random weight
+    (:func:`kernel_bench.check_case`, seeded by the case) and its float32 reference."""
+    for fmt in formats:
+        spec, layout = kb.FORMATS[fmt]
+        for m, k, n in cases:
+            yield (fmt, *kb.check_case(spec, layout, m, k, n, seed=m * 31 + k))
+
+
 def check_row(fmt: str, w, x, ref, cfg=None, **tags) -> dict:
     """``mg.matmul(x, w, config=cfg)`` against ``ref``: relative error and ok (< 1e-2, finite),
     or the error it raised (a probe records the failure and goes on); printed."""

@@ -25,7 +25,15 @@ import os
 import numpy as np
 
 from experiments import kernel_bench as kb
-from experiments.mgpu_probe_lib import check_row, jitted, probe_parser, shape, start, time_cases
+from experiments.mgpu_probe_lib import (
+    check_cases,
+    check_row,
+    jitted,
+    probe_parser,
+    shape,
+    start,
+    time_cases,
+)
 from qjax.kernels.gpu import mgpu_matmul as mg
 
 FORMATS = ("w4g128t", "w4cht", "w8cht", "fp8t", "nf4t")
@@ -39,20 +47,19 @@ def skinny(w, m, **fields) -> mg.Config:
 
 
 def check(results: list) -> None:
-    for fmt in FORMATS:
-        spec, layout = kb.FORMATS[fmt]
-        for m, k, n in [(1, 4096, 256), (16, 2048, 384), (7, 1024, 200), (13, 8192, 1024),
-                        (16, 640, 576), (1, 576, 192)]:  # fmt: skip
-            w, x, ref = kb.check_case(spec, layout, m, k, n, seed=m * 31 + k)
-            for sacc in (False, True):
-                cfg = skinny(w, m, scale_acc=sacc)
-                results.append(check_row(fmt, w, x, ref, cfg, scale_acc=sacc, L=cfg.cta_steps))
-            picked = mg.config_for(w, m)
-            y = np.asarray(mg.matmul(x, w), np.float32)  # the dispatch, whichever it took
-            err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-            ok = bool(np.isfinite(y).all() and err < 1e-2)
-            row = {"fmt": fmt, "M": m, "K": k, "N": n, "dispatch": picked.path, "rel_err": err}
-            results.append({**row, "ok": ok})
+    cases = [(1, 4096, 256), (16, 2048, 384), (7, 1024, 200), (13, 8192, 1024), (16, 640, 576),
+             (1, 576, 192)]  # fmt: skip
+    for fmt, w, x, ref in check_cases(FORMATS, cases):
+        (m, k), n = x.shape, ref.shape[1]
+        for sacc in (False, True):
+            cfg = skinny(w, m, scale_acc=sacc)
+            results.append(check_row(fmt, w, x, ref, cfg, scale_acc=sacc, L=cfg.cta_steps))
+        picked = mg.config_for(w, m)
+        y = np.asarray(mg.matmul(x, w), np.float32)  # the dispatch, whichever it took
+        err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        ok = bool(np.isfinite(y).all() and err < 1e-2)
+        row = {"fmt": fmt, "M": m, "K": k, "N": n, "dispatch": picked.path, "rel_err": err}
+        results.append({**row, "ok": ok})
 
 
 def main(argv=None) -> None:
