@@ -25,6 +25,7 @@ from experiments.mgpu_probe_lib import (
     check_cases,
     check_row,
     jitted,
+    main_config,
     probe_parser,
     shape,
     start,
@@ -40,8 +41,7 @@ def check(results: list) -> None:
              (200, 1024, 384)]  # fmt: skip
     for fmt, w, x, ref in check_cases(FORMATS, cases):
         m = x.shape[0]
-        big = mg.Config("mgpu", 128, None, 3)
-        base = mg.config_for(w, m, big) if m > 128 else mg.table_config(w, m)
+        base = main_config(w, m)
         total = w.codes.shape[0] // 128 * (w.codes.shape[1] // base.block_k)
         for length in sorted({1, 3, 6, base.cta_steps, total}):
             if total % length:

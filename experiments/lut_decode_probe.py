@@ -19,6 +19,7 @@ from experiments.mgpu_probe_lib import (
     check_cases,
     check_row,
     jitted,
+    main_config,
     probe_parser,
     shape,
     start,
@@ -34,8 +35,7 @@ def check(results: list) -> None:
              (200, 1024, 384)]  # fmt: skip
     for fmt, w, x, ref in check_cases(FORMATS, cases):
         m = x.shape[0]
-        big = mg.Config("mgpu", 128, None, 3)
-        base = mg.config_for(w, m, big) if m > 128 else mg.table_config(w, m)
+        base = main_config(w, m)
         for fused in (False, True):
             for sacc in (False, True) if fmt == "nf4t" else (base.scale_acc,):
                 opts = dict(lut=True, fused=fused, scale_acc=sacc)

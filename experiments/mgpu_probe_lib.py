@@ -81,6 +81,14 @@ def check_cases(formats, cases):
             yield (fmt, *kb.check_case(spec, layout, m, k, n, seed=m * 31 + k))
 
 
+def main_config(w, m: int) -> mg.Config:
+    """The main kernel's config for a check case: the table's up to 128 rows of ``x``, 128-code
+    steps of three stages above (every row count the probes check fits them)."""
+    if m > 128:
+        return mg.config_for(w, m, mg.Config("mgpu", 128, None, 3))
+    return mg.table_config(w, m)
+
+
 def check_row(fmt: str, w, x, ref, cfg=None, **tags) -> dict:
     """``mg.matmul(x, w, config=cfg)`` against ``ref``: relative error and ok (< 1e-2, finite),
     or the error it raised (a probe records the failure and goes on); printed."""
