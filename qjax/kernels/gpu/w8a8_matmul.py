@@ -37,6 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from qjax.errors import FormatError, ShapeError
 from qjax.formats.fp8 import fp8_dtype, fp8_max
 from qjax.formats.w8a8 import INT8_MAX, W8A8
+from qjax.kernels.gpu import mgpu_w8a8
 from qjax.qarray import QArray
 
 LAYOUTS = ("canonical",)
@@ -151,8 +152,17 @@ def supports(x: jax.Array, w) -> bool:
     )
 
 
-def w8a8_matmul(x: jax.Array, w: QArray, *, interpret: bool = False) -> jax.Array:
-    """``x @ W`` for a W8A8 weight ``(K, N)``: fused row quantization + XLA's 8-bit GEMM."""
+def w8a8_matmul(
+    x: jax.Array,
+    w: QArray,
+    *,
+    interpret: bool = False,
+    gemm: str = "xla",
+    config: mgpu_w8a8.Config | None = None,
+) -> jax.Array:
+    """``x @ W`` for a W8A8 weight ``(K, N)``: fused row quantization, then the 8-bit GEMM —
+    ``gemm="xla"`` (XLA's, scales in an elementwise pass) or ``"mgpu"`` (the Mosaic GPU kernel
+    of :mod:`qjax.kernels.gpu.mgpu_w8a8`, scales in its epilogue; Hopper only)."""
     if not supports(x, w):
         got = w.spec.label() if isinstance(w, QArray) else type(w).__name__
         raise FormatError(
@@ -168,6 +178,12 @@ def w8a8_matmul(x: jax.Array, w: QArray, *, interpret: bool = False) -> jax.Arra
     else:
         sx = w.aux["act_scale"]
         xq = spec._cast(x2.astype(jnp.float32) / sx)
+    if gemm == "mgpu":
+        sx = jnp.broadcast_to(jnp.asarray(sx, jnp.float32).reshape(-1, 1), (x2.shape[0], 1))
+        y = mgpu_w8a8.gemm(xq, w.codes[0], sx, w.scales[0], x.dtype, config or mgpu_w8a8.Config())
+        return y.reshape(*x.shape[:-1], n)
+    if gemm != "xla":
+        raise FormatError(f"w8a8_matmul: gemm must be 'xla' or 'mgpu', got {gemm!r}")
     if spec.dtype == "int8":
         out = jnp.int32
     else:  # float32 accumulation inside the GEMM either way; bf16 halves the bytes it writes
