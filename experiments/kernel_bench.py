@@ -214,9 +214,11 @@ def time_quant(fmt, n, k, m, cfg=None, interpret=False) -> dict:
     w0 = random_weight(fmt, k, n, 0)
     bufs = [w0] + [random_weight(fmt, k, n, i) for i in range(1, n_buffers(w0.nbytes))]
     x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
-    if w0.layout == "canonical":  # W8A8: qjax.matmul → fused row quantization + XLA 8-bit GEMM
+    if w0.layout == "canonical":  # W8A8: qjax.matmul → fused row quantization + 8-bit GEMM
+        from qjax.kernels.gpu import mgpu_w8a8
+
         fn = jax.jit(qjax.matmul)
-        used = "xla"
+        used = "mgpu_w8a8" if mgpu_w8a8.takes(m, k, n, w0.spec.dtype, x.dtype) else "xla"
     elif w0.layout in mgpu_matmul.LAYOUTS:
         cfg = cfg and mgpu_matmul.config_for(w0, m, cfg)
         fn = jax.jit(lambda x, w: mgpu_matmul.matmul(x, w, config=cfg))
@@ -495,6 +497,7 @@ def run_check(args, results: list, interpret: bool) -> None:
     run_check_dispatched(cases, results, interpret)
     if not interpret:
         run_check_mgpu(results)
+        run_check_w8a8_mgpu(results)
 
 
 def run_check_mgpu(results: list) -> None:
@@ -526,6 +529,48 @@ def run_check_mgpu(results: list) -> None:
                        "ok": bool(np.isfinite(y).all() and err < 1e-2)}  # fmt: skip
                 results.append(row)
                 print(f"check {row}", flush=True)
+
+
+def run_check_w8a8_mgpu(results: list, cfgs: dict | None = None) -> None:
+    """The W8A8 Mosaic GPU GEMM (:mod:`qjax.kernels.gpu.mgpu_w8a8`, device only) against a
+    float64 product of the same codes and scales (``rel_err``, bf16 output) and the whole
+    ``w8a8_matmul(gemm="mgpu")`` against the format's reference (``vs_format``), int8 and e4m3,
+    ragged M and N, each of ``cfgs`` (default: the kernel's two configs); then
+    ``qjax.matmul``'s dispatch at and below the rows where it takes the kernel."""
+    from qjax.kernels.gpu import mgpu_w8a8 as k8
+    from qjax.kernels.gpu.w8a8_matmul import quantize_rows, w8a8_matmul
+
+    cfgs = cfgs or {"wide": k8.WIDE, "narrow": k8.NARROW}
+    cases = [(300, 1024, 512), (8, 256, 256), (1, 512, 128), (4096, 2048, 1024),
+             (37, 8192, 768), (2050, 4096, 384)]  # fmt: skip
+    for fmt in ("w8a8", "w8a8f8"):
+        for m, k, n in cases:
+            w = random_weight(fmt, k, n, m + k)
+            x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+            xq, sx = quantize_rows(x, dtype=w.spec.dtype)
+            x64 = np.asarray(xq.astype(jnp.float32), np.float64)
+            w64 = np.asarray(w.codes[0].astype(jnp.float32), np.float64)
+            s_w = np.asarray(w.scales[0], np.float64).reshape(1, -1)
+            want = (x64 @ w64.T) * np.asarray(sx, np.float64) * s_w
+            ref = np.asarray(w.spec.matmul(x, w), np.float64)
+            tries = {**{lbl: c for lbl, c in cfgs.items() if n % c.block_n == 0}, "dispatch": None}
+            for label, cfg in tries.items():
+                row = {"fmt": fmt, "M": m, "K": k, "N": n, "config": label}
+                try:
+                    if cfg is None:
+                        row["path"] = "mgpu" if k8.takes(m, k, n, w.spec.dtype, x.dtype) else "xla"
+                        yf = np.asarray(qjax.matmul(x, w), np.float64)
+                    else:
+                        y = k8.gemm(xq, w.codes[0], sx, w.scales[0], x.dtype, cfg)
+                        y = np.asarray(y, np.float64)
+                        row["rel_err"] = float(np.linalg.norm(y - want) / np.linalg.norm(want))
+                        yf = np.asarray(w8a8_matmul(x, w, gemm="mgpu", config=cfg), np.float64)
+                    row["vs_format"] = float(np.linalg.norm(yf - ref) / np.linalg.norm(ref))
+                    row["ok"] = bool(row.get("rel_err", 0.0) < 4e-3 and row["vs_format"] < 8e-3)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = repr(e)[:1500]
+                print("check", row, flush=True)
+                results.append(row)
 
 
 def run_check_dispatched(cases, results: list, interpret: bool) -> None:

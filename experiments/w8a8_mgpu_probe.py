@@ -2,10 +2,10 @@
 (scales in its epilogue) against the path it would replace (the fused row quantization, XLA's
 8-bit GEMM and an elementwise scaling pass) and XLA's bf16 ``dot``, same run.
 
-Correctness first: the kernel's output against a float64 product of the same codes and scales
-(relative error, bf16 output), and the whole ``w8a8_matmul(gemm="mgpu")`` against the format's
-reference (``W8A8.matmul``), over ragged row counts and several configs. Then per shape and M the
-median device time of each path (weights rotated over > 150 MB, ``kernel_bench``'s method).
+Correctness first (``kernel_bench.run_check_w8a8_mgpu`` with the probe's configs: the kernel
+against a float64 product of the same codes and scales, the whole path against the format's
+reference, ragged M and N). Then per shape and M the median device time of each path (weights
+rotated over > 150 MB, ``kernel_bench``'s method).
 
     python -m experiments.w8a8_mgpu_probe --out DIR      # on the GPU
 """
@@ -19,12 +19,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import kernel_bench as kb
 from experiments.mgpu_probe_lib import probe_parser, shape
 from qjax.kernels.gpu import mgpu_w8a8 as k8
-from qjax.kernels.gpu.w8a8_matmul import quantize_rows, w8a8_matmul
+from qjax.kernels.gpu.w8a8_matmul import w8a8_matmul
 
 CONFIGS = {
     "c128x128s3": k8.Config(128, 128, 3),
@@ -37,37 +36,6 @@ CONFIGS = {
 }
 
 
-def oracle(xq, wq, sx, sw) -> np.ndarray:
-    """float64 ``(xq @ wqᵀ) · sx · sw``."""
-    x64 = np.asarray(xq.astype(jnp.float32), np.float64)
-    w64 = np.asarray(wq.astype(jnp.float32), np.float64)
-    return (x64 @ w64.T) * np.asarray(sx, np.float64) * np.asarray(sw, np.float64).reshape(1, -1)
-
-
-def check(results: list, cfgs: dict) -> None:
-    for fmt in ("w8a8", "w8a8f8"):
-        for m, k, n in [(300, 1024, 512), (8, 256, 256), (1, 512, 128), (4096, 2048, 1024),
-                        (37, 8192, 768)]:  # fmt: skip
-            w = kb.random_weight(fmt, k, n, m + k)
-            x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-            xq, sx = quantize_rows(x, dtype=w.spec.dtype)
-            want = oracle(xq, w.codes[0], sx, w.scales[0])
-            ref = np.asarray(w.spec.matmul(x, w), np.float64)
-            for label, cfg in cfgs.items():
-                row = {"fmt": fmt, "M": m, "K": k, "N": n, "config": label}
-                try:
-                    y = k8.gemm(xq, w.codes[0], sx, w.scales[0], x.dtype, cfg)
-                    y = np.asarray(y, np.float64)
-                    yf = np.asarray(w8a8_matmul(x, w, gemm="mgpu", config=cfg), np.float64)
-                    row["rel_err"] = float(np.linalg.norm(y - want) / np.linalg.norm(want))
-                    row["vs_format"] = float(np.linalg.norm(yf - ref) / np.linalg.norm(ref))
-                    row["ok"] = bool(row["rel_err"] < 4e-3 and row["vs_format"] < 8e-3)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = repr(e)[:1500]
-                print("check", row, flush=True)
-                results.append(row)
-
-
 def main(argv=None) -> None:
     ap = probe_parser(["w8a8", "w8a8f8"], [4096, 8192], 420)
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
@@ -78,7 +46,7 @@ def main(argv=None) -> None:
                  "configs": {c: dataclasses.asdict(v) for c, v in cfgs.items()}}  # fmt: skip
     path = os.path.join(args.out, "w8a8_mgpu_probe.json")
     if not args.no_check:
-        check(out["checks"], cfgs)
+        kb.run_check_w8a8_mgpu(out["checks"], cfgs)
         bad = [r for r in out["checks"] if not r.get("ok")]
         print(f"checks: {len(out['checks'])}, failed: {len(bad)}", flush=True)
     t0 = time.time()

@@ -6,7 +6,9 @@ Weights reach a kernel in the layout it loads fastest, made once, offline, by
 FP8, for the Mosaic GPU kernel on Hopper), ``"gpu_i4p"`` / ``"gpu_i8"`` (int4 / int8 for the
 Triton kernels, any group), ``"gpu_nf4"`` (NF4), ``"gpu_f8"`` (FP8 e4m3/e5m2, any group);
 ``"tpu_i4"`` / ``"tpu_i8"`` / ``"tpu_nf4"`` / ``"tpu_f8"`` for the TPU kernels. W8A8 weights stay
-canonical: their GPU kernel quantizes the activations in one fused pass and uses XLA's GEMM.
+canonical: their GPU kernel quantizes the activations in one fused pass, then multiplies the
+8-bit codes by a Mosaic GPU GEMM with the scales in its epilogue (Hopper, prefill sizes) or by
+XLA's.
 ``qjax.ops.matmul`` dispatches on ``(backend, format, layout)``; a case a kernel's ``supports``
 rejects takes the reference ``dequantize`` + ``dot`` path, logged once with the reason.
 """

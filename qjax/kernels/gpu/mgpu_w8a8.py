@@ -42,11 +42,48 @@ SMEM_BYTES = 227 * 1024  # H100 shared memory per block (opt-in maximum)
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    wg_rows: int = 128  # rows of x (of y) per compute warp group: wgmma's M, 64 or 128
-    block_n: int = 128  # weight rows (columns of y) per CTA: wgmma's N
-    stages: int = 3  # K steps the memory warp group runs ahead
-    group_m: int = 8  # CTA raster: groups of this many row blocks of x, row blocks fastest
+    wg_rows: int = 64  # rows of x (of y) per compute warp group: wgmma's M, 64 or 128
+    block_n: int = 256  # weight rows (columns of y) per CTA: wgmma's N
+    stages: int = 4  # K steps the memory warp group runs ahead
+    group_m: int = 16  # CTA raster: groups of this many row blocks of x, row blocks fastest
     epi_cols: int = 64  # columns of y per epilogue store (one shared-memory tile per warp group)
+
+
+# The configs `config_for` takes: the fastest of `w8a8_mgpu_probe`'s on the Llama-3-70B shapes at
+# M = 4096 / 8192 (64 × 256 per warp group, 4 stages, groups of 16 row blocks: within 1 % of the
+# best but on 57344×8192, where 3 stages or 128 × 128 tiles were 3 – 9 % faster), and for N
+# not a multiple of 256 the best 128-column one.
+WIDE = Config()
+NARROW = Config(wg_rows=128, block_n=128, stages=3)
+
+# Rows of x from which `w8a8_matmul` takes this kernel on Hopper: where it beat XLA's GEMM and
+# scaling pass on every 70B shape measured (int8 from M = 512: 1.2 – 1.6× faster; e4m3 from
+# M = 2048: 1.03 – 1.08× — at M = 512 it lost on 10240×8192, its 160 CTAs two waves on 132 SMs).
+FROM_ROWS = {"int8": 512, "e4m3": 2048}
+
+
+def config_for(n: int) -> Config:
+    """The kernel's config for ``N = n`` columns of ``y``."""
+    return WIDE if n % WIDE.block_n == 0 else NARROW
+
+
+def on_hopper() -> bool:
+    """Whether the default device is an sm_90 GPU (``wgmma``; Blackwell has none)."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", None) == "9.0"
+
+
+def takes(m: int, k: int, n: int, dtype: str, x_dtype) -> bool:
+    """Whether ``w8a8_matmul`` hands ``m`` rows of ``x_dtype`` activations times a ``(K, N)``
+    weight of ``dtype`` codes to this kernel: Hopper, bf16 activations, ``m`` at least
+    :data:`FROM_ROWS`, and shapes the kernel takes."""
+    return (
+        x_dtype == jnp.bfloat16
+        and m >= FROM_ROWS[dtype]
+        and k % BLOCK_K == 0
+        and n % NARROW.block_n == 0
+        and on_hopper()
+    )
 
 
 def smem_bytes(cfg: Config, out_bytes: int = 2) -> int:
@@ -56,7 +93,7 @@ def smem_bytes(cfg: Config, out_bytes: int = 2) -> int:
     return codes + y_tiles + 4 * 2 * (cfg.wg_rows + cfg.block_n)
 
 
-def check(m: int, k: int, n: int, cfg: Config) -> None:
+def check(m: int, k: int, n: int, cfg: Config, out_bytes: int = 2) -> None:
     """Raises a :class:`~qjax.errors.ShapeError` naming what of the shapes or ``cfg`` the kernel
     cannot take."""
     if k % BLOCK_K or n % cfg.block_n:
@@ -70,9 +107,9 @@ def check(m: int, k: int, n: int, cfg: Config) -> None:
         raise ShapeError(f"mgpu_w8a8: {cfg}: epi_cols must divide block_n (by 8)")
     if cfg.wg_rows * cfg.block_n > 128 * 128:
         raise ShapeError(f"mgpu_w8a8: {cfg}: a warp group's accumulator exceeds 128 × 128")
-    if smem_bytes(cfg) > SMEM_BYTES:
-        raise ShapeError(f"mgpu_w8a8: {cfg} needs {smem_bytes(cfg)} bytes of shared memory, "
-                         f"more than {SMEM_BYTES}")  # fmt: skip
+    if smem_bytes(cfg, out_bytes) > SMEM_BYTES:
+        raise ShapeError(f"mgpu_w8a8: {cfg} needs {smem_bytes(cfg, out_bytes)} bytes of shared "
+                         f"memory, more than {SMEM_BYTES}")  # fmt: skip
     if m < 1:
         raise ShapeError(f"mgpu_w8a8: x has {m} rows")
 
@@ -95,15 +132,17 @@ def _tiled(minor_elems: int, bits: int):
     return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
 
 
-def gemm(xq, wq, sx, sw, out_dtype, cfg: Config = Config()) -> jax.Array:
+def gemm(xq, wq, sx, sw, out_dtype, cfg: Config | None = None) -> jax.Array:
     """``(xq @ wqᵀ) · sx · sw`` cast to ``out_dtype``: ``xq: (M, K)`` and ``wq: (N, K)`` codes (both
-    int8 or both float8_e4m3fn), ``sx: (M, 1)`` and ``sw: (N,)`` (or ``(1, N)``) float32."""
+    int8 or both float8_e4m3fn), ``sx: (M, 1)`` and ``sw: (N,)`` (or ``(1, N)``) float32;
+    ``cfg=None``: :func:`config_for`."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     m, k = xq.shape
     n = wq.shape[0]
-    check(m, k, n, cfg)
+    cfg = cfg or config_for(n)
+    check(m, k, n, cfg, jnp.dtype(out_dtype).itemsize)
     if xq.dtype != wq.dtype or jnp.dtype(xq.dtype).itemsize != 1:
         raise ShapeError(f"mgpu_w8a8: codes must be both int8 or both e4m3, got {xq.dtype} "
                          f"and {wq.dtype}")  # fmt: skip
@@ -194,4 +233,15 @@ def gemm(xq, wq, sx, sw, out_dtype, cfg: Config = Config()) -> jax.Array:
     return y[:m] if m_p != m else y
 
 
-__all__ = ["BLOCK_K", "Config", "check", "cta_tile", "gemm", "smem_bytes"]
+__all__ = [
+    "BLOCK_K",
+    "FROM_ROWS",
+    "Config",
+    "check",
+    "config_for",
+    "cta_tile",
+    "gemm",
+    "on_hopper",
+    "smem_bytes",
+    "takes",
+]

@@ -1,4 +1,4 @@
-"""W8A8 (int8 / FP8 e4m3) matmul on the GPU: fused activation quantization, XLA's 8-bit GEMM.
+"""W8A8 (int8 / FP8 e4m3) matmul on the GPU: fused activation quantization, then an 8-bit GEMM.
 
 The format (:class:`qjax.formats.W8A8`, SmoothQuant / FP8 serving) computes
 
@@ -15,10 +15,14 @@ float32 GEMM result that a third pass scales to bf16. Here:
   (int8: round-half-even by adding ``1.5·2^23`` and reading the integer from the float's bits,
   then clip to ±127; e4m3: clip to ±448, then the round-to-nearest-even cast): HBM sees ``x``
   once;
-* the GEMM is XLA's (cuBLAS int8 → int32, cuBLASLt e4m3 → **bf16** for bf16 activations: the
+* on Hopper, from :data:`~qjax.kernels.gpu.mgpu_w8a8.FROM_ROWS` rows of bf16 activations
+  (:func:`~qjax.kernels.gpu.mgpu_w8a8.takes`), the GEMM is our Mosaic GPU kernel
+  (:mod:`qjax.kernels.gpu.mgpu_w8a8`: int8 ``wgmma`` into int32, e4m3 into float32, both scales
+  and the cast in its epilogue — ``y`` written once, in bf16);
+* elsewhere it is XLA's (cuBLAS int8 → int32, cuBLASLt e4m3 → **bf16** for bf16 activations: the
   accumulation stays float32 inside the GEMM, only its output is rounded — one extra bf16 rounding
-  before the scales, within the bf16 output's own tolerance);
-* one elementwise pass applies ``s_x[t] · s_w[n]``.
+  before the scales, within the bf16 output's own tolerance), and one elementwise pass applies
+  ``s_x[t] · s_w[n]``.
 
 Static activation scales skip the kernel (the cast is one XLA elementwise pass already).
 Measured on an H100 in ``experiments/results/kernels/README.md``.
@@ -157,12 +161,14 @@ def w8a8_matmul(
     w: QArray,
     *,
     interpret: bool = False,
-    gemm: str = "xla",
+    gemm: str | None = None,
     config: mgpu_w8a8.Config | None = None,
 ) -> jax.Array:
     """``x @ W`` for a W8A8 weight ``(K, N)``: fused row quantization, then the 8-bit GEMM —
     ``gemm="xla"`` (XLA's, scales in an elementwise pass) or ``"mgpu"`` (the Mosaic GPU kernel
-    of :mod:`qjax.kernels.gpu.mgpu_w8a8`, scales in its epilogue; Hopper only)."""
+    of :mod:`qjax.kernels.gpu.mgpu_w8a8`, scales in its epilogue; Hopper only, ``config`` its
+    config); ``None``: ``"mgpu"`` where :func:`~qjax.kernels.gpu.mgpu_w8a8.takes` (measured
+    faster), else ``"xla"``."""
     if not supports(x, w):
         got = w.spec.label() if isinstance(w, QArray) else type(w).__name__
         raise FormatError(
@@ -173,6 +179,9 @@ def w8a8_matmul(
     spec = w.spec
     k, n = w.shape
     x2 = x.reshape(-1, k)
+    if gemm is None:
+        fast = not interpret and mgpu_w8a8.takes(x2.shape[0], k, n, spec.dtype, x.dtype)
+        gemm = "mgpu" if fast else "xla"
     if spec.act == "dynamic":
         xq, sx = quantize_rows(x2, dtype=spec.dtype, interpret=interpret)
     else:
@@ -180,7 +189,7 @@ def w8a8_matmul(
         xq = spec._cast(x2.astype(jnp.float32) / sx)
     if gemm == "mgpu":
         sx = jnp.broadcast_to(jnp.asarray(sx, jnp.float32).reshape(-1, 1), (x2.shape[0], 1))
-        y = mgpu_w8a8.gemm(xq, w.codes[0], sx, w.scales[0], x.dtype, config or mgpu_w8a8.Config())
+        y = mgpu_w8a8.gemm(xq, w.codes[0], sx, w.scales[0], x.dtype, config)
         return y.reshape(*x.shape[:-1], n)
     if gemm != "xla":
         raise FormatError(f"w8a8_matmul: gemm must be 'xla' or 'mgpu', got {gemm!r}")
