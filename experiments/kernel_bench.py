@@ -47,6 +47,7 @@ from qjax.kernels.gpu.table_matmul import pick as table_pick
 
 HBM_BW = 3.35e12  # bytes/s, H100 SXM5 HBM3 datasheet peak
 PEAK_BF16 = 989e12  # FLOP/s, H100 SXM5 dense bf16 datasheet peak
+PEAK_8BIT = 1979e12  # OP/s, H100 SXM5 dense int8 / fp8 datasheet peak (W8A8's tensor-core rate)
 L2_ROTATE_BYTES = 160e6  # > 150 MB of weight buffers per case
 
 SHAPES = {  # (N, K) per REFERENCE §7
@@ -194,8 +195,8 @@ def calls_for(est_us: float) -> int:
 
 
 # -- one case ----------------------------------------------------------------------------------
-def roofline_us(n, k, m, weight_bytes) -> float:
-    return 1e6 * max((weight_bytes + 2 * m * k + 2 * m * n) / HBM_BW, 2 * m * n * k / PEAK_BF16)
+def roofline_us(n, k, m, weight_bytes, peak=PEAK_BF16) -> float:
+    return 1e6 * max((weight_bytes + 2 * m * k + 2 * m * n) / HBM_BW, 2 * m * n * k / peak)
 
 
 def time_bf16(n, k, m, interpret=False) -> dict:
@@ -236,13 +237,15 @@ def time_quant(fmt, n, k, m, cfg=None, interpret=False) -> dict:
     return {**r, "weight_bytes": w0.nbytes, "config": used}
 
 
-def summarize(n, k, m, r: dict, t_bf16: float | None) -> dict:
+def summarize(n, k, m, r: dict, t_bf16: float | None, peak=PEAK_BF16) -> dict:
+    """Speed-up, effective TB/s and % of the roofline (compute bound at ``peak``: the 8-bit
+    tensor-core rate for W8A8, whose multiplies are 8-bit) of a timed case."""
     t = r["us"]
     total = r["weight_bytes"] + 2 * m * k + 2 * m * n
     out = {
         "us": round(t, 2),
         "tb_s": round(total / (t * 1e-6) / 1e12, 3),
-        "pct_roofline": round(100 * roofline_us(n, k, m, r["weight_bytes"]) / t, 1),
+        "pct_roofline": round(100 * roofline_us(n, k, m, r["weight_bytes"], peak) / t, 1),
     }
     if t_bf16:
         out["speedup_vs_bf16"] = round(t_bf16 / t, 3)
@@ -342,7 +345,8 @@ def run_bench(args, results: list, deadline: float) -> None:
                         except FAILURES as err:
                             print(f"  {fmt} {cfg}: {type(err).__name__}: {str(err)[:200]}")
                     best = min(tried, key=lambda r: r["us"])
-                    row[fmt] = summarize(n, k, m, best, base["us"])
+                    peak = PEAK_8BIT if layout is None else PEAK_BF16  # W8A8: 8-bit multiplies
+                    row[fmt] = summarize(n, k, m, best, base["us"], peak)
                     row[fmt]["tried"] = [(t["config"], round(t["us"], 2)) for t in tried]
                 results.append(row)
                 quant = "  ".join(
@@ -660,7 +664,9 @@ def targets(rows: list) -> list[str]:
 
 def config_label(c: dict) -> str:
     """Short label of a config dict, e.g. ``decode 16×64 k4 w4 s4`` (table kernels: ``pallas``)."""
-    if c == "xla" or c.get("path") == "xla":
+    if isinstance(c, str):  # "xla" | "mgpu_w8a8" (W8A8's GEMM, chosen by `mgpu_w8a8.takes`)
+        return c
+    if c.get("path") == "xla":
         return "xla"
     if c.get("path") in ("mgpu", "skinny"):  # Mosaic GPU: K step, steps per CTA, depth, scales,
         acc = " sacc" if c.get("scale_acc") else ""  # epilogue, the NF4 pair table, rows of x
@@ -689,9 +695,9 @@ def write_report(out_dir: str, payload: dict) -> None:
         f"Command: `{payload['command']}`",
         "",
         f"Device: {payload['device']}; jax {payload['jax']}. Roofline constants: HBM "
-        f"{HBM_BW / 1e12:.2f} TB/s, bf16 {PEAK_BF16 / 1e12:.0f} TFLOP/s dense (H100 SXM "
-        "datasheet). Times: median device (kernel) time per call from the profiler trace, "
-        "weights rotated over > 150 MB of buffers.",
+        f"{HBM_BW / 1e12:.2f} TB/s, bf16 {PEAK_BF16 / 1e12:.0f} TFLOP/s dense, int8 / fp8 (W8A8) "
+        f"{PEAK_8BIT / 1e12:.0f} TOP/s dense (H100 SXM datasheet). Times: median device "
+        "(kernel) time per call from the profiler trace, weights rotated over > 150 MB of buffers.",
         "",
     ]
     if rows:
@@ -748,7 +754,12 @@ def main(argv=None) -> None:
         "command": "python -m experiments.kernel_bench " + shlex.join(argv or sys.argv[1:]),
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
-        "constants": {"hbm_bw": HBM_BW, "peak_bf16": PEAK_BF16, "rotate_bytes": L2_ROTATE_BYTES},
+        "constants": {
+            "hbm_bw": HBM_BW,
+            "peak_bf16": PEAK_BF16,
+            "peak_8bit": PEAK_8BIT,
+            "rotate_bytes": L2_ROTATE_BYTES,
+        },
     }
     try:
         if args.check or args.smoke:
