@@ -1,0 +1,60 @@
+"""Probe: the skinny kernel (:mod:`qjax.kernels.gpu.mgpu_skinny`) with its stream-K schedule
+against whole 64-row weight tiles per CTA (``schedule`` patched to ``L = steps``: fewer CTAs, but
+no tile split between CTAs), and how much of each call is the XLA pass that adds the partial sums
+(:func:`qjax.kernels.gpu.mgpu_matmul.combine`), at M = 1 on two Llama-3-70B shapes.
+
+Median device time per call with weights rotated over > 150 MB (``kernel_bench.device_time``),
+and per kernel on one buffer (``kernel_bench.kernel_breakdown``).
+
+    python -m experiments.skinny_whole_tiles_probe --out DIR      # on the GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from experiments import kernel_bench as kb
+from experiments.mgpu_probe_lib import shape
+from experiments.occupancy_probe import skinny
+from qjax.kernels.gpu import mgpu_matmul as mg
+from qjax.kernels.gpu import mgpu_skinny as sk
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    schedules = {"streamk": sk.schedule, "whole": lambda n_tiles, steps, per_sm: steps}
+    out = []
+    try:
+        for fmt in ("w8cht", "fp8t", "w4g128t"):
+            for name in ("qkv", "o"):
+                n, k = shape(name)
+                x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
+                w0 = kb.random_weight(fmt, k, n, 0)
+                more = range(1, kb.n_buffers(w0.nbytes))
+                bufs = [w0] + [kb.random_weight(fmt, k, n, i) for i in more]
+                row = {"fmt": fmt, "N": n, "K": k, "M": 1}
+                for label, schedule in schedules.items():
+                    sk.schedule = schedule
+                    cfg = skinny(w0, 1)
+                    f = jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
+                    us = kb.device_time(f, [(x, w) for w in bufs], 40)["us"]
+                    row[label] = {"L": cfg.cta_steps, "bk": cfg.block_k, "us": round(us, 2),
+                                  "kernels": kb.kernel_breakdown(f, (x, w0))}  # fmt: skip
+                print(row, flush=True)
+                out.append(row)
+    finally:
+        sk.schedule = schedules["streamk"]
+    with open(os.path.join(args.out, "skinny_whole_tiles_probe.json"), "w") as fh:
+        json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
