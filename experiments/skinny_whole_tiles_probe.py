@@ -1,7 +1,8 @@
 """Probe: the skinny kernel (:mod:`qjax.kernels.gpu.mgpu_skinny`) with its stream-K schedule
 against whole 64-row weight tiles per CTA (``schedule`` patched to ``L = steps``: fewer CTAs, but
 no tile split between CTAs), and how much of each call is the XLA pass that adds the partial sums
-(:func:`qjax.kernels.gpu.mgpu_matmul.combine`), at M = 1 on two Llama-3-70B shapes.
+(:func:`qjax.kernels.gpu.mgpu_matmul.combine`), on two Llama-3-70B shapes; ``--more``: also two
+CTAs per SM (larger K steps) and three stages (``STAGES`` patched).
 
 Median device time per call with weights rotated over > 150 MB (``kernel_bench.device_time``),
 and per kernel on one buffer (``kernel_bench.kernel_breakdown``).
@@ -28,30 +29,42 @@ from qjax.kernels.gpu import mgpu_skinny as sk
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--ms", nargs="*", type=int, default=[1])
+    ap.add_argument("--more", action="store_true", help="two CTAs per SM, three stages as well")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    schedules = {"streamk": sk.schedule, "whole": lambda n_tiles, steps, per_sm: steps}
+    streamk = sk.schedule
+
+    def whole(n_tiles, steps, per_sm):
+        return steps
+
+    # label: (schedule, CTAs per SM, stages)
+    variants = {"streamk": (streamk, 3, 2), "whole": (whole, 3, 2)}
+    if args.more:
+        variants.update(whole_2sm=(whole, 2, 2), whole_2sm_st3=(whole, 2, 3),
+                        streamk_2sm=(streamk, 2, 2))  # fmt: skip
     out = []
     try:
         for fmt in ("w8cht", "fp8t", "w4g128t"):
-            for name in ("qkv", "o"):
+            for name, m in [(name, m) for m in args.ms for name in ("qkv", "o")]:
                 n, k = shape(name)
-                x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
+                x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
                 w0 = kb.random_weight(fmt, k, n, 0)
                 more = range(1, kb.n_buffers(w0.nbytes))
                 bufs = [w0] + [kb.random_weight(fmt, k, n, i) for i in more]
-                row = {"fmt": fmt, "N": n, "K": k, "M": 1}
-                for label, schedule in schedules.items():
-                    sk.schedule = schedule
-                    cfg = skinny(w0, 1)
+                row = {"fmt": fmt, "N": n, "K": k, "M": m}
+                for label, (schedule, per_sm, stages) in variants.items():
+                    sk.schedule, sk.STAGES = schedule, stages
+                    cfg = skinny(w0, m, ctas_per_sm=per_sm)
                     f = jax.jit(lambda x, w, cfg=cfg: mg.matmul(x, w, config=cfg))
                     us = kb.device_time(f, [(x, w) for w in bufs], 40)["us"]
-                    row[label] = {"L": cfg.cta_steps, "bk": cfg.block_k, "us": round(us, 2),
+                    row[label] = {"L": cfg.cta_steps, "bk": cfg.block_k, "per_sm": per_sm,
+                                  "stages": stages, "us": round(us, 2),
                                   "kernels": kb.kernel_breakdown(f, (x, w0))}  # fmt: skip
                 print(row, flush=True)
                 out.append(row)
     finally:
-        sk.schedule = schedules["streamk"]
+        sk.schedule, sk.STAGES = streamk, 2
     with open(os.path.join(args.out, "skinny_whole_tiles_probe.json"), "w") as fh:
         json.dump(out, fh, indent=1)
 
