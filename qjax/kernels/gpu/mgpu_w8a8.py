@@ -61,9 +61,11 @@ class Config:
 WIDE = Config()
 NARROW = Config(wg_rows=128, block_n=128, stages=3)
 
-# Rows of x from which `w8a8_matmul` takes this kernel on Hopper: where it beat XLA's GEMM and
-# scaling pass on every 70B shape measured (int8 from M = 512: 1.2 – 1.6× faster; e4m3 from
-# M = 2048: 1.03 – 1.08× — at M = 512 it lost on 10240×8192, its 160 CTAs two waves on 132 SMs).
+# Rows of x from which `w8a8_matmul` takes this kernel on Hopper (`w8a8_mgpu_probe_70b*.json`,
+# `_8b.json`): int8 from M = 512 (1.14 – 1.96× faster than XLA's GEMM and scaling pass on the
+# Llama-3-70B and 8B shapes but one: 8B's 4096×14336 at M = 512, 5 % slower — 64 CTAs over a
+# long K, where XLA splits K); e4m3 from M = 2048 (1.01 – 1.14× faster on every shape measured;
+# at M = 512 it lost on 10240×8192, its 160 CTAs two waves on 132 SMs, and on two 8B shapes).
 FROM_ROWS = {"int8": 512, "e4m3": 2048}
 
 
