@@ -2,7 +2,8 @@
 against whole 64-row weight tiles per CTA (``schedule`` patched to ``L = steps``: fewer CTAs, but
 no tile split between CTAs), and how much of each call is the XLA pass that adds the partial sums
 (:func:`qjax.kernels.gpu.mgpu_matmul.combine`), on two Llama-3-70B shapes; ``--more``: also two
-CTAs per SM (larger K steps) and three stages (``STAGES`` patched).
+CTAs per SM (larger K steps) and three stages (``STAGES`` patched). ``fewest``: the schedule
+before it balanced the SMs' loads (the fewest steps per CTA in one wave).
 
 Median device time per call with weights rotated over > 150 MB (``kernel_bench.device_time``),
 and per kernel on one buffer (``kernel_bench.kernel_breakdown``).
@@ -31,6 +32,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--ms", nargs="*", type=int, default=[1])
     ap.add_argument("--more", action="store_true", help="two CTAs per SM, three stages as well")
+    ap.add_argument("--no-whole", action="store_true", help="stream-K schedules only")
+    ap.add_argument("--shapes", nargs="*", default=["qkv", "o"])
+    ap.add_argument("--fmts", nargs="*", default=["w8cht", "fp8t", "w4g128t"])
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     streamk = sk.schedule
@@ -38,15 +42,21 @@ def main(argv=None) -> None:
     def whole(n_tiles, steps, per_sm):
         return steps
 
+    def fewest(n_tiles, steps, per_sm):  # the schedule before it balanced the SMs' loads
+        total, slots = n_tiles * steps, mg.NUM_SMS * per_sm
+        return next(d for d in range(1, total + 1) if total % d == 0 and total // d <= slots)
+
     # label: (schedule, CTAs per SM, stages)
-    variants = {"streamk": (streamk, 3, 2), "whole": (whole, 3, 2)}
+    variants = {"streamk": (streamk, 3, 2), "fewest": (fewest, 3, 2)}
+    if not args.no_whole:
+        variants["whole"] = (whole, 3, 2)
     if args.more:
         variants.update(whole_2sm=(whole, 2, 2), whole_2sm_st3=(whole, 2, 3),
                         streamk_2sm=(streamk, 2, 2))  # fmt: skip
     out = []
     try:
-        for fmt in ("w8cht", "fp8t", "w4g128t"):
-            for name, m in [(name, m) for m in args.ms for name in ("qkv", "o")]:
+        for fmt in args.fmts:
+            for name, m in [(name, m) for m in args.ms for name in args.shapes]:
                 n, k = shape(name)
                 x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
                 w0 = kb.random_weight(fmt, k, n, 0)

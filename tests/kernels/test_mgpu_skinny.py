@@ -61,11 +61,25 @@ def test_decode_sizes_take_the_skinny_kernel_where_it_was_measured_faster(spec, 
 
 @settings(max_examples=80, deadline=None)
 @given(n_tiles=st.integers(1, 900), steps=st.integers(1, 64), per_sm=st.integers(1, 4))
-def test_schedule_takes_the_fewest_steps_per_cta_that_fit_one_wave(n_tiles, steps, per_sm):
+def test_schedule_fits_one_wave_and_loads_the_busiest_sm_least(n_tiles, steps, per_sm):
     total = n_tiles * steps
     length = sk.schedule(n_tiles, steps, per_sm)
     assert total % length == 0 and total // length <= mg.NUM_SMS * per_sm
-    assert all(total % d or total // d > mg.NUM_SMS * per_sm for d in range(1, length))
+
+    def busiest(d):  # steps on the SM holding the most CTAs of d steps
+        return -(-(total // d) // mg.NUM_SMS) * d
+
+    one_wave = [
+        d for d in range(1, total + 1) if total % d == 0 and total // d <= mg.NUM_SMS * per_sm
+    ]
+    assert busiest(length) == min(busiest(d) for d in one_wave)
+    assert all(busiest(d) > busiest(length) for d in one_wave if d < length)  # ties: more CTAs
+
+
+def test_schedule_balances_the_70b_qkv_projection():
+    # 10240×8192, 512-code steps: 256 CTAs of 10 steps, not 320 of 8 (56 SMs holding three)
+    assert sk.schedule(160, 16, 3) == 10
+    assert sk.schedule(128, 16, 3) == 8  # 8192²: 256 CTAs of 8, already two per SM
 
 
 @pytest.mark.parametrize(("bits", "span", "lut"), [(4, 128, False), (8, 128, False), (4, 64, True)])
