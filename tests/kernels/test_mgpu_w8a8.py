@@ -77,6 +77,18 @@ def test_mixed_code_dtypes_are_rejected():
         k8.gemm(xq, wq, jnp.ones((8, 1)), jnp.ones((256,)), jnp.bfloat16)
 
 
+def test_mismatched_codes_and_scales_are_named():
+    xq = jnp.zeros((8, 256), jnp.int8)
+    with pytest.raises(ShapeError, match="do not match"):
+        k8.gemm(
+            xq, jnp.zeros((256, 384), jnp.int8), jnp.ones((8, 1)), jnp.ones((256,)), jnp.bfloat16
+        )
+    with pytest.raises(ShapeError, match="do not match"):
+        k8.gemm(
+            xq, jnp.zeros((256, 256), jnp.int8), jnp.ones((8, 1)), jnp.ones((128,)), jnp.bfloat16
+        )
+
+
 def test_config_for_takes_the_wide_tile_where_it_divides_n():
     assert k8.config_for(8192) == k8.WIDE
     assert k8.config_for(384) == k8.NARROW

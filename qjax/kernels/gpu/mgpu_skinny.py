@@ -71,8 +71,8 @@ def schedule(n_tiles: int, steps: int, ctas_per_sm: int) -> int:
     ``ctas_per_sm · 132`` CTAs (one wave; measured: CTAs of unequal step counts that fill every
     slot were slower, ``occupancy_probe_uneven.json``), the one whose busiest SM has the fewest
     steps, ``⌈CTAs / 132⌉ · L``, and of those the smallest (most CTAs). On 10240×8192: 256 CTAs
-    of 10 steps (two per SM) instead of 320 of 8 (56 SMs holding three), int4 at M = 1 4 %
-    faster (``skinny_whole_tiles_probe_more.json``)."""
+    of 10 steps (two per SM) instead of 320 of 8 (56 SMs holding three), int4 at M = 1 2 – 3 %
+    faster, 8-bit ≤ 1 % (``skinny_schedule_probe.json``)."""
     total = n_tiles * steps
     slots = mg.NUM_SMS * ctas_per_sm
     fits = [d for d in range(1, total + 1) if total % d == 0 and total // d <= slots]

@@ -150,6 +150,9 @@ def gemm(xq, wq, sx, sw, out_dtype, cfg: Config | None = None) -> jax.Array:
     n = wq.shape[0]
     cfg = cfg or config_for(n)
     check(m, k, n, cfg, jnp.dtype(out_dtype).itemsize)
+    if wq.shape[1] != k or sx.size != m or sw.size != n:
+        raise ShapeError(f"mgpu_w8a8: codes x {tuple(xq.shape)}, w {tuple(wq.shape)} (N, K) and "
+                         f"scales {tuple(sx.shape)}, {tuple(sw.shape)} do not match")  # fmt: skip
     if xq.dtype != wq.dtype or jnp.dtype(xq.dtype).itemsize != 1:
         raise ShapeError(f"mgpu_w8a8: codes must be both int8 or both e4m3, got {xq.dtype} "
                          f"and {wq.dtype}")  # fmt: skip

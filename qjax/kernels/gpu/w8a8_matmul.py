@@ -176,6 +176,8 @@ def w8a8_matmul(
             f"(dynamic: K % {K_ALIGN} == 0); got {got}, x {x.dtype} {tuple(x.shape)}, "
             f"w {tuple(w.shape)}"
         )
+    if gemm not in (None, "xla", "mgpu"):
+        raise FormatError(f"w8a8_matmul: gemm must be 'xla' or 'mgpu', got {gemm!r}")
     spec = w.spec
     k, n = w.shape
     x2 = x.reshape(-1, k)
@@ -191,8 +193,6 @@ def w8a8_matmul(
         sx = jnp.broadcast_to(jnp.asarray(sx, jnp.float32).reshape(-1, 1), (x2.shape[0], 1))
         y = mgpu_w8a8.gemm(xq, w.codes[0], sx, w.scales[0], x.dtype, config)
         return y.reshape(*x.shape[:-1], n)
-    if gemm != "xla":
-        raise FormatError(f"w8a8_matmul: gemm must be 'xla' or 'mgpu', got {gemm!r}")
     if spec.dtype == "int8":
         out = jnp.int32
     else:  # float32 accumulation inside the GEMM either way; bf16 halves the bytes it writes
