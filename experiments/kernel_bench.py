@@ -8,13 +8,15 @@ times ``y = x @ Ŵ`` with bf16 ``x`` on the device and reports:
   so that L2 (50 MB on H100) does not flatter small shapes;
 * effective bandwidth ``(weight bytes incl. scales + 2MK + 2MN) / t``;
 * % of the §7 roofline ``T(M) = max(bytes / BW, 2MNK / P)`` with ``BW = 3.35 TB/s`` and
-  ``P = 989 TFLOP/s`` (H100 SXM datasheet: HBM3 bandwidth, dense bf16);
+  ``P = 989 TFLOP/s`` (H100 SXM datasheet: HBM3 bandwidth, dense bf16; W8A8: ``P = 1979 TOP/s``,
+  dense int8 / fp8);
 * the speed-up over XLA's bf16 ``dot`` timed the same way in the same run.
 
 Usage (on the GPU machine)::
 
     python -m experiments.kernel_bench --out DIR [--shapes 70b 8b] [--ms 1 16 ...]
     python -m experiments.kernel_bench --check --out DIR     # correctness on the device
+    python -m experiments.kernel_bench --check --check-parts mgpu --out DIR   # one part of it
     python -m experiments.kernel_bench --tune --out DIR      # block-size sweep
     python -m experiments.kernel_bench --smoke --out DIR     # tiny, CPU, interpret mode
 
@@ -451,12 +453,19 @@ def check_case(spec, layout: str, m: int, k: int, n: int, seed: int):
     return repack.repack(q, layout), x, ref
 
 
+CHECK_PARTS = ("triton", "dispatched", "mgpu", "w8a8")  # `--check-parts`; the last two: device only
+
+
 def run_check(args, results: list, interpret: bool) -> None:
-    """Kernel vs ``dequantize`` + float32 dot on fresh random weights, every path and format."""
+    """Kernel vs ``dequantize`` + float32 dot on fresh random weights, every path and format, in
+    the parts ``args.check_parts`` names (the whole check outlasts one 10-minute device call)."""
+    parts = set(getattr(args, "check_parts", None) or CHECK_PARTS)
     cases = [(3, 200, 96), (16, 1024, 320), (100, 640, 384), (1, 4096, 4096)][: args.check_cases]
     if interpret:
         cases = cases[:1]
     for fmt, (spec, layout) in FORMATS.items():
+        if "triton" not in parts:
+            break
         if layout in TABLE_LAYOUTS or layout is None or layout in mgpu_matmul.LAYOUTS:
             continue  # run_check_dispatched / run_check_mgpu, tests/kernels, tests/formats
         for m, k, n in cases:
@@ -498,9 +507,11 @@ def run_check(args, results: list, interpret: bool) -> None:
                     f"{'ok' if ok else 'FAIL'}",
                     flush=True,
                 )
-    run_check_dispatched(cases, results, interpret)
-    if not interpret:
+    if "dispatched" in parts:
+        run_check_dispatched(cases, results, interpret)
+    if not interpret and "mgpu" in parts:
         run_check_mgpu(results)
+    if not interpret and "w8a8" in parts:
         run_check_w8a8_mgpu(results)
 
 
@@ -746,6 +757,13 @@ def main(argv=None) -> None:
     p.add_argument("--autotune", action="store_true", help="try candidates(M), report the best")
     p.add_argument("--check", action="store_true")
     p.add_argument("--check-cases", type=int, default=4)
+    p.add_argument(
+        "--check-parts",
+        nargs="+",
+        choices=CHECK_PARTS,
+        default=list(CHECK_PARTS),
+        help="which checks --check runs (one device call is limited to 10 minutes)",
+    )
     p.add_argument("--tune", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     args = p.parse_args(argv)
