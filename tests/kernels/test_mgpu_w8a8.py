@@ -125,3 +125,26 @@ def test_w8a8_matmul_dispatch_and_bad_gemm(monkeypatch):
     monkeypatch.setattr(k8, "gemm", lambda *a: calls.append(a) or jnp.zeros((600, 128), a[4]))
     w8.w8a8_matmul(x, w)
     assert taken[-1] == (600, 256, 128, "int8", jnp.bfloat16) and len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", ["int8", "e4m3"])
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_w8a8_matmul_hands_the_kernel_the_formats_codes_and_scales(monkeypatch, dtype, act):
+    # the kernel replaced by its math in float32: what w8a8_matmul passes it (codes of x and of
+    # w in (N, K), per-token and per-channel scales) must give the format's own product
+    def kernel_math(xq, wq, sx, sw, out_dtype, cfg=None):
+        acc = xq.astype(jnp.float32) @ wq.astype(jnp.float32).T
+        return (acc * sx * sw.reshape(1, -1)).astype(out_dtype)
+
+    monkeypatch.setattr(k8, "gemm", kernel_math)
+    rng = np.random.default_rng(11)
+    spec = qjax.W8A8(act=act, dtype=dtype)
+    w = spec.quantize(jnp.asarray(rng.standard_normal((384, 256)), jnp.float32))
+    if act == "static":
+        w = w.replace(aux={"act_scale": jnp.asarray(0.03, jnp.float32)})
+    x = jnp.asarray(rng.standard_normal((2, 5, 384)) * 2, jnp.bfloat16)  # 3-D: rows flattened
+    got = np.asarray(w8.w8a8_matmul(x, w, gemm="mgpu", interpret=True), np.float32)
+    want = np.asarray(spec.matmul(x, w), np.float32)
+    assert got.shape == want.shape == (2, 5, 256)
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+    assert np.abs(want).max() > 0.1  # not a vacuous comparison
