@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from qjax.errors import ShapeError
+from qjax.kernels.gpu import mgpu_matmul as mg
 
 BLOCK_K = 128  # codes per K step: 128 bytes, the widest TMA swizzle
 ROW_STEP = 8  # x's rows are padded to a multiple of this (TMA's tiling of a global array)
@@ -132,13 +133,6 @@ def cta_tile(c, m_tiles: int, n_tiles: int, group: int):
     return first + r % rows_in, r // rows_in
 
 
-def _tiled(minor_elems: int, bits: int):
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    sw = plgpu.find_swizzle(minor_elems * bits, "w8a8")
-    return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
-
-
 def gemm(xq, wq, sx, sw, out_dtype, cfg: Config | None = None) -> jax.Array:
     """``(xq @ wqᵀ) · sx · sw`` cast to ``out_dtype``: ``xq: (M, K)`` and ``wq: (N, K)`` codes (both
     int8 or both float8_e4m3fn), ``sx: (M, 1)`` and ``sw: (N,)`` (or ``(1, N)``) float32;
@@ -208,7 +202,7 @@ def gemm(xq, wq, sx, sw, out_dtype, cfg: Config | None = None) -> jax.Array:
                     plgpu.copy_smem_to_gmem(y_smem.at[i], dst)
                 plgpu.wait_smem_to_gmem(0)
 
-        codes = _tiled(BLOCK_K, 8)
+        codes = mg._tiled(BLOCK_K, 8, "codes")
         pipeline = plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(steps,),
@@ -224,7 +218,7 @@ def gemm(xq, wq, sx, sw, out_dtype, cfg: Config | None = None) -> jax.Array:
         )
         pipeline(x_gmem, w_gmem)
 
-    out_bits = 8 * jnp.dtype(out_dtype).itemsize
+    y_tiles = mg._tiled(epi, 8 * jnp.dtype(out_dtype).itemsize, "out")
     y = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((m_p, n), out_dtype),
@@ -233,7 +227,7 @@ def gemm(xq, wq, sx, sw, out_dtype, cfg: Config | None = None) -> jax.Array:
         num_threads=3,
         thread_name="wg",
         scratch_types=dict(
-            y_smem=plgpu.SMEM((2, wg_rows, epi), out_dtype, transforms=_tiled(epi, out_bits)),
+            y_smem=plgpu.SMEM((2, wg_rows, epi), out_dtype, transforms=y_tiles),
             sx_smem=plgpu.SMEM((2, wg_rows), jnp.float32),
             sw_smem=plgpu.SMEM((2, block_n), jnp.float32),
             bar=plgpu.Barrier(num_arrivals=1, num_barriers=4),
