@@ -531,8 +531,9 @@ def run_check_mgpu(results: list) -> None:
             tries = [None, *(mg.config_for(w, m, c) for c in table)]
             both = dataclasses.replace(tries[1], fused=not tries[1].fused)  # the other epilogue
             if mgpu_skinny.eligible(w, m):  # the skinny kernel, both scale placements and shares
-                tries += [mg.config_for(w, m, mg.Config("skinny", 512, scale_acc=s, ctas_per_sm=c))
-                          for s in (False, True) for c in (2, 3)]  # fmt: skip
+                tries += [mg.config_for(w, m, mg.Config("skinny", 512, scale_acc=s, ctas_per_sm=c,
+                                                        cluster=cl))
+                          for s in (False, True) for c in (2, 3) for cl in (0, 2)]  # fmt: skip
             for cfg in [*tries, both]:
                 if cfg is None:
                     y = np.asarray(qjax.matmul(x, w), np.float32)
@@ -685,7 +686,8 @@ def config_label(c: dict) -> str:
         lut = " lut" if c.get("lut") else ""
         rows = f" bm{c['block_m']}" if c.get("block_m", 128) != 128 else ""
         per_sm = f" {c['ctas_per_sm']}/SM" if c.get("ctas_per_sm", 1) != 1 else ""
-        tags = f"{acc}{fused}{lut}{rows}{per_sm}"
+        cluster = f" cl{c['cluster']}" if c.get("cluster") else ""
+        tags = f"{acc}{fused}{lut}{rows}{per_sm}{cluster}"
         return f"{c['path']} bk{c['block_k']} L{c['cta_steps']} st{c['stages']}{tags}"
     unpack = "" if c.get("planes", True) else " reshape"
     return (

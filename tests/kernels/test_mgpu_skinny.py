@@ -1,6 +1,7 @@
 """The skinny Mosaic GPU kernel (:mod:`qjax.kernels.gpu.mgpu_skinny`: one warp group per CTA,
-several CTAs per SM) on the CPU: when the dispatch takes it, its stream-K schedule, that its
-configs fit their share of shared memory, that it lowers to Mosaic GPU code, and its errors.
+several CTAs per SM) on the CPU: when the dispatch takes it, its stream-K schedule and clusters,
+that its configs fit their share of shared memory, that it lowers to Mosaic GPU code, and its
+errors.
 Its numbers are checked on the H100 (``python -m experiments.occupancy_probe``,
 ``python -m experiments.kernel_bench --check``)."""
 
@@ -55,6 +56,8 @@ def test_decode_sizes_take_the_skinny_kernel_where_it_was_measured_faster(spec, 
     assert sk.beats(main, w) == faster
     if want:  # the same placement of the scales as the main kernel's table
         assert cfg.scale_acc == main.scale_acc and cfg.ctas_per_sm == sk.CTAS_PER_SM
+        most = 0 if layout == "gpu_nf4t" else sk.CLUSTER  # NF4: not timed with clusters
+        assert cfg.cluster in range(most + 1)
     if (n, k) == (28672, 4096):  # fused, but short CTA runs: the skinny kernel was faster
         assert main.fused and main.cta_steps * main.block_k < sk.MAIN_KEEPS_CODES
 
@@ -82,35 +85,89 @@ def test_schedule_balances_the_70b_qkv_projection():
     assert sk.schedule(128, 16, 3) == 8  # 8192²: 256 CTAs of 8, already two per SM
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    n_tiles=st.integers(1, 600),
+    steps=st.integers(1, 64),
+    per_sm=st.integers(1, 4),
+    most=st.sampled_from([0, 1, 2, 4, 8]),
+)
+def test_clustered_schedule_keeps_every_tile_inside_one_cluster(n_tiles, steps, per_sm, most):
+    total = n_tiles * steps
+    balanced = sk.schedule(n_tiles, steps, per_sm)
+    length, c = sk.clustered_schedule(n_tiles, steps, per_sm, most)
+    assert total % length == 0 and length <= balanced  # as many CTAs as the balanced one, or more
+    clustered = [
+        d
+        for d in range(1, balanced + 1)
+        if total % d == 0 and 0 < sk.cluster_size(n_tiles, steps, d) <= most
+    ]
+    if c == 0:  # no L up to the balanced one fits clusters of at most `most`: the XLA pass
+        assert length == balanced and not clustered
+        return
+    assert 1 <= c <= most and (total // length) % c == 0
+    for t in range(n_tiles):  # from first principles: the CTAs that take K steps of tile t
+        first, last = t * steps // length, ((t + 1) * steps - 1) // length
+        assert first // c == last // c  # one cluster: its first CTA's shared memory is reachable
+    later = max(((t + 1) * steps - 1) // length - t * steps // length for t in range(n_tiles))
+    assert sk.received_slots(n_tiles, steps, length) == later
+    ctas = total // length
+    assert c == min(k for k in range(1, c + 1) if k * length % steps == 0 and ctas % k == 0)
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "bits", "want"),
+    [  # (L, C) as measured (`skinny_cluster_probe.json`), 3 CTAs per SM, clusters of at most 2
+        (8192, 10240, 4, (8, 2)),  # not the balanced L = 10: no cluster of 2 holds its tiles
+        (8192, 8192, 4, (8, 2)),
+        (28672, 8192, 4, (28, 2)),
+        (8192, 10240, 8, (16, 2)),
+        (4096, 28672, 4, (4, 2)),
+        (4096, 4096, 4, (2, 0)),  # Llama-3-8B's o: 64 tiles of 8 steps, L = 2 -> clusters of 4
+    ],
+)
+def test_dispatch_adds_partial_sums_in_clusters_of_two_where_they_fit(k, n, bits, want):
+    spec, layout = (qjax.Int(4, group=128), "gpu_i4t") if bits == 4 else SKINNY[2]
+    cfg = mg.config_for(_abstract(spec, layout, k, n), 1)
+    assert cfg.path == "skinny" and (cfg.cta_steps, cfg.cluster) == want
+
+
 @pytest.mark.parametrize(("bits", "span", "lut"), [(4, 128, False), (8, 128, False), (4, 64, True)])
 @pytest.mark.parametrize("m", [1, 7, 8, 13, 16])
 @pytest.mark.parametrize(("k", "n"), [(8192, 8192), (640, 640), (28672, 8192), (384, 256)])
 @pytest.mark.parametrize("per_sm", [2, 3])
+@pytest.mark.parametrize("cluster", [0, 8])
 def test_configs_fit_their_share_of_shared_memory_and_divide_the_work(
-    bits, span, lut, m, k, n, per_sm
+    bits, span, lut, m, k, n, per_sm, cluster
 ):
-    cfg = sk.fit(mg.Config("skinny", 512, lut=lut, ctas_per_sm=per_sm), m, k, n, bits, span)
+    cfg = mg.Config("skinny", 512, lut=lut, ctas_per_sm=per_sm, cluster=cluster)
+    cfg = sk.fit(cfg, m, k, n, bits, span)
     _, bm = mg.padded_rows(m)
     assert k % cfg.block_k == 0 and cfg.block_k % mg.SLICE == 0 and cfg.stages == sk.STAGES
+    n_tiles, steps = n // sk.ROWS, k // cfg.block_k
+    assert (n_tiles * steps) % cfg.cta_steps == 0
     smem = functools.partial(sk.smem_bytes, bm, bits=bits, span=span, lut=lut)
-    assert smem(cfg.block_k, cfg.stages) <= sk.smem_share(per_sm)
-    assert (n // sk.ROWS * (k // cfg.block_k)) % cfg.cta_steps == 0
-    # the largest K step that fits: twice it would not divide K or not fit
-    bigger = 2 * cfg.block_k
-    fits = k % bigger == 0 and smem(bigger, sk.STAGES) <= sk.smem_share(per_sm)
-    assert cfg.block_k == 512 or not fits
+    # clustered: the slots the later CTAs of a tile store into, instead of the output tile
+    received = sk.received_slots(n_tiles, steps, cfg.cta_steps) if cfg.cluster else None
+    assert smem(cfg.block_k, cfg.stages, received=received) <= sk.smem_share(per_sm)
+    if not cluster:  # the largest K step that fits: twice it would not divide K or not fit
+        bigger = 2 * cfg.block_k
+        fits = k % bigger == 0 and smem(bigger, sk.STAGES) <= sk.smem_share(per_sm)
+        assert cfg.block_k == 512 or not fits
 
 
 @pytest.mark.parametrize(("spec", "layout"), SKINNY, ids=lambda v: str(v))
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 1024, 256), (16, 576, 200), (7, 2048, 384)])
 @pytest.mark.parametrize("scale_acc", [False, True])
-def test_kernel_lowers_to_mosaic_gpu(spec, layout, m, k, n, scale_acc):
+@pytest.mark.parametrize("cluster", [0, 8])
+def test_kernel_lowers_to_mosaic_gpu(spec, layout, m, k, n, scale_acc, cluster):
     # lowering for CUDA runs on the CPU: the plain pipeline, the decoders and wgmma are built
     w = _weight(spec, layout, k, n)
     x = jax.random.normal(jax.random.key(2), (m, w.codes.shape[1]), jnp.bfloat16)
     lut = layout == "gpu_nf4t"  # NF4: the pair table, as the main kernel's
-    cfg = mg.Config("skinny", 512, scale_acc=scale_acc, lut=lut, ctas_per_sm=3)
+    cfg = mg.Config("skinny", 512, scale_acc=scale_acc, lut=lut, ctas_per_sm=3, cluster=cluster)
     cfg = mg.config_for(w, m, cfg)
+    assert bool(cfg.cluster) == bool(cluster)  # every case here fits clusters of at most 8
     sk.check_config(x, w, cfg)
     out = jax.eval_shape(lambda x, w: sk.matmul_rows(x, w, cfg), x, w)
     assert out.shape == (m, w.codes.shape[0]) and out.dtype == jnp.bfloat16
@@ -118,6 +175,8 @@ def test_kernel_lowers_to_mosaic_gpu(spec, layout, m, k, n, scale_acc):
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     assert ("ld.shared.b32" in text) == lut  # the pair table's loads
+    # clustered: partial sums stored into another CTA's shared memory (mapa + st.async)
+    assert ("st.async" in text and "mapa" in text) == bool(cfg.cluster)
 
 
 @pytest.mark.parametrize(("spec", "layout"), MAIN_ONLY, ids=lambda v: str(v))
@@ -139,3 +198,14 @@ def test_too_many_rows_and_unfitted_configs_are_refused():
         sk.check_config(x, w, dataclasses.replace(cfg, cta_steps=3))  # 4 tiles × 2 steps
     with pytest.raises(ShapeError, match="block_k"):
         sk.check_config(x, w, dataclasses.replace(cfg, block_k=384))
+
+
+def test_clusters_that_split_a_tile_or_the_ctas_are_refused():
+    w = _weight(*SKINNY[0], 1024, 1024)  # 16 tiles of 2 K steps
+    x = jnp.ones((1, 1024), jnp.bfloat16)
+    cfg = sk.fit(mg.Config("skinny", 512, ctas_per_sm=3, cluster=2), 1, 1024, 1024, 4)
+    assert (cfg.cta_steps, cfg.cluster) == (1, 2)
+    sk.check_config(x, w, cfg)
+    for bad in (dict(cluster=3), dict(cluster=16), dict(cta_steps=4, cluster=3)):
+        with pytest.raises(ShapeError, match="clusters of"):
+            sk.check_config(x, w, dataclasses.replace(cfg, **bad))

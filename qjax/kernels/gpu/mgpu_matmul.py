@@ -114,6 +114,9 @@ class Config:
     #                              CTA's tiles in a row; None: above GROUPED_ROWS rows of x
     ctas_per_sm: int = 1  # "skinny": CTAs an SM holds (shared memory cut to a share each,
     #                       the stream-K schedule fills 132 × this in one wave)
+    cluster: int = 0  # "skinny": CTAs per cluster that add a split tile's partial sums in the
+    #                   shared memory of its first CTA, which writes y (`mgpu_skinny`; `fit`
+    #                   takes it as the most allowed); 0: an XLA pass adds them
 
 
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4
@@ -357,7 +360,11 @@ def config_for(w: QArray, m: int, cfg: Config | None = None) -> Config:
         cfg = table_config(w, m)
         if cfg.path == "mgpu" and mgpu_skinny.eligible(w, m) and mgpu_skinny.beats(cfg, w):
             skinny = dataclasses.replace(
-                cfg, path="skinny", block_k=512, ctas_per_sm=mgpu_skinny.CTAS_PER_SM
+                cfg,
+                path="skinny",
+                block_k=512,
+                ctas_per_sm=mgpu_skinny.CTAS_PER_SM,
+                cluster=mgpu_skinny.cluster_for(w),
             )
             return mgpu_skinny.fit(skinny, m, k_p, n_p, code_bits(w), slice_codes(w))
         return cfg

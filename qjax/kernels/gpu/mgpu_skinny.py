@@ -16,8 +16,12 @@ Work is stream-K over the 64-row tiles laid end to end (Osama et al. 2023), ever
 same number ``L`` of consecutive K steps (:func:`schedule`: one wave of at most
 ``ctas_per_sm · 132`` CTAs). Each CTA writes its float32 sum of a tile to the tile's slot
 ``c − first_cta(t)``, and one fused XLA pass adds, transposes, scales per channel and casts
-(:func:`qjax.kernels.gpu.mgpu_matmul.combine`). Group scales (int4 g128) multiply the weights
-or, with ``scale_acc``, the float32 per-slice sums, as in the main kernel.
+(:func:`qjax.kernels.gpu.mgpu_matmul.combine`). Where the schedule can keep every tile's CTAs in
+one cluster of two (``Config.cluster``, :func:`clustered_schedule`; Hopper thread-block
+clusters), the pass goes: a tile's later CTAs store their sums into its first CTA's shared memory
+(distributed shared memory), which adds them, scales, casts and writes ``y`` itself. Group scales
+(int4 g128) multiply the weights or, with ``scale_acc``, the float32 per-slice sums, as in the
+main kernel.
 
 Measured on the H100 (``experiments/results/kernels/occupancy_probe_skinny_*.json``; same run as
 the main kernel's table config, M = 1 / 16): int4 g128 2–7 % faster on three of the Llama-3-70B
@@ -53,12 +57,23 @@ LAYOUTS = ("gpu_i4t", "gpu_i8t", "gpu_f8t", "gpu_nf4t")
 
 
 def smem_bytes(
-    bm: int, bk: int, stages: int, bits: int, span: int = mg.SLICE, lut: bool = False
+    bm: int,
+    bk: int,
+    stages: int,
+    bits: int,
+    span: int = mg.SLICE,
+    lut: bool = False,
+    received: int | None = None,
 ) -> int:
     """Shared memory of one CTA: ``stages`` × (codes, ``x``, a scale row per ``span`` codes) +
-    the float32 output tile + barriers (a bound) + the NF4 pair table (``lut``)."""
+    the float32 output tile + barriers (a bound) + the NF4 pair table (``lut``); ``received``:
+    clustered (``Config.cluster``), the float32 slots other CTAs store into, the bf16 ``y``
+    tile and two rows of per-channel scales instead of the output tile."""
     per_stage = ROWS * bk * bits // 8 + bm * bk * 2 + (bk // span) * ROWS * 2
-    return stages * per_stage + ROWS * bm * 4 + 512 + (mg.LUT_SMEM if lut else 0)
+    out = ROWS * bm * 4
+    if received is not None:
+        out = max(received, 1) * ROWS * bm * 4 + ROWS * bm * 2 + 2 * ROWS * 4
+    return stages * per_stage + out + 512 + (mg.LUT_SMEM if lut else 0)
 
 
 def smem_share(ctas_per_sm: int) -> int:
@@ -77,6 +92,56 @@ def schedule(n_tiles: int, steps: int, ctas_per_sm: int) -> int:
     slots = mg.NUM_SMS * ctas_per_sm
     fits = [d for d in range(1, total + 1) if total % d == 0 and total // d <= slots]
     return min(fits, key=lambda d: (-(-total // d // mg.NUM_SMS) * d, d))
+
+
+MAX_CLUSTER = 8  # CTAs per cluster: Hopper's portable limit
+
+
+def cluster_size(n_tiles: int, steps: int, length: int) -> int:
+    """The fewest consecutive CTAs per cluster (``Config.cluster``) such that no weight tile is
+    split between two clusters (``C·L`` a multiple of the ``steps`` per tile) and clusters
+    divide the CTAs; 0 where none up to :data:`MAX_CLUSTER` does."""
+    ctas = n_tiles * steps // length
+    fits = (c for c in range(1, MAX_CLUSTER + 1) if c * length % steps == 0 and ctas % c == 0)
+    return next(fits, 0)
+
+
+def clustered_schedule(
+    n_tiles: int, steps: int, ctas_per_sm: int, max_cluster: int
+) -> tuple[int, int]:
+    """``(L, C)``: :func:`schedule`'s choice among the ``L`` no larger than its own (as many CTAs
+    or more) whose tiles fit clusters of at most ``max_cluster`` CTAs (:func:`cluster_size`),
+    with that ``C``; where none does (or ``max_cluster`` is 0), :func:`schedule`'s ``L`` and
+    ``C = 0`` (an XLA pass adds the sums)."""
+    balanced = schedule(n_tiles, steps, ctas_per_sm)
+    total = n_tiles * steps
+    fits = [d for d in range(1, balanced + 1) if total % d == 0]
+    fits = [d for d in fits if 0 < cluster_size(n_tiles, steps, d) <= max_cluster]
+    if not fits:
+        return balanced, 0
+    length = min(fits, key=lambda d: (-(-total // d // mg.NUM_SMS) * d, d))
+    return length, cluster_size(n_tiles, steps, length)
+
+
+CLUSTER = 2  # the dispatch's `Config.cluster` (the most CTAs per cluster). Measured
+#              (`skinny_cluster_probe.json`, H100, M = 1 / 16, int4 g128 / int8 / FP8 on
+#              Llama-3-70B's 10240×8192, 8192², 8192×28672 and Llama-3-8B's 28672×4096):
+#              clusters of at most 2 beat the XLA pass in 22 of 24 cases (by up to 6.4 %,
+#              int4 8192² M = 1: 16.06 → 15.10 µs) and lost 1.3 % (FP8 10240×8192 M = 1) and
+#              3.7 % (int4 28672×4096 M = 16); at most 4 or 8 lost in 20 and 23 of 24 (up to
+#              42 %: fewer steps per CTA). Where no cluster of 2 fits, the XLA pass stays.
+
+
+def cluster_for(w: QArray) -> int:
+    """The dispatch's ``Config.cluster`` for ``w``: :data:`CLUSTER`, but 0 (the XLA pass) for
+    NF4, whose pair-table kernel was not timed with clusters (its numbers were checked)."""
+    return 0 if w.layout == "gpu_nf4t" else CLUSTER
+
+
+def received_slots(n_tiles: int, steps: int, length: int) -> int:
+    """Partial sums a tile's first CTA receives at most: the later CTAs on one tile."""
+    seg = mg.segments(n_tiles, steps, length)
+    return int(np.max(seg[:, 1] - seg[:, 0]))
 
 
 def eligible(w: QArray, m: int) -> bool:
@@ -108,13 +173,26 @@ def beats(main: mg.Config, w: QArray) -> bool:
 def fit(cfg: mg.Config, m: int, k_p: int, n_p: int, bits: int, span: int = mg.SLICE) -> mg.Config:
     """``cfg`` (``path="skinny"``) made runnable: its K step halved until it divides ``K_p`` and
     :data:`STAGES` steps (and the pair table, ``cfg.lut``) fit the shared-memory share of
-    ``cfg.ctas_per_sm`` CTAs, its ``L`` from :func:`schedule`."""
+    ``cfg.ctas_per_sm`` CTAs, its ``L`` from :func:`schedule`, or with clusters of at most
+    ``cfg.cluster`` CTAs from :func:`clustered_schedule` (halved while the slots a tile's first CTA
+    receives do not fit even 128-code steps)."""
     _, bm = mg.padded_rows(m)
-    bk, share = cfg.block_k, smem_share(cfg.ctas_per_sm)
-    while bk > mg.SLICE and (k_p % bk or smem_bytes(bm, bk, STAGES, bits, span, cfg.lut) > share):
+    bk, share, n_tiles = cfg.block_k, smem_share(cfg.ctas_per_sm), n_p // ROWS
+
+    def layout(bk):  # (L, clusters, slots received, shared memory)
+        steps = k_p // bk
+        length, cl = clustered_schedule(n_tiles, steps, cfg.ctas_per_sm, cfg.cluster)
+        received = received_slots(n_tiles, steps, length) if cl else None
+        return length, cl, smem_bytes(bm, bk, STAGES, bits, span, cfg.lut, received)
+
+    while bk > mg.SLICE and (k_p % bk or layout(bk)[2] > share):
         bk //= 2
-    steps = schedule(n_p // ROWS, k_p // bk, cfg.ctas_per_sm)
-    return dataclasses.replace(cfg, block_k=bk, stages=STAGES, cta_steps=steps, fused=False)
+    length, cl, need = layout(bk)
+    if cl and need > share:
+        return fit(dataclasses.replace(cfg, cluster=cfg.cluster // 2), m, k_p, n_p, bits, span)
+    return dataclasses.replace(
+        cfg, block_k=bk, stages=STAGES, cta_steps=length, fused=False, cluster=cl
+    )
 
 
 def check_config(x2, w: QArray, cfg: mg.Config) -> None:
@@ -133,20 +211,41 @@ def check_config(x2, w: QArray, cfg: mg.Config) -> None:
     if cfg.cta_steps is None or total % cfg.cta_steps:
         raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} K "
                          f"steps of the weight's 64-row tiles (use fit())")  # fmt: skip
+    n_tiles, steps = n_p // ROWS, k_p // cfg.block_k
+    received = None
+    if cfg.cluster:
+        c, length = cfg.cluster, cfg.cta_steps
+        if c > MAX_CLUSTER or c * length % steps or (total // length) % c:
+            raise ShapeError(f"mgpu_matmul: clusters of {c} CTAs must divide the "
+                             f"{total // length} CTAs, be at most {MAX_CLUSTER} and hold "
+                             f"whole tiles of {steps} K steps ({length} per CTA; see "
+                             f"cluster_size())")  # fmt: skip
+        received = received_slots(n_tiles, steps, length)
     _, bm = mg.padded_rows(x2.shape[0])
-    need = smem_bytes(bm, cfg.block_k, cfg.stages, mg.code_bits(w), mg.slice_codes(w), cfg.lut)
+    bits, span = mg.code_bits(w), mg.slice_codes(w)
+    need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, received)
     if need > mg.SMEM_BYTES:
         raise ShapeError(f"mgpu_matmul: {cfg} needs {need} bytes of shared memory, more than "
                          f"{mg.SMEM_BYTES} (use fit())")  # fmt: skip
 
 
-def _partials(x2, codes, scales, cfg: mg.Config, decode: str, span: int):
+def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: int):
     """The kernel: ``(slots, N_p, M_p)`` float32 partial sums of ``Ŵᵀ xᵀ`` — CTA ``c`` takes K
     steps ``[c·L, (c+1)·L)`` of the 64-row tiles end to end and writes its sum of tile ``t`` to
     slot ``c − first_cta(t)`` (:func:`qjax.kernels.gpu.mgpu_matmul.segments`); ``scales``: one
     row per ``span`` codes on the weights (or, ``cfg.scale_acc``, on the float32 slice sums), or
     ``None`` (per-channel scales applied by the caller); ``cfg.lut``: 4-bit codes decoded by
-    the pair table (:mod:`~qjax.kernels.gpu.mgpu_decode`), copied to shared memory first."""
+    the pair table (:mod:`~qjax.kernels.gpu.mgpu_decode`), copied to shared memory first.
+
+    ``cfg.cluster`` (``C`` consecutive CTAs per cluster, :func:`clustered_schedule`): returns
+    ``y``, ``(rows of x2, N_p)`` in ``x2.dtype``, instead. A CTA that took a tile's later K
+    steps stores its float32 sum straight into the shared memory of the tile's first CTA
+    (``st.async`` to distributed shared memory, completing a barrier there, slot
+    ``c − first − 1``); the first CTA reaches the tile last, at the end of its run, waits for
+    the slots its tile has, adds them in slot order (the same float32 sum whoever arrives
+    first), scales by ``ch_scales`` (``(1, N_p)``, prefetched at the start, taken to float32)
+    and writes its block of ``y`` transposed. Nobody waits but a tile's first CTA, for CTAs of
+    its own cluster (launched together)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -155,29 +254,93 @@ def _partials(x2, codes, scales, cfg: mg.Config, decode: str, span: int):
     m_rows, k_p = x2.shape
     _, bm = mg.padded_rows(m_rows)
     n_p = codes.shape[0]
-    bk, length, lut = cfg.block_k, cfg.cta_steps, cfg.lut
+    bk, length, lut, cl = cfg.block_k, cfg.cta_steps, cfg.lut, cfg.cluster
     n_tiles, steps = n_p // ROWS, k_p // bk
+    ctas = n_tiles * steps // length
     seg = mg.segments(n_tiles, steps, length)
     slots = int(np.max(seg[:, 1] - seg[:, 0])) + 1
     per = bk // span
     bits = 4 if codes.dtype == jnp.int4 else 8
     scaled = scales is not None
     by_slice = scaled and cfg.scale_acc
+    channel = ch_scales is not None
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
 
     def kernel(w_gmem, x_gmem, *rest, o_smem, lut_smem=None, bar=None):
         *s_gmem, o_gmem = rest
         if lut:
             *s_gmem, lut_gmem = s_gmem
+        if channel:
+            *s_gmem, chs_gmem = s_gmem
+        if cl:
+            y_smem, chs_smem, recv, rbar, cbar = o_smem
+            ci = lax.axis_index("c") * cl + lax.axis_index("cl") if cl > 1 else lax.axis_index("c")
+        else:
+            ci = lax.axis_index("c")
+        if lut:
             plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, bar.at[0])
-            plgpu.barrier_wait(bar.at[0])
-        ci = lax.axis_index("c")
 
         def tile(kk):
             return (ci * length + kk) // steps
 
         def k_step(kk):
             return (ci * length + kk) % steps
+
+        def first_cta(t):
+            return t * steps // length
+
+        if channel:  # the scales of the tile this CTA's run ends in (used if it writes it)
+            rows_end = pl.ds(tile(length - 1) * ROWS, ROWS)
+            plgpu.copy_gmem_to_smem(chs_gmem.at[0, rows_end], chs_smem.at[0], cbar.at[0])
+        if lut:
+            plgpu.barrier_wait(bar.at[0])
+
+        def finish(total, t, at_end):
+            """Tile ``t``'s whole float32 sum: per-channel scales, cast, transposed to ``y``."""
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last write has read y_smem
+            if channel:
+
+                @pl.when(at_end)
+                def _():
+                    plgpu.barrier_wait(cbar.at[0])
+
+                @pl.when(~at_end)  # a whole tile inside the run (L > steps): fetched now
+                def _():
+                    plgpu.copy_gmem_to_smem(
+                        chs_gmem.at[0, pl.ds(t * ROWS, ROWS)], chs_smem.at[1], cbar.at[1]
+                    )
+                    plgpu.barrier_wait(cbar.at[1])
+
+                s = chs_smem[jnp.where(at_end, 0, 1)].astype(jnp.float32)
+                total = total * lax.broadcast_in_dim(s, (ROWS, bm), (0,))
+            mg._store_transposed(total.astype(x2.dtype), y_smem)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(y_smem, o_gmem.at[pl.ds(0, bm), pl.ds(t * ROWS, ROWS)])
+
+        def exchange(tot, kk):
+            """Tile ``tile(kk)``'s sum so far: to its first CTA's shared memory, or (this CTA
+            first) added to the later CTAs' and written to ``y``."""
+            t = tile(kk)
+            c0 = first_cta(t)
+            later = ((t + 1) * steps - 1) // length - c0  # CTAs after the first on tile t
+            total = tot[...]
+            if slots > 1:
+
+                @pl.when(ci != c0)
+                def _():
+                    slot = ci - c0 - 1
+                    plgpu.async_store_smem(
+                        total, recv.at[slot], rbar.at[slot], cluster_idx=c0 % cl, cluster_dim="cl"
+                    )
+
+            @pl.when(ci == c0)
+            def _():
+                def add(j, acc):
+                    plgpu.barrier_wait(rbar.at[j])
+                    return acc + recv[j]
+
+                summed = lax.fori_loop(0, later, add, total) if slots > 1 else total
+                finish(summed, t, kk == length - 1)
 
         def scoped(accs):
             tot = accs[0]
@@ -218,12 +381,15 @@ def _partials(x2, codes, scales, cfg: mg.Config, decode: str, span: int):
 
                 @pl.when((k_step(kk) == steps - 1) | (kk == length - 1))
                 def _():
-                    t = tile(kk)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last write read it
-                    o_smem[...] = tot[...]
-                    plgpu.commit_smem()
-                    slot = ci - t * steps // length
-                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[slot, pl.ds(t * ROWS, ROWS)])
+                    if cl:
+                        exchange(tot, kk)
+                    else:
+                        t = tile(kk)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last write read it
+                        o_smem[...] = tot[...]
+                        plgpu.commit_smem()
+                        slot = ci - first_cta(t)
+                        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[slot, pl.ds(t * ROWS, ROWS)])
                     tot[...] = jnp.zeros((ROWS, bm), jnp.float32)
 
             in_specs = [
@@ -242,26 +408,45 @@ def _partials(x2, codes, scales, cfg: mg.Config, decode: str, span: int):
                 body, grid=(length,), in_specs=in_specs, max_concurrent_steps=cfg.stages
             )
             pipeline(w_gmem, x_gmem, *s_gmem)
+            if channel:  # the prefetched scales were not used: the run's last tile went on
+
+                @pl.when(ci != first_cta(tile(length - 1)))
+                def _():
+                    plgpu.barrier_wait(cbar.at[0])
+
             plgpu.wait_smem_to_gmem(0)
 
         acc = plgpu.ACC((ROWS, bm), jnp.float32)
         pl.run_scoped(scoped, [acc] * (3 if by_slice else 1))
 
-    args = [codes, x2] + ([scales] if scaled else [])
+    args = [codes, x2] + ([scales] if scaled else []) + ([ch_scales] if channel else [])
     scratch = {}
     if lut:
         args.append(jnp.asarray(dec.lut_words(decode)))
         scratch["lut_smem"] = plgpu.SMEM((256, dec.LUT_LANES), jnp.uint32)
         scratch["bar"] = plgpu.Barrier(num_arrivals=1, num_barriers=1)
+    mesh = dict(grid=(ctas,), grid_names=("c",))
+    if cl:
+        out_type = jax.ShapeDtypeStruct((m_rows, n_p), x2.dtype)
+        o_smem = (
+            plgpu.SMEM((bm, ROWS), x2.dtype, transforms=mg._tiled(ROWS, 16, "out")),
+            plgpu.SMEM((2, ROWS), ch_scales.dtype if channel else jnp.float32),
+            plgpu.SMEM(
+                (max(slots - 1, 1), ROWS, bm), jnp.float32, transforms=mg._tiled(bm, 32, "out")
+            ),
+            plgpu.Barrier(num_arrivals=1, num_barriers=max(slots - 1, 1)),
+            plgpu.Barrier(num_arrivals=1, num_barriers=2),
+        )
+        if cl > 1:
+            mesh = dict(grid=(ctas // cl,), grid_names=("c",), cluster=(cl,), cluster_names=("cl",))
+    else:
+        out_type = jax.ShapeDtypeStruct((slots, n_p, bm), jnp.float32)
+        o_smem = plgpu.SMEM((ROWS, bm), jnp.float32, transforms=mg._tiled(bm, 32, "out"))
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((slots, n_p, bm), jnp.float32),
-        grid=(n_tiles * steps // length,),
-        grid_names=("c",),
-        scratch_types=dict(
-            o_smem=plgpu.SMEM((ROWS, bm), jnp.float32, transforms=mg._tiled(bm, 32, "out")),
-            **scratch,
-        ),
+        out_type=out_type,
+        **mesh,
+        scratch_types=dict(o_smem=o_smem, **scratch),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(*args)
 
@@ -270,13 +455,16 @@ def _partials(x2, codes, scales, cfg: mg.Config, decode: str, span: int):
 def matmul_rows(x2, w: QArray, cfg: mg.Config):
     """``x2 @ Ŵ`` for bf16 ``x2: (M, K_p)``, ``M ≤`` :data:`MAX_ROWS`, ``(M, N_p)`` in
     ``x2.dtype``: the kernel's partial sums, then one XLA pass (slots added, transposed, per-channel
-    scales, cast)."""
+    scales, cast); with ``cfg.cluster``, the kernel's ``y`` as it is."""
     m = x2.shape[0]
     if m > mg.TMA_ROWS and m % mg.TMA_ROWS:  # TMA reads past the last row only of such x
         x2 = jnp.pad(x2, [(0, -m % mg.TMA_ROWS), (0, 0)])
     per_channel = w.layout == "gpu_f8t" or (w.layout != "gpu_nf4t" and w.spec.group == "channel")
     scales = None if per_channel else w.scales
-    parts = _partials(x2, w.codes, scales, cfg, mg.decoder(w), mg.slice_codes(w))
+    if cfg.cluster:
+        ch = w.scales[:1] if per_channel else None  # cast to float32 in the kernel
+        return _partials(x2, w.codes, scales, ch, cfg, mg.decoder(w), mg.slice_codes(w))[:m]
+    parts = _partials(x2, w.codes, scales, None, cfg, mg.decoder(w), mg.slice_codes(w))
     n_p, k_p = w.codes.shape
     y = mg.combine(parts, n_p // ROWS, k_p // cfg.block_k, cfg.cta_steps).T[:m]
     if per_channel:
