@@ -245,7 +245,8 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     the slots its tile has, adds them in slot order (the same float32 sum whoever arrives
     first), scales by ``ch_scales`` (``(1, N_p)``, prefetched at the start, taken to float32)
     and writes its block of ``y`` transposed. Nobody waits but a tile's first CTA, for CTAs of
-    its own cluster (launched together)."""
+    its own cluster (launched together); Mosaic GPU syncs the cluster after its CTAs initialize
+    their barriers, so no partial sum lands before the barrier it completes exists."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
