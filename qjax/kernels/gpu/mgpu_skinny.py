@@ -91,7 +91,13 @@ def schedule(n_tiles: int, steps: int, ctas_per_sm: int) -> int:
     total = n_tiles * steps
     slots = mg.NUM_SMS * ctas_per_sm
     fits = [d for d in range(1, total + 1) if total % d == 0 and total // d <= slots]
-    return min(fits, key=lambda d: (-(-total // d // mg.NUM_SMS) * d, d))
+    return _most_balanced(total, fits)
+
+
+def _most_balanced(total: int, lengths) -> int:
+    """Of the CTA lengths ``L`` (divisors of ``total`` steps), the one whose busiest SM has the
+    fewest steps, ``⌈(total / L) / 132⌉ · L``; ties to the smallest (most CTAs)."""
+    return min(lengths, key=lambda d: (-(-total // d // mg.NUM_SMS) * d, d))
 
 
 MAX_CLUSTER = 8  # CTAs per cluster: Hopper's portable limit
@@ -119,7 +125,7 @@ def clustered_schedule(
     fits = [d for d in fits if 0 < cluster_size(n_tiles, steps, d) <= max_cluster]
     if not fits:
         return balanced, 0
-    length = min(fits, key=lambda d: (-(-total // d // mg.NUM_SMS) * d, d))
+    length = _most_balanced(total, fits)
     return length, cluster_size(n_tiles, steps, length)
 
 
@@ -258,8 +264,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     bk, length, lut, cl = cfg.block_k, cfg.cta_steps, cfg.lut, cfg.cluster
     n_tiles, steps = n_p // ROWS, k_p // bk
     ctas = n_tiles * steps // length
-    seg = mg.segments(n_tiles, steps, length)
-    slots = int(np.max(seg[:, 1] - seg[:, 0])) + 1
+    slots = received_slots(n_tiles, steps, length) + 1  # a tile's CTAs, most
     per = bk // span
     bits = 4 if codes.dtype == jnp.int4 else 8
     scaled = scales is not None
