@@ -47,17 +47,19 @@ def test_decode_sizes_take_the_skinny_kernel_where_it_was_measured_faster(spec, 
     w = _abstract(spec, layout, k, n)
     main = mg.table_config(w, m)
     cfg = mg.config_for(w, m)
-    # the main kernel keeps 57344×8192 (partial sums added in the kernel, 56 steps per CTA)
-    # and NF4 above 2^25 codes
-    big_nf4 = layout == "gpu_nf4t" and n * k > sk.NF4_MAX_CODES
-    faster = (n, k) != (57344, 8192) and not big_nf4
-    want = (spec, layout) in SKINNY and m <= sk.MAX_ROWS and faster
+    # the main kernel keeps 57344×8192 (partial sums added in the kernel, 56 steps per CTA),
+    # and NF4 above 2^25 codes whose tiles fit no cluster of two in one wave (28672×4096)
+    faster = (n, k) != (57344, 8192)
+    nf4_main = layout == "gpu_nf4t" and (n, k) in [(28672, 4096), (57344, 8192)]
+    want = (spec, layout) in SKINNY and m <= sk.MAX_ROWS and faster and not nf4_main
     assert cfg.path == ("skinny" if want else "mgpu")
     assert sk.beats(main, w) == faster
+    assert (sk.pick(main, w, m) is not None) == want
     if want:  # the same placement of the scales as the main kernel's table
-        assert cfg.scale_acc == main.scale_acc and cfg.ctas_per_sm == sk.CTAS_PER_SM
-        most = 0 if layout == "gpu_nf4t" else sk.CLUSTER  # NF4: not timed with clusters
-        assert cfg.cluster in range(most + 1)
+        assert cfg.scale_acc == main.scale_acc and cfg.cluster in range(sk.CLUSTER + 1)
+        # NF4 (its 32 KiB pair table): two CTAs per SM where clusters of two fit (8192²)
+        nf4_two = layout == "gpu_nf4t" and (n, k) == (8192, 8192)
+        assert cfg.ctas_per_sm == (2 if nf4_two else sk.CTAS_PER_SM)
     if (n, k) == (28672, 4096):  # fused, but short CTA runs: the skinny kernel was faster
         assert main.fused and main.cta_steps * main.block_k < sk.MAIN_KEEPS_CODES
 
@@ -130,6 +132,24 @@ def test_dispatch_adds_partial_sums_in_clusters_of_two_where_they_fit(k, n, bits
     spec, layout = (qjax.Int(4, group=128), "gpu_i4t") if bits == 4 else SKINNY[2]
     cfg = mg.config_for(_abstract(spec, layout, k, n), 1)
     assert cfg.path == "skinny" and (cfg.cta_steps, cfg.cluster) == want
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize(
+    ("k", "n", "want"),
+    [  # NF4: (K step, L, CTAs per SM, C) as measured (`skinny_rows_probe_nf4.json`)
+        (8192, 8192, (512, 8, 2, 2)),  # 256 CTAs of 8 steps: one wave at two per SM
+        (28672, 8192, (512, 28, 2, 2)),
+        (8192, 10240, (256, 16, 3, 2)),  # two per SM: clusters need L = 8, 320 CTAs > 264
+        (4096, 6144, (256, 4, 3, 0)),  # Llama-3-8B's qkv: no cluster fits, the XLA pass
+    ],
+)
+def test_nf4_takes_two_ctas_per_sm_where_clusters_of_two_fit_one_wave(m, k, n, want):
+    cfg = mg.config_for(_abstract(qjax.NF4(), "gpu_nf4t", k, n), m)
+    assert cfg.path == "skinny" and cfg.lut
+    assert (cfg.block_k, cfg.cta_steps, cfg.ctas_per_sm, cfg.cluster) == want
+    ctas = n // sk.ROWS * (k // cfg.block_k) // cfg.cta_steps
+    assert ctas <= cfg.ctas_per_sm * mg.NUM_SMS
 
 
 @pytest.mark.parametrize(("bits", "span", "lut"), [(4, 128, False), (8, 128, False), (4, 64, True)])

@@ -60,7 +60,7 @@ Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's
 M ≤ 16 on the Llama-3-70B shapes (this kernel alone): int4 g128 2.60–3.30× (2.5–2.7 TB/s on the
 large shapes), int8 per-channel 1.64–1.88×, FP8 1.58–1.86×, NF4 2.2–3.0× (1.10–1.17× int4's
 time; with the skinny kernel in the dispatch, its partial sums added by clusters of two: int4
-2.82–3.44×, int8 1.73–1.98×, FP8 1.72–1.96×, runs of one day); M = 64
+2.82–3.44×, int8 1.73–1.98×, FP8 1.72–1.96×, runs of one day; NF4 1.12–1.21× int4's time); M = 64
 2.27–2.66×, M = 128 1.59–1.76×; int4 M = 256–1024 0.83–1.01×, M = 2048 0.89–1.09×, M = 4096
 0.93–1.02×, M = 8192 0.89–1.03× (the other formats 0.77–1.04× from 512 rows). With no decode at
 all (a constant operand) the same pipeline makes 1.81–2.04× at M = 128 and 2.58–2.94× at 64:
@@ -352,22 +352,14 @@ def config_for(w: QArray, m: int, cfg: Config | None = None) -> Config:
     """``cfg`` :func:`fit` to ``m`` rows of ``x`` times the repacked weight ``w``; by default
     :func:`table_config`, or at decode sizes the skinny kernel's
     (:mod:`~qjax.kernels.gpu.mgpu_skinny`, several CTAs per SM) where it is measured faster
-    (:func:`~qjax.kernels.gpu.mgpu_skinny.beats`)."""
+    (:func:`~qjax.kernels.gpu.mgpu_skinny.pick`)."""
     from qjax.kernels.gpu import mgpu_skinny
 
     n_p, k_p = w.codes.shape
     if cfg is None:
         cfg = table_config(w, m)
-        if cfg.path == "mgpu" and mgpu_skinny.eligible(w, m) and mgpu_skinny.beats(cfg, w):
-            skinny = dataclasses.replace(
-                cfg,
-                path="skinny",
-                block_k=512,
-                ctas_per_sm=mgpu_skinny.CTAS_PER_SM,
-                cluster=mgpu_skinny.cluster_for(w),
-            )
-            return mgpu_skinny.fit(skinny, m, k_p, n_p, code_bits(w), slice_codes(w))
-        return cfg
+        skinny = mgpu_skinny.pick(cfg, w, m) if cfg.path == "mgpu" else None
+        return skinny or cfg
     if cfg.path == "skinny":
         return mgpu_skinny.fit(cfg, m, k_p, n_p, code_bits(w), slice_codes(w))
     return fit(cfg, m, k_p, n_p, code_bits(w), slice_codes(w))

@@ -28,9 +28,16 @@ the main kernel's table config, M = 1 / 16): int4 g128 2–7 % faster on three o
 shapes (8192²: 16.45 vs 17.36 µs at M = 1), 5–9 % on Llama-3-8B's, 12–27 % on SmolLM2-135M's;
 int8 / FP8 1–8 %, 6–15 %, 12–46 % — but 0.3–4 % slower where the main kernel adds its partial
 sums inside itself over long CTA runs (57344×8192), and NF4 (its 32 KB table leaves room for
-256-code steps only) 4–14 % slower on the 70B shapes but 5–36 % faster on the smaller ones. So
-:func:`~qjax.kernels.gpu.mgpu_matmul.config_for` takes this kernel for the weights of
-:func:`eligible` wherever :func:`beats` says.
+256-code steps only at three CTAs per SM) 4–14 % slower on the 70B shapes but 5–36 % faster on
+the smaller ones — until clusters of two added its partial sums: then 0.7–7.8 % faster than the
+main kernel on three 70B shapes, two CTAs per SM where they fit one wave
+(``skinny_rows_probe_nf4.json``). So :func:`~qjax.kernels.gpu.mgpu_matmul.config_for` takes
+this kernel where :func:`pick` says.
+
+Above 16 rows it was measured too (``skinny_rows_probe.json``, int4 g128 at M = 64 / 128 on the
+70B shapes, 2–3 CTAs per SM, 128–256-code steps, with and without clusters): slower than the
+main kernel by 2–49 % but on 8192² at M = 64 with clusters (3.9 % faster) — its 64-row tiles read
+``x`` from L2 once per 64 weight rows, the main kernel's once per 128 — so it stays at M ≤ 16.
 """
 
 from __future__ import annotations
@@ -129,19 +136,14 @@ def clustered_schedule(
     return length, cluster_size(n_tiles, steps, length)
 
 
-CLUSTER = 2  # the dispatch's `Config.cluster` (the most CTAs per cluster). Measured
+CLUSTER = 2  # the dispatch's `Config.cluster` (the most CTAs per cluster, `pick`). Measured
 #              (`skinny_cluster_probe.json`, H100, M = 1 / 16, int4 g128 / int8 / FP8 on
 #              Llama-3-70B's 10240×8192, 8192², 8192×28672 and Llama-3-8B's 28672×4096):
 #              clusters of at most 2 beat the XLA pass in 22 of 24 cases (by up to 6.4 %,
 #              int4 8192² M = 1: 16.06 → 15.10 µs) and lost 1.3 % (FP8 10240×8192 M = 1) and
 #              3.7 % (int4 28672×4096 M = 16); at most 4 or 8 lost in 20 and 23 of 24 (up to
 #              42 %: fewer steps per CTA). Where no cluster of 2 fits, the XLA pass stays.
-
-
-def cluster_for(w: QArray) -> int:
-    """The dispatch's ``Config.cluster`` for ``w``: :data:`CLUSTER`, but 0 (the XLA pass) for
-    NF4, whose pair-table kernel was not timed with clusters (its numbers were checked)."""
-    return 0 if w.layout == "gpu_nf4t" else CLUSTER
+#              NF4: `pick`.
 
 
 def received_slots(n_tiles: int, steps: int, length: int) -> int:
@@ -160,20 +162,50 @@ MAIN_KEEPS_CODES = 16384  # K codes per CTA from which the main kernel, adding i
 #                          Llama-3-8B's 28672×4096, 14 steps: this kernel 0.5–5 % faster)
 
 
-NF4_MAX_CODES = 1 << 25  # NF4 up to this many codes (Llama-3-8B's attention projections,
-#                          SmolLM2's layers: 5–36 % faster); above, the pair table's 32 KiB per CTA
-#                          leaves room for 256-code steps only, which lose (8192² at M = 16: 14 %,
-#                          8192×28672: 4–8 %, `occupancy_probe_skinny_nf4.json`)
+NF4_MAX_CODES = 1 << 25  # NF4 whose tiles fit no cluster of two: up to this many codes
+#                          (Llama-3-8B's attention projections, SmolLM2's layers: 5–36 %
+#                          faster); above, the pair table's 32 KiB per CTA leaves room for
+#                          256-code steps only, which lose (8192² at M = 16: 14 %, 8192×28672:
+#                          4–8 %, `occupancy_probe_skinny_nf4.json`)
 
 
 def beats(main: mg.Config, w: QArray) -> bool:
     """Whether this kernel is expected to beat the main kernel's fitted config ``main`` for
     ``w`` (measured, ``occupancy_probe_skinny_*.json``): everywhere but where the main kernel
     adds its partial sums in the kernel (``fused``) over long CTA runs
-    (:data:`MAIN_KEEPS_CODES`), and NF4 only up to :data:`NF4_MAX_CODES`."""
-    if w.layout == "gpu_nf4t" and math.prod(w.codes.shape) > NF4_MAX_CODES:
-        return False
+    (:data:`MAIN_KEEPS_CODES`); NF4 also depends on its clusters (:func:`pick`)."""
     return not (main.fused and main.cta_steps * main.block_k >= MAIN_KEEPS_CODES)
+
+
+def pick(main: mg.Config, w: QArray, m: int) -> mg.Config | None:
+    """The dispatch's config of this kernel for ``w`` and ``m`` rows of ``x``, or ``None`` where
+    the main kernel's ``main`` is expected faster (:func:`eligible`, :func:`beats`): 512-code
+    steps (fitted), :data:`CTAS_PER_SM` CTAs per SM, clusters of at most :data:`CLUSTER`.
+
+    NF4 (the pair table, 32 KiB a CTA): **two CTAs per SM, 512-code steps, where clusters of two
+    hold its tiles in one wave**, else three per SM (256-code steps) in clusters of two, else
+    (no cluster fits) three per SM and the XLA pass up to :data:`NF4_MAX_CODES` codes. Measured
+    (``skinny_rows_probe_nf4.json``, H100, same run, M = 1 / 16, against the main kernel that
+    took NF4 on these shapes): Llama-3-70B's 8192² two per SM clustered −6.8 / −3.0 %,
+    8192×28672 −2.2 / −0.7 %, 10240×8192 (two per SM need two waves there) three per SM
+    clustered −7.8 / −7.3 %."""
+    if not (eligible(w, m) and beats(main, w)):
+        return None
+    n_p, k_p = w.codes.shape
+    bits, span = mg.code_bits(w), mg.slice_codes(w)
+    base = dataclasses.replace(
+        main, path="skinny", block_k=512, ctas_per_sm=CTAS_PER_SM, cluster=CLUSTER
+    )
+    if w.layout != "gpu_nf4t":
+        return fit(base, m, k_p, n_p, bits, span)
+    for per_sm in (2, CTAS_PER_SM):
+        cfg = fit(dataclasses.replace(base, ctas_per_sm=per_sm), m, k_p, n_p, bits, span)
+        ctas = n_p // ROWS * (k_p // cfg.block_k) // cfg.cta_steps
+        if cfg.cluster and ctas <= per_sm * mg.NUM_SMS:
+            return cfg
+    if math.prod(w.codes.shape) > NF4_MAX_CODES:
+        return None
+    return fit(dataclasses.replace(base, cluster=0), m, k_p, n_p, bits, span)
 
 
 def fit(cfg: mg.Config, m: int, k_p: int, n_p: int, bits: int, span: int = mg.SLICE) -> mg.Config:
