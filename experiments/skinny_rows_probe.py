@@ -109,6 +109,7 @@ def main(argv=None) -> None:
         "--max-rows", type=int, default=128, help="rows of x the skinny kernel may take here"
     )
     ap.add_argument("--dispatch-checks", action="store_true", help="check qjax.matmul's pick")
+    ap.add_argument("--breakdown", action="store_true", help="record each call's kernels (µs)")
     args = ap.parse_args(argv)
     if args.dispatch_checks:  # before the bound is lifted: the dispatch as it is
         out = lib.start(args, lambda rows: check_dispatch(rows, args.fmts))
@@ -122,7 +123,13 @@ def main(argv=None) -> None:
         return lib.jitted(configs(w, m))
 
     def extra(label, w, m):
-        return {f"{label}_cfg": kb.config_label(dataclasses.asdict(configs(w, m)[label]))}
+        cfg = configs(w, m)[label]
+        row = {f"{label}_cfg": kb.config_label(dataclasses.asdict(cfg))}
+        if args.breakdown:  # the kernels of one call (the main kernel's XLA pass, if any)
+            f = jax.jit(lambda x, w: mg.matmul(x, w, config=cfg))
+            x = jax.random.normal(jax.random.key(m), (m, w.shape[0]), jax.numpy.bfloat16)
+            row[f"{label}_kernels"] = kb.kernel_breakdown(f, (x, w))
+        return row
 
     cases = [(*lib.shape(s), m) for m in args.ms for s in args.shapes]
     path = os.path.join(args.out, "skinny_rows_probe.json")
