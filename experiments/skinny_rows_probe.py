@@ -55,7 +55,7 @@ def bucket(m: int) -> int:
     return next(b for b in sorted(VARIANTS) if m <= b)
 
 
-def configs(w, m: int) -> dict:
+def configs(w, m: int, only=None) -> dict:
     """``main`` (the table's config), ``dispatch`` (``qjax.matmul``'s, where it differs) and the
     skinny variants for ``m`` rows, fitted (the scales placed as the table places them) and run
     in one wave; variants that fit to the same config are timed once."""
@@ -64,6 +64,9 @@ def configs(w, m: int) -> dict:
     picked = mg.config_for(w, m)  # the dispatch's own (skinny, at M ≤ 16)
     if m <= DISPATCH_ROWS and picked != main:
         out["dispatch"] = picked
+    paired = mg.config_for(w, m, dataclasses.replace(main, cluster=2, cta_steps=None, fused=None))
+    if paired.cluster and paired != main:  # the main kernel, each tile's two CTAs as a cluster
+        out["main_cl2"] = paired
     for bk, per_sm, most in VARIANTS[bucket(m)]:
         cfg = dataclasses.replace(
             main, path="skinny", block_k=bk, ctas_per_sm=per_sm, cluster=most, fused=None
@@ -74,12 +77,12 @@ def configs(w, m: int) -> dict:
         if cfg not in out.values() and ctas <= mg.NUM_SMS * per_sm:  # one wave (clusters of
             #                                                          two may not give one)
             out[f"bk{cfg.block_k}_{per_sm}sm_cl{cfg.cluster}"] = cfg
-    return out
+    return {k: v for k, v in out.items() if not only or k in only}
 
 
-def check(rows: list, fmts) -> None:
+def check(rows: list, fmts, only=None) -> None:
     for fmt, w, x, ref in lib.check_cases(fmts, CHECKS):
-        for label, cfg in configs(w, x.shape[0]).items():
+        for label, cfg in configs(w, x.shape[0], only).items():
             rows.append(lib.check_row(fmt, w, x, ref, cfg, variant=label, L=cfg.cta_steps,
                                       bk=cfg.block_k, cluster=cfg.cluster))  # fmt: skip
 
@@ -110,6 +113,7 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--dispatch-checks", action="store_true", help="check qjax.matmul's pick")
     ap.add_argument("--breakdown", action="store_true", help="record each call's kernels (µs)")
+    ap.add_argument("--only", nargs="*", help="time (and check) only these variants")
     args = ap.parse_args(argv)
     if args.dispatch_checks:  # before the bound is lifted: the dispatch as it is
         out = lib.start(args, lambda rows: check_dispatch(rows, args.fmts))
@@ -117,13 +121,13 @@ def main(argv=None) -> None:
             json.dump(out, fh, indent=1)
         return
     sk.MAX_ROWS = args.max_rows  # this process only: the bound the dispatch keeps is 16
-    out = lib.start(args, lambda rows: check(rows, args.fmts))
+    out = lib.start(args, lambda rows: check(rows, args.fmts, args.only))
 
     def variants(w, m):
-        return lib.jitted(configs(w, m))
+        return lib.jitted(configs(w, m, args.only))
 
     def extra(label, w, m):
-        cfg = configs(w, m)[label]
+        cfg = configs(w, m, args.only)[label]
         row = {f"{label}_cfg": kb.config_label(dataclasses.asdict(cfg))}
         if args.breakdown:  # the kernels of one call (the main kernel's XLA pass, if any)
             f = jax.jit(lambda x, w: mg.matmul(x, w, config=cfg))
