@@ -21,6 +21,10 @@ device time of the main kernel's table config (``main``) and of each skinny vari
     python -m experiments.skinny_rows_probe --out DIR      # on the GPU
     python -m experiments.skinny_rows_probe --out DIR --fmts nf4t --ms 1 16 --shapes qkv o down
     python -m experiments.skinny_rows_probe --out DIR --fmts nf4t --dispatch-checks
+
+At 42d0aa8 it also timed ``main_cl2``: the main kernel with each weight tile's two CTAs in one
+cluster, the later storing its float32 sums into the first's shared memory (no XLA pass;
+``main_pair_cluster_probe.json``, not adopted).
 """
 
 from __future__ import annotations
@@ -64,9 +68,6 @@ def configs(w, m: int, only=None) -> dict:
     picked = mg.config_for(w, m)  # the dispatch's own (skinny, at M ≤ 16)
     if m <= DISPATCH_ROWS and picked != main:
         out["dispatch"] = picked
-    paired = mg.config_for(w, m, dataclasses.replace(main, cluster=2, cta_steps=None, fused=None))
-    if paired.cluster and paired != main:  # the main kernel, each tile's two CTAs as a cluster
-        out["main_cl2"] = paired
     for bk, per_sm, most in VARIANTS[bucket(m)]:
         cfg = dataclasses.replace(
             main, path="skinny", block_k=bk, ctas_per_sm=per_sm, cluster=most, fused=None

@@ -116,9 +116,7 @@ class Config:
     #                       the stream-K schedule fills 132 × this in one wave)
     cluster: int = 0  # "skinny": CTAs per cluster that add a split tile's partial sums in the
     #                   shared memory of its first CTA, which writes y (`mgpu_skinny`; `fit`
-    #                   takes it as the most allowed); 0: an XLA pass adds them. "mgpu": 2 —
-    #                   each tile's two CTAs (half its K steps each) as one cluster, the later
-    #                   storing its sums into the first's shared memory (`_stream_k`, `paired`)
+    #                   takes it as the most allowed); 0: an XLA pass adds them
 
 
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4
@@ -173,17 +171,16 @@ def smem_bytes(
     span: int = SLICE,
     lut: bool = False,
     whole: bool = False,
-    paired: bool = False,
 ) -> int:
     """Shared memory of one CTA: ``stages`` × (weight tile, x tile, scale and zero rows, one per
     ``span`` codes) + the float32 output tiles of the two compute warp groups (which the fused
     epilogue reuses for its per-channel scales and ``y``; ``whole`` tiles per CTA: only the bf16
-    ``y`` tiles; ``paired``: as many again, where the tile's other CTA stores its sums) + its
-    barriers (Mosaic GPU's count, for asymmetric int, within :data:`EPILOGUE_SMEM`; an upper
-    bound for the other formats) + the decoder's pair table (``lut``)."""
+    ``y`` tiles) + its barriers (Mosaic GPU's count, for asymmetric int, within
+    :data:`EPILOGUE_SMEM`; an upper bound for the other formats) + the decoder's pair table
+    (``lut``)."""
     per_stage = 2 * BLOCK_N * bk * bits // 8 + bm * bk * 2 + 2 * (bk // span) * 2 * BLOCK_N * 2
     table = LUT_SMEM if lut else 0
-    out = 2 * BLOCK_N * bm * (2 if whole else 4) * (2 if paired else 1)
+    out = 2 * BLOCK_N * bm * (2 if whole else 4)
     return stages * per_stage + out + EPILOGUE_SMEM + table
 
 
@@ -265,10 +262,8 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
     stages = cfg.stages
     lut = cfg.lut and bits == 4 and not whole
 
-    paired = cfg.cluster == 2 and not whole and m_p == bm
-
     def too_big(bk: int, stages: int) -> bool:
-        return smem_bytes(bm, bk, stages, bits, span, lut, whole, paired) > SMEM_BYTES
+        return smem_bytes(bm, bk, stages, bits, span, lut, whole) > SMEM_BYTES
 
     while too_big(bk, stages) and (stages > 1 or bk > SLICE):
         if stages > 1:
@@ -276,16 +271,13 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
         else:
             bk //= 2
     n_tiles, steps = n_p // (2 * BLOCK_N), k_p // bk
-    paired = paired and steps % 2 == 0
-    if paired:  # each tile's two halves, one per CTA of a cluster
-        cta_steps = steps // 2
-    elif cfg.cta_steps is None:
+    if cfg.cta_steps is None:
         cta_steps = schedule(n_tiles, steps, m_p // bm, whole)
     elif whole:
         cta_steps = steps * calls.largest_divisor_at_most(n_tiles, max(1, cfg.cta_steps // steps))
     else:
         cta_steps = calls.largest_divisor_at_most(n_tiles * steps, cfg.cta_steps)
-    fused = True if whole else (False if paired else cfg.fused)
+    fused = True if whole else cfg.fused
     grouped = whole and (m_p > GROUPED_ROWS if cfg.grouped is None else cfg.grouped)
     if fused is None:
         fused = handoffs_early(n_tiles, steps, cta_steps)
@@ -298,7 +290,6 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
         lut=lut,
         block_m=bm if whole else MAX_BLOCK_M,
         grouped=grouped,
-        cluster=2 if paired else 0,
     )
 
 
@@ -428,9 +419,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     by_slice = cfg.scale_acc and scaled
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
     lut = cfg.lut
-    paired = cfg.cluster == 2  # tile t: CTAs 2t and 2t + 1, one cluster (check_config)
 
-    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None, recv=None, rbar=None):
+    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None):
         # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
         # (y_smem[wg, 0] and c_smem[wg, 0] lie in o_smem[wg]: each warp group reuses its part)
         if whole:
@@ -440,13 +430,11 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             o_smem, y_smem, c_smem = out_smem
         if fused and not whole:
             *rest, ws_gmem, y_gmem = rest
-        elif paired:
-            *rest, y_gmem = rest
         elif not fused:
             *rest, o_gmem = rest
         if lut:
             *rest, lut_gmem = rest
-        if (fused or paired) and ch_scales is not None:
+        if fused and ch_scales is not None:
             *rest, chs_gmem = rest
         if grouped:
             # job j = (row block, tile) in the order: groups of `group` row blocks, in a group
@@ -464,8 +452,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 return kk % steps
         else:
             ci, mi = lax.axis_index("c"), lax.axis_index("m")
-            if paired:
-                ci = ci * 2 + lax.axis_index("cl")
             first = ci * length  # the CTA's first K step, counting over the tiles end to end
 
             def tile(kk):
@@ -506,20 +492,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             c0 = t * steps // length
             if whole:
                 finish(acc[...], rows, cols)
-            elif paired:  # the later half's sums to the first CTA's shared memory; it adds them
-
-                @pl.when(ci != c0)
-                def _():
-                    plgpu.async_store_smem(
-                        acc[...], recv.at[wg], rbar.at[wg], cluster_idx=0, cluster_dim="cl"
-                    )
-
-                @pl.when(ci == c0)
-                def _():
-                    plgpu.barrier_wait(rbar.at[wg])
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    finish(acc[...] + recv[wg], rows, cols)
-
             elif not fused:
                 write(acc[...], o_gmem.at[ci - c0, rows, cols])
             else:
@@ -669,10 +641,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
 
     args = [codes, x2] + ([scales] if scaled else []) + ([] if sym else [zeros])
     y_type = jax.ShapeDtypeStruct((m_rows, n_p), x2.dtype)
-    if paired:
-        args += [] if ch_scales is None else [ch_scales]
-        out_type = y_type
-    elif fused:
+    if fused:
         ws = max(slots - 1, 1)
         args += [] if ch_scales is None else [ch_scales]
         out_type = y_type if whole else (jax.ShapeDtypeStruct((ws, n_p, m_p), jnp.float32), y_type)
@@ -697,17 +666,11 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     grid, names = ((m_tiles, ctas), ("m", "c")) if cfg.m_inner else ((ctas, m_tiles), ("c", "m"))
     if grouped:
         grid, names = (n_ctas,), ("c",)
-    mesh = dict(grid=grid, grid_names=names)
-    if paired:
-        mesh = dict(grid=(ctas // 2, m_tiles), grid_names=("c", "m"), cluster=(2,),
-                    cluster_names=("cl",))  # fmt: skip
-        recv_tiles = _tiled(bm, 32, "out")
-        scratch["recv"] = plgpu.SMEM((2, BLOCK_N, bm), jnp.float32, transforms=recv_tiles)
-        scratch["rbar"] = plgpu.Barrier(num_arrivals=1, num_barriers=2)
     out = plgpu.kernel(
         kernel,
         out_type=out_type,
-        **mesh,
+        grid=grid,
+        grid_names=names,
         num_threads=3,
         thread_name="wg",
         scratch_types=dict(
@@ -717,7 +680,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(*args)
-    if whole or paired:
+    if whole:
         return out
     return out[1] if fused else out
 
@@ -769,7 +732,7 @@ def _mgpu_matmul(x2, w: QArray, cfg: Config):
     # per-channel scales multiply the float32 sums once (FP8 always, int with `scale_acc`)
     per_channel = w.layout == "gpu_f8t" or (cfg.scale_acc and w.spec.group == "channel")
     scales = None if per_channel else w.scales
-    if cfg.fused or cfg.cluster:
+    if cfg.fused:
         ch_scales = w.scales[:1].astype(jnp.float32) if per_channel else None
         args = (x2, w.codes, scales, w.zeros, ch_scales, cfg, decoder(w), slice_codes(w))
         return _stream_k(*args)[:m]
@@ -800,16 +763,9 @@ def check_config(x2, w: QArray, cfg: Config) -> None:
     if cfg.cta_steps is None or total % cfg.cta_steps:
         raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} "
                          f"K steps of the weight's tiles (use fit())")  # fmt: skip
-    m_p, bm = padded_rows(x2.shape[0], cfg.block_m)
+    _, bm = padded_rows(x2.shape[0], cfg.block_m)
     whole = cfg.fused and cfg.cta_steps % (k_p // cfg.block_k) == 0
-    paired = cfg.cluster != 0
-    if paired and (cfg.cluster != 2 or 2 * cfg.cta_steps != k_p // cfg.block_k or cfg.fused
-                   or m_p != bm):  # fmt: skip
-        raise ShapeError(f"mgpu_matmul: clusters of the main kernel pair the two CTAs of each "
-                         f"weight tile (cluster=2, cta_steps half the {k_p // cfg.block_k} K "
-                         f"steps, not fused, at most {MAX_BLOCK_M} rows of x), got {cfg} "
-                         f"for {x2.shape[0]} rows (use fit())")  # fmt: skip
-    need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, whole, paired)
+    need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, whole)
     if need > SMEM_BYTES:
         raise ShapeError(
             f"mgpu_matmul: {cfg} needs {need} bytes "
