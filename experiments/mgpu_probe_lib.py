@@ -104,6 +104,18 @@ def check_row(fmt: str, w, x, ref, cfg=None, **tags) -> dict:
     return row
 
 
+def check_row_twice(fmt: str, w, x, ref, cfg=None, **tags) -> dict:
+    """:func:`check_row`, and where it is ok the product run twice more: ``same_bits`` (and
+    ``ok``) only if both runs give the same bits (sums added in a fixed order, whichever CTA
+    finishes first)."""
+    row = check_row(fmt, w, x, ref, cfg, **tags)
+    if row.get("ok"):
+        f = jax.jit(lambda x, w: mg.matmul(x, w, config=cfg))
+        a, b = np.asarray(f(x, w)), np.asarray(f(x, w))
+        row["same_bits"] = row["ok"] = bool(np.array_equal(a.view(np.uint16), b.view(np.uint16)))
+    return row
+
+
 def time_cases(out: dict, path: str, cases, fmts, variants, extra=None, budget_s=math.inf):
     """For each ``(n, k, m)`` in ``cases`` and format in ``fmts``: one row with XLA's bf16 time
     and, per ``label: f`` of ``variants(w, m)``, ``label_us`` and ``label_x_bf16`` (plus
