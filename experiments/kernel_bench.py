@@ -683,7 +683,6 @@ def config_label(c: dict) -> str:
     if c.get("path") in ("mgpu", "skinny"):  # Mosaic GPU: K step, steps per CTA, depth, scales,
         acc = " sacc" if c.get("scale_acc") else ""  # epilogue, the NF4 pair table, rows of x
         fused = " fused" if c.get("fused") else ""  # per CTA, CTAs per SM (the skinny kernel)
-        fused += " last" if c.get("last_adds") else ""
         lut = " lut" if c.get("lut") else ""
         rows = f" bm{c['block_m']}" if c.get("block_m", 128) != 128 else ""
         per_sm = f" {c['ctas_per_sm']}/SM" if c.get("ctas_per_sm", 1) != 1 else ""

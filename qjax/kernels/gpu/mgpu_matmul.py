@@ -104,9 +104,6 @@ class Config:
     scale_acc: bool = False  # scales on float32 per-slice sums (`_stream_k`), not on the weights
     fused: bool | None = None  # partial sums added in the kernel (`_stream_k`), y written as
     #                            is; None: where every hand-off comes early (`handoffs_early`)
-    last_adds: bool = False  # fused, a tile split between two CTAs: whichever finishes its
-    #                          part last adds the two sums (an atomic ticket per tile, nobody
-    #                          waits), not the tile's first CTA (`_stream_k`)
     lut: bool = False  # 4-bit codes decoded by the shared-memory pair table (`mgpu_decode`)
     m_inner: bool = False  # the row blocks of x as the grid's fastest axis (CTAs launched
     #                        together share weight steps, not rows of x)
@@ -253,8 +250,7 @@ def handoffs_early(n_tiles: int, steps: int, cta_steps: int) -> bool:
 def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLICE) -> Config:
     """``cfg`` made runnable for ``m`` rows, ``K_p`` codes and ``N_p`` columns: its K step
     halved until it divides ``K_p``, its pipeline depth (then its K step) cut to shared memory,
-    its K steps per CTA chosen by :func:`schedule` (``None``) or cut to divide the steps, and
-    ``last_adds`` kept only where no weight tile lies in more than two CTAs' runs.
+    its K steps per CTA chosen by :func:`schedule` (``None``) or cut to divide the steps.
     256-row blocks of ``x`` (``block_m``) take whole weight tiles per CTA, their ``y`` written
     by the kernel, and decode 4-bit codes in registers (beside the pair table only one stage
     fits: NF4 0.29–0.55× bf16, 0.55–0.94× with two: ``large_m_mgpu_probe_bm256_nf4_fp8``)."""
@@ -281,9 +277,7 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
         cta_steps = steps * calls.largest_divisor_at_most(n_tiles, max(1, cfg.cta_steps // steps))
     else:
         cta_steps = calls.largest_divisor_at_most(n_tiles * steps, cfg.cta_steps)
-    seg = segments(n_tiles, steps, cta_steps)
-    last_adds = cfg.last_adds and not whole and int(np.max(seg[:, 1] - seg[:, 0])) <= 1
-    fused = True if whole or last_adds else cfg.fused
+    fused = True if whole else cfg.fused
     grouped = whole and (m_p > GROUPED_ROWS if cfg.grouped is None else cfg.grouped)
     if fused is None:
         fused = handoffs_early(n_tiles, steps, cta_steps)
@@ -293,7 +287,6 @@ def fit(cfg: Config, m: int, k_p: int, n_p: int, bits: int = 4, span: int = SLIC
         stages=stages,
         cta_steps=cta_steps,
         fused=fused,
-        last_adds=last_adds,
         lut=lut,
         block_m=bm if whole else MAX_BLOCK_M,
         grouped=grouped,
@@ -417,13 +410,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     scaled = scales is not None
     fused = cfg.fused
     whole = fused and length % steps == 0  # every tile in one CTA: nothing handed over
-    last_adds = fused and not whole and cfg.last_adds
-    if last_adds and slots > 2:
-        raise ShapeError(
-            f"mgpu_matmul: last_adds needs every weight tile in at most two CTAs' runs (two "
-            f"sums add in the same order whichever CTA adds them); K steps per CTA {length} "
-            f"put one in {slots}"
-        )
     grouped = whole and bool(cfg.grouped)
     group = max(g for g in range(1, GROUP_M + 1) if m_tiles % g == 0)
     n_ctas = ctas * m_tiles
@@ -434,7 +420,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
     lut = cfg.lut
 
-    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None, ticket_smem=None):
+    def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None):
         # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
         # (y_smem[wg, 0] and c_smem[wg, 0] lie in o_smem[wg]: each warp group reuses its part)
         if whole:
@@ -508,26 +494,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 finish(acc[...], rows, cols)
             elif not fused:
                 write(acc[...], o_gmem.at[ci - c0, rows, cols])
-            elif last_adds:
-                c1 = ((t + 1) * steps - 1) // length
-
-                @pl.when(c1 == c0)
-                def _():
-                    finish(acc[...], rows, cols)
-
-                @pl.when(c1 != c0)
-                def _():
-                    own = acc[...]
-                    write(own, ws_gmem.at[ci - c0, rows, cols])
-                    plgpu.wait_smem_to_gmem(0)  # written, not only read
-                    sem = (t * m_tiles + mi) * 2 + wg
-                    ticket = _draw_ticket(sems.at[pl.ds(sem, 1)], ticket_smem.at[wg])
-
-                    @pl.when(ticket == 1)  # the later of the two
-                    def _():
-                        fetch(ws_gmem.at[c1 - ci, rows, cols], o_smem.at[wg])  # the other's
-                        finish(own + o_smem[wg], rows, cols)  # a + b == b + a: same bits
-                        plgpu.semaphore_wait(sems.at[sem], 2, memory_scope="gpu")  # back to 0
             else:
 
                 @pl.when(ci != c0)
@@ -617,8 +583,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 fold(per - 1, wait_n=0)
 
             (kk,) = idx
-            if fused and not whole and not last_adds:  # a CTA starting its first tile after
-                #                                        step 0 signals later
+            if fused and not whole:  # a CTA starting its first tile after step 0 signals later
                 first_end = steps - 1 - k_step(0)
 
                 @pl.when((k_step(0) != 0) & (kk == first_end + 1))
@@ -677,7 +642,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     args = [codes, x2] + ([scales] if scaled else []) + ([] if sym else [zeros])
     y_type = jax.ShapeDtypeStruct((m_rows, n_p), x2.dtype)
     if fused:
-        ws = slots if last_adds else max(slots - 1, 1)
+        ws = max(slots - 1, 1)
         args += [] if ch_scales is None else [ch_scales]
         out_type = y_type if whole else (jax.ShapeDtypeStruct((ws, n_p, m_p), jnp.float32), y_type)
     else:
@@ -686,8 +651,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     if lut:
         args.append(jnp.asarray(dec.lut_words(decode)))
         scratch["lut_smem"] = plgpu.SMEM((256, dec.LUT_LANES), jnp.uint32)
-    if last_adds:
-        scratch["ticket_smem"] = plgpu.SMEM((2, 1), jnp.int32)
     y_sw = _tiled(BLOCK_N, 16, "out")
     if whole:  # the bf16 y tiles, and in each warp group's part its per-channel scales
         out_smem = plgpu.RefUnion(
@@ -720,38 +683,6 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     if whole:
         return out
     return out[1] if fused else out
-
-
-def _draw_ticket(sem, flag):
-    """``sem += 1`` (one atomic ``atom.add.acq_rel.gpu`` by one thread of the warp group) and
-    the value it had before, the same in every thread (passed through ``flag``, a 1-element
-    int32 shared-memory ref): CTAs that draw on one semaphore get 0, 1, … in the order of their
-    adds, so exactly one draws the last (Pallas' ``semaphore_read`` after a signal may show the
-    last count to two). Acquire-release: the drawer's earlier global writes are seen by whoever
-    draws after it."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    @plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(), plgpu.RefType()),
-        return_type=plgpu.ShapeDtypeStruct((), jnp.int32, None),
-    )
-    def draw(_, sem_ref, flag_ref):
-        import jax.experimental.mosaic.gpu as mgpu
-        from jax.experimental.mosaic.gpu import utils
-        from jaxlib.mlir import ir
-        from jaxlib.mlir.dialects import llvm, memref
-
-        i32, zero = ir.IntegerType.get_signless(32), utils.c(0, ir.IndexType.get())
-        utils.warpgroup_barrier()  # every thread has read the last ticket from `flag`
-        with utils.when(utils.single_thread_predicate(utils.ThreadSubset.WARPGROUP)):
-            ptr = utils.memref_ptr(sem_ref)
-            asm = "atom.add.acq_rel.gpu.global.u32 $0, [$1], 1;"
-            old = llvm.inline_asm(i32, [ptr], asm, "=r,l", has_side_effects=True)
-            memref.store(old, flag_ref, [zero])
-        utils.warpgroup_barrier()
-        return mgpu.FragmentedArray.splat(memref.load(flag_ref, [zero]), (), is_signed=True)
-
-    return draw(sem, flag)
 
 
 def _store_transposed(value, ref):
@@ -834,10 +765,6 @@ def check_config(x2, w: QArray, cfg: Config) -> None:
                          f"K steps of the weight's tiles (use fit())")  # fmt: skip
     _, bm = padded_rows(x2.shape[0], cfg.block_m)
     whole = cfg.fused and cfg.cta_steps % (k_p // cfg.block_k) == 0
-    seg = segments(n_p // (2 * BLOCK_N), k_p // cfg.block_k, cfg.cta_steps)
-    if cfg.last_adds and not whole and np.max(seg[:, 1] - seg[:, 0]) > 1:
-        raise ShapeError(f"mgpu_matmul: last_adds needs every weight tile in at most two CTAs' "
-                         f"runs; cta_steps {cfg.cta_steps} puts one in more (use fit())")  # fmt: skip
     need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, whole)
     if need > SMEM_BYTES:
         raise ShapeError(
