@@ -21,7 +21,10 @@ prefill, the cache set-up and the dispatch cancel out (subtracting a separately 
 not: it varied by ±30 ms between runs at batch 16); tokens/s is ``batch`` over it. The prefill
 alone is timed for its own column. The variants also report whether their greedy tokens match
 bf16's (they need not: quantization changes the model). ``--profile`` adds, per variant and
-batch, the device kernel time per step from one traced run of each length — a step whose
+batch, from one traced run of each length: the summed kernel time per step, the time per step
+the device ran at least one kernel (``busy``; XLA may run kernels side by side, so this can be
+below the sum) and the device's own step time (``span``: first kernel start to last kernel end,
+free of the host clock's noise; ``span − busy`` is time the device ran no kernel) — a step whose
 kernels take far less than its wall time is bound by launches and latency, not by the GPU —
 and the kernels that take most of it.
 Writes ``DIR/decode_bench.json`` and ``DIR/decode_bench.md`` after every row.
@@ -86,25 +89,47 @@ def _time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def kernel_profile(fn) -> tuple[float, dict]:
-    """One traced call of ``fn`` (after a warm-up): its summed device kernel time in ms and
-    each kernel name's total ms."""
+def busy_and_span(events) -> tuple[float, float]:
+    """``(busy, span)`` in ms of kernel events ``(start_ns, duration_ns, name)``: the time at
+    least one kernel ran (overlapping kernels counted once), and the time from the first
+    kernel's start to the last one's end. ``span − busy`` is device time with no kernel running
+    (launch gaps, host round trips, copies)."""
+    busy, end, first = 0, None, None
+    for start, dur, _ in sorted(events):
+        first = start if first is None else first
+        if end is None or start >= end:
+            busy += dur
+            end = start + dur
+        elif start + dur > end:
+            busy += start + dur - end
+            end = start + dur
+    return busy / 1e6, ((end - first) / 1e6 if events else 0.0)
+
+
+def kernel_profile(fn) -> tuple[float, dict, float, float]:
+    """One traced call of ``fn`` (after a warm-up): its summed device kernel time in ms, each
+    kernel name's total ms, and :func:`busy_and_span`."""
     jax.block_until_ready(fn())
     by_name: dict = {}
-    for _, ns, name in traced_kernels(fn):
+    events = traced_kernels(fn)
+    for _, ns, name in events:
         by_name[name[:70]] = by_name.get(name[:70], 0.0) + ns / 1e6
-    return sum(by_name.values()), by_name
+    return (sum(by_name.values()), by_name, *busy_and_span(events))
 
 
 def step_profile(run_long, run_short, steps: int, top: int = 6) -> dict:
-    """Device kernel ms per decode step (``run_long`` minus ``run_short``, which decodes
-    ``steps`` fewer tokens) and the ``top`` kernels by their ms per step."""
-    total, names = kernel_profile(run_long)
-    pre, pre_names = kernel_profile(run_short)
+    """Per decode step (``run_long`` minus ``run_short``, which decodes ``steps`` fewer
+    tokens): the summed kernel ms, the ms the device ran a kernel (``busy``) and the device's
+    own step time (``span``, first kernel start to last kernel end: no host clock in it), and
+    the ``top`` kernels by their ms per step."""
+    total, names, busy, span = kernel_profile(run_long)
+    pre, pre_names, pre_busy, pre_span = kernel_profile(run_short)
     per_step = {k: (v - pre_names.get(k, 0.0)) / steps for k, v in names.items()}
     ranked = sorted(per_step.items(), key=lambda kv: -kv[1])[:top]
     return {
         "device_ms_per_step": (total - pre) / steps,
+        "busy_ms_per_step": (busy - pre_busy) / steps,
+        "span_ms_per_step": (span - pre_span) / steps,
         "top_kernels_ms_per_step": {k: round(v, 4) for k, v in ranked},
     }
 
@@ -179,8 +204,8 @@ def write_report(out: Path, model: str, command: str, rows: list, profile: bool)
         f"Command: `{command}`",
         "",
         "| variant | batch | decode tok/s | ms/step | × bf16 | prefill ms | tokens = bf16 |"
-        + (" kernels ms/step | top kernels (ms/step) |" if profile else ""),
-        "|---|---|---|---|---|---|---|" + ("---|---|" if profile else ""),
+        + (" kernels ms/step | busy / span ms/step | top kernels (ms/step) |" if profile else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|---|" if profile else ""),
     ]
     for r in rows:
         ratio = r["decode_tok_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
@@ -191,7 +216,8 @@ def write_report(out: Path, model: str, command: str, rows: list, profile: bool)
         )
         if profile:
             top = ", ".join(f"`{k}` {v:.3f}" for k, v in r["top_kernels_ms_per_step"].items())
-            line += f" {r['device_ms_per_step']:.3f} | {top} |"
+            span = f"{r['busy_ms_per_step']:.3f} / {r['span_ms_per_step']:.3f}"
+            line += f" {r['device_ms_per_step']:.3f} | {span} | {top} |"
         lines.append(line)
     (out / "decode_bench.md").write_text("\n".join(lines) + "\n")
 

@@ -1,0 +1,21 @@
+"""experiments/decode_bench: the device busy time and span of a trace's kernel events, against a
+brute-force union over integer time points."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from experiments.decode_bench import busy_and_span
+
+events = st.lists(
+    st.tuples(st.integers(0, 200), st.integers(1, 40), st.just("k")), min_size=1, max_size=12
+)
+
+
+@given(events)
+def test_busy_is_the_union_of_kernel_intervals_and_span_their_extent(evs):
+    covered = {t for start, dur, _ in evs for t in range(start, start + dur)}
+    busy, span = busy_and_span(evs)
+    assert round(busy * 1e6) == len(covered)
+    extent = max(s + d for s, d, _ in evs) - min(s for s, _, _ in evs)
+    assert round(span * 1e6) == extent
+    assert busy <= span + 1e-12
