@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import shlex
 import sys
 import time
@@ -106,31 +107,74 @@ def busy_and_span(events) -> tuple[float, float]:
     return busy / 1e6, ((end - first) / 1e6 if events else 0.0)
 
 
-def kernel_profile(fn) -> tuple[float, dict, float, float]:
-    """One traced call of ``fn`` (after a warm-up): its summed device kernel time in ms, each
-    kernel name's total ms, and :func:`busy_and_span`."""
+def idle_gaps(events, top: int = 5) -> dict:
+    """Where the device waits: the gaps in which no event of ``events`` (kernels and copies,
+    ``(start_ns, duration_ns, name)``) runs, summed in ms by ``"before → after"`` (the names of
+    the event that ended last before the gap and of the one after it, numbers stripped), the
+    ``top`` largest."""
+    by_pair: dict = {}
+    end, last = None, None
+    for start, dur, name in sorted(events):
+        short = re.sub(r"[._]?\d+$", "", name[:50])
+        if end is not None and start > end:
+            key = f"{last} → {short}"
+            by_pair[key] = by_pair.get(key, 0.0) + (start - end) / 1e6
+        if end is None or start + dur >= end:
+            end, last = start + dur, short
+    ranked = sorted(by_pair.items(), key=lambda kv: -kv[1])[:top]
+    return {k: round(v, 4) for k, v in ranked}
+
+
+def _is_copy(name: str) -> bool:
+    return any(word in name.lower() for word in ("memcpy", "memset"))
+
+
+def kernel_profile(fn) -> dict:
+    """One traced call of ``fn`` (after a warm-up): ``total`` (summed kernel ms), ``by_name``
+    (each kernel name's ms), ``busy`` / ``span`` (:func:`busy_and_span` of the kernels),
+    ``copies`` (ms of memcpy / memset), ``gaps`` (:func:`idle_gaps` over kernels and copies,
+    all of them) and ``host`` (ms of the host's events by name, numbers stripped)."""
     jax.block_until_ready(fn())
+    host: list = []
+    events = traced_kernels(fn, copies=True, host=host)
+    host_by_name: dict = {}
+    for _, ns, name in host:
+        key = re.sub(r"[._]?\d+$", "", name[:60])
+        host_by_name[key] = host_by_name.get(key, 0.0) + ns / 1e6
+    kernels = [e for e in events if not _is_copy(e[2])]
     by_name: dict = {}
-    events = traced_kernels(fn)
-    for _, ns, name in events:
+    for _, ns, name in kernels:
         by_name[name[:70]] = by_name.get(name[:70], 0.0) + ns / 1e6
-    return (sum(by_name.values()), by_name, *busy_and_span(events))
+    busy, span = busy_and_span(kernels)
+    copies = sum(ns for _, ns, name in events if _is_copy(name)) / 1e6
+    return dict(total=sum(by_name.values()), by_name=by_name, busy=busy, span=span,
+                copies=copies, gaps=idle_gaps(events, top=10**6), host=host_by_name)  # fmt: skip
 
 
 def step_profile(run_long, run_short, steps: int, top: int = 6) -> dict:
     """Per decode step (``run_long`` minus ``run_short``, which decodes ``steps`` fewer
-    tokens): the summed kernel ms, the ms the device ran a kernel (``busy``) and the device's
-    own step time (``span``, first kernel start to last kernel end: no host clock in it), and
-    the ``top`` kernels by their ms per step."""
-    total, names, busy, span = kernel_profile(run_long)
-    pre, pre_names, pre_busy, pre_span = kernel_profile(run_short)
-    per_step = {k: (v - pre_names.get(k, 0.0)) / steps for k, v in names.items()}
-    ranked = sorted(per_step.items(), key=lambda kv: -kv[1])[:top]
+    tokens): the summed kernel ms, the ms the device ran a kernel (``busy``), the device's own
+    step time (``span``, first kernel start to last kernel end: no host clock in it), the ms
+    of copies, the ``top`` kernels by their ms, the ``top`` idle gaps by the kernels around
+    them (:func:`idle_gaps`) and the ``top`` host events (the runtime launching the step)."""
+    long, short = kernel_profile(run_long), kernel_profile(run_short)
+
+    def per_step(key):
+        a, b = long[key], short[key]
+        if isinstance(a, dict):
+            diff = {k: (v - b.get(k, 0.0)) / steps for k, v in a.items()}
+            ranked = sorted(diff.items(), key=lambda kv: -kv[1])[:top]
+            return {k: round(v, 4) for k, v in ranked}
+        return (a - b) / steps
+
     return {
-        "device_ms_per_step": (total - pre) / steps,
-        "busy_ms_per_step": (busy - pre_busy) / steps,
-        "span_ms_per_step": (span - pre_span) / steps,
-        "top_kernels_ms_per_step": {k: round(v, 4) for k, v in ranked},
+        "device_ms_per_step": per_step("total"),
+        "busy_ms_per_step": per_step("busy"),
+        "span_ms_per_step": per_step("span"),
+        "copies_ms_per_step": per_step("copies"),
+        "top_kernels_ms_per_step": per_step("by_name"),
+        "top_gaps_ms_per_step": per_step("gaps"),
+        "top_host_events_ms_per_step": per_step("host"),
     }
 
 
@@ -204,8 +248,13 @@ def write_report(out: Path, model: str, command: str, rows: list, profile: bool)
         f"Command: `{command}`",
         "",
         "| variant | batch | decode tok/s | ms/step | × bf16 | prefill ms | tokens = bf16 |"
-        + (" kernels ms/step | busy / span ms/step | top kernels (ms/step) |" if profile else ""),
-        "|---|---|---|---|---|---|---|" + ("---|---|---|" if profile else ""),
+        + (
+            " kernels ms/step | busy / span ms/step | top kernels (ms/step) | largest idle gaps "
+            "(ms/step) |"
+            if profile
+            else ""
+        ),
+        "|---|---|---|---|---|---|---|" + ("---|---|---|---|" if profile else ""),
     ]
     for r in rows:
         ratio = r["decode_tok_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
@@ -217,7 +266,10 @@ def write_report(out: Path, model: str, command: str, rows: list, profile: bool)
         if profile:
             top = ", ".join(f"`{k}` {v:.3f}" for k, v in r["top_kernels_ms_per_step"].items())
             span = f"{r['busy_ms_per_step']:.3f} / {r['span_ms_per_step']:.3f}"
-            line += f" {r['device_ms_per_step']:.3f} | {span} | {top} |"
+            gaps = ", ".join(
+                f"`{k}` {v:.3f}" for k, v in list(r.get("top_gaps_ms_per_step", {}).items())[:3]
+            )
+            line += f" {r['device_ms_per_step']:.3f} | {span} | {top} | {gaps} |"
         lines.append(line)
     (out / "decode_bench.md").write_text("\n".join(lines) + "\n")
 

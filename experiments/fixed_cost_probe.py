@@ -50,7 +50,11 @@ def mgpu_kernel(ctas: int, cluster: int, tma: bool):
     if cluster > 1:
         mesh = dict(grid=(ctas // cluster,), grid_names=("c",), cluster=(cluster,),
                     cluster_names=("cl",))  # fmt: skip
-    scratch = (plgpu.SMEM(BLOCK, jnp.uint32), plgpu.Barrier(num_arrivals=1)) if tma else ()
+    scratch = (
+        (plgpu.SMEM(BLOCK, jnp.uint32), plgpu.Barrier(num_arrivals=1, num_barriers=1))
+        if tma
+        else ()
+    )
     return jax.jit(
         plgpu.kernel(
             body,

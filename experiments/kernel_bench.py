@@ -124,8 +124,9 @@ FAILURES = (ValueError, RuntimeError, NotImplementedError, TypeError)
 _SKIP = ("memcpy", "memset", "Memcpy", "Memset")
 
 
-def _kernel_events(trace_dir: str) -> list[tuple[int, int, str]]:
-    """(start_ns, duration_ns, name) of every GPU kernel in the trace under ``trace_dir``."""
+def _kernel_events(trace_dir: str, copies: bool = False) -> list[tuple[int, int, str]]:
+    """(start_ns, duration_ns, name) of every GPU kernel in the trace under ``trace_dir``
+    (``copies``: and every memcpy / memset)."""
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not files:
         return []
@@ -138,17 +139,32 @@ def _kernel_events(trace_dir: str) -> list[tuple[int, int, str]]:
             if not line.name.startswith("Stream"):
                 continue
             for ev in line.events:
-                if not any(s in ev.name for s in _SKIP):
+                if copies or not any(s in ev.name for s in _SKIP):
                     events.append((ev.start_ns, ev.duration_ns, ev.name))
     return sorted(events)
 
 
-def traced_kernels(run) -> list[tuple[int, int, str]]:
-    """:func:`_kernel_events` of ``run()`` (waited for) under the profiler."""
+def host_events(trace_dir: str) -> list[tuple[int, int, str]]:
+    """(start_ns, duration_ns, name) of every host (CPU) event in the trace under ``trace_dir``:
+    the runtime's work to launch what the device runs."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        return []
+    data = jax.profiler.ProfileData.from_file(files[0])
+    return sorted((ev.start_ns, ev.duration_ns, ev.name) for plane in data.planes
+                  if plane.name.startswith("/host:") for line in plane.lines
+                  for ev in line.events)  # fmt: skip
+
+
+def traced_kernels(run, copies: bool = False, host: list | None = None):
+    """:func:`_kernel_events` of ``run()`` (waited for) under the profiler; ``host``: a list
+    that :func:`host_events` of the same trace is appended to."""
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
             jax.block_until_ready(run())
-        return _kernel_events(tmp)
+        if host is not None:
+            host.extend(host_events(tmp))
+        return _kernel_events(tmp, copies)
 
 
 def device_time(fn, arg_sets: list, n_calls: int) -> dict:

@@ -19,3 +19,14 @@ def test_busy_is_the_union_of_kernel_intervals_and_span_their_extent(evs):
     extent = max(s + d for s, d, _ in evs) - min(s for s, _, _ in evs)
     assert round(span * 1e6) == extent
     assert busy <= span + 1e-12
+
+
+@given(events)
+def test_idle_gaps_add_up_to_span_minus_busy(evs):
+    from experiments.decode_bench import idle_gaps
+
+    ms = [(s * 10**6, d * 10**6, f"k_{i % 3}") for i, (s, d, _) in enumerate(evs)]
+    busy, span = busy_and_span(ms)
+    gaps = idle_gaps(ms, top=10**6)
+    assert abs(sum(gaps.values()) - (span - busy)) < 1e-6
+    assert all(" → " in k and not k[-1].isdigit() for k in gaps)
