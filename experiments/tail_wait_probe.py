@@ -1,5 +1,5 @@
 """Probe: the Mosaic GPU kernels' last wait for their TMA stores — for the writes themselves
-(``full``, what they did before) or only until shared memory has been read (``read``,
+(``full``, the default) or only until shared memory has been read (``read``,
 :data:`qjax.kernels.gpu.mgpu_matmul.TAIL_WAIT_READ_ONLY`) — same run, the dispatched config of
 every target case, against XLA's bf16 ``dot``.
 

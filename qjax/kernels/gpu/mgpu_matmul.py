@@ -196,13 +196,14 @@ GROUP_M = 8  # row blocks of x per group of jobs (`Config.grouped`): their x sta
 GROUPED_ROWS = 4096  # above: grouped jobs (M = 8192, int4: +5–7 % on 8192² and 8192×28672, level
 #                      on the others; at 2048 −2–3 %, `large_m_mgpu_probe_grouped.json`)
 
-# How a kernel waits for its last TMA stores (``y``, partial sums) before it exits: only until
-# they have *read* shared memory, as JAX's own Hopper matmuls and CUTLASS's epilogues do — the
-# writes land before the grid completes, so the next kernel sees them. ``False`` waits for the
-# writes themselves, one more global-memory round trip on every CTA's tail (the kernels did so
-# until `tail_wait_probe`). A store that another CTA of the same kernel reads after a semaphore
-# always waits for its writes (`signal`).
-TAIL_WAIT_READ_ONLY = True
+# How a kernel waits for its last TMA stores (``y``, partial sums) before it exits. ``False``
+# (what every measurement and device check so far ran): for the writes themselves, one
+# global-memory round trip on every CTA's tail. ``True``: only until they have *read* shared
+# memory, as JAX's own Hopper matmuls and CUTLASS's epilogues do (the writes land before the
+# grid completes). `experiments/tail_wait_probe.py` times both and checks ``True``; it has not
+# run on a GPU yet, so the default stays. A store that another CTA of the same kernel reads
+# after a semaphore always waits for its writes (`signal`).
+TAIL_WAIT_READ_ONLY = False
 
 
 def wait_last_stores() -> None:
