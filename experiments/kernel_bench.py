@@ -124,13 +124,18 @@ FAILURES = (ValueError, RuntimeError, NotImplementedError, TypeError)
 _SKIP = ("memcpy", "memset", "Memcpy", "Memset")
 
 
+def _trace(trace_dir: str):
+    """The profile written under ``trace_dir`` (``jax.profiler.ProfileData``), or ``None``."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    return jax.profiler.ProfileData.from_file(files[0]) if files else None
+
+
 def _kernel_events(trace_dir: str, copies: bool = False) -> list[tuple[int, int, str]]:
     """(start_ns, duration_ns, name) of every GPU kernel in the trace under ``trace_dir``
     (``copies``: and every memcpy / memset)."""
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not files:
+    data = _trace(trace_dir)
+    if data is None:
         return []
-    data = jax.profiler.ProfileData.from_file(files[0])
     events = []
     for plane in data.planes:
         if "/device:GPU" not in plane.name:
@@ -147,10 +152,9 @@ def _kernel_events(trace_dir: str, copies: bool = False) -> list[tuple[int, int,
 def host_events(trace_dir: str) -> list[tuple[int, int, str]]:
     """(start_ns, duration_ns, name) of every host (CPU) event in the trace under ``trace_dir``:
     the runtime's work to launch what the device runs."""
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not files:
+    data = _trace(trace_dir)
+    if data is None:
         return []
-    data = jax.profiler.ProfileData.from_file(files[0])
     return sorted((ev.start_ns, ev.duration_ns, ev.name) for plane in data.planes
                   if plane.name.startswith("/host:") for line in plane.lines
                   for ev in line.events)  # fmt: skip
