@@ -240,6 +240,16 @@ def measure(name, gd, state, prompt_ids, b: int, args) -> tuple[dict, np.ndarray
     return row, np.asarray(run(args.steps)())
 
 
+DISAGREE = 0.1  # relative difference of the two ms/step estimates flagged in the report
+
+
+def _disagree(row: dict) -> str:
+    """`` (disagree)`` where the difference and long-run estimates of a row's ms/step differ
+    by more than :data:`DISAGREE` (then neither is a step time to quote)."""
+    a, b = row["ms_per_step"], row.get("ms_per_step_total")
+    return " (disagree)" if b and abs(a - b) > DISAGREE * b else ""
+
+
 def write_report(out: Path, model: str, command: str, rows: list, profile: bool) -> None:
     """``out/decode_bench.json`` and ``.md`` with the rows so far."""
     out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +275,7 @@ def write_report(out: Path, model: str, command: str, rows: list, profile: bool)
         ratio = r["decode_tok_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
         line = (
             f"| {r['variant']} | {r['batch']} | {r['decode_tok_s']:.0f} | {r['ms_per_step']:.3f} / "
-            f"{r.get('ms_per_step_total', float('nan')):.3f} "
+            f"{r.get('ms_per_step_total', float('nan')):.3f}{_disagree(r)} "
             f"| {ratio:.2f} | {1e3 * r['prefill_s']:.1f} "
             f"| {100 * r['same_tokens_as_bf16']:.0f} % |"
         )

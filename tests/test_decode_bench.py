@@ -30,3 +30,11 @@ def test_idle_gaps_add_up_to_span_minus_busy(evs):
     gaps = idle_gaps(ms, top=10**6)
     assert abs(sum(gaps.values()) - (span - busy)) < 1e-6
     assert all(" → " in k and not k[-1].isdigit() for k in gaps)
+
+
+def test_report_flags_step_estimates_that_disagree():
+    from experiments.decode_bench import _disagree
+
+    assert _disagree({"ms_per_step": 0.908, "ms_per_step_total": 1.184}) == " (disagree)"
+    assert _disagree({"ms_per_step": 1.108, "ms_per_step_total": 1.112}) == ""
+    assert _disagree({"ms_per_step": 1.0}) == ""  # rows written before the long-run estimate
