@@ -12,9 +12,10 @@ to 1 KiB, as rows of 256 uint32 words), rotated over > 160 MB of buffers as in `
 * ``xla_rows`` — XLA's row reduction, ``jnp.sum(words, axis=1)`` (one uint32 written per KiB);
 * ``xla_all`` — XLA's full reduction to one word;
 * ``pallas_read`` — a Triton-lowered Pallas kernel: ``G`` programs, each summing its share of the
-  rows in blocks of ``br`` rows (masked at the end), ``num_warps`` / ``num_stages`` as given; the
-  fastest of :data:`READ_CONFIGS` is kept, with its config. Each is checked against ``jnp.sum``
-  (every word read exactly once) before it is timed.
+  rows in blocks of ``br`` rows (masked at the end), ``num_warps`` / ``num_stages`` as given;
+  every config of :data:`READ_CONFIGS` on the first buffer, the :data:`KEEP` fastest of those on
+  the others, the fastest kept with its config. Each is checked against ``jnp.sum`` (every word
+  read exactly once) before it is timed.
 
 In the same run: XLA's bf16 ``jnp.dot`` at each ``M`` and the dispatched kernel (``real``) for
 each format, and — where the dispatch takes the skinny kernel — its stream floor (``tma_stream``,
