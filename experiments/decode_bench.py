@@ -49,7 +49,7 @@ import numpy as np
 from flax import nnx
 
 import qjax
-from experiments.kernel_bench import traced_kernels
+from experiments.kernel_bench import is_copy, traced_kernels
 from qjax import assets, data
 from qjax.convert.gguf.load import load_gguf_model
 from qjax.kernels import repack
@@ -117,7 +117,7 @@ def idle_gaps(events, top: int = 5) -> dict:
     by_pair: dict = {}
     end, last = None, None
     for start, dur, name in sorted(events):
-        short = re.sub(r"[._]?\d+$", "", name[:50])
+        short = _base_name(name, 50)
         if end is not None and start > end:
             key = f"{last} → {short}"
             by_pair[key] = by_pair.get(key, 0.0) + (start - end) / 1e6
@@ -127,8 +127,17 @@ def idle_gaps(events, top: int = 5) -> dict:
     return {k: round(v, 4) for k, v in ranked}
 
 
-def _is_copy(name: str) -> bool:
-    return any(word in name.lower() for word in ("memcpy", "memset"))
+def _base_name(name: str, width: int) -> str:
+    """``name`` cut to ``width`` characters, its trailing instance number dropped."""
+    return re.sub(r"[._]?\d+$", "", name[:width])
+
+
+def _ms_by_name(events, name_of) -> dict:
+    """Summed ms of ``events`` ``(start_ns, duration_ns, name)`` by ``name_of(name)``."""
+    out: dict = {}
+    for _, ns, name in events:
+        out[name_of(name)] = out.get(name_of(name), 0.0) + ns / 1e6
+    return out
 
 
 def kernel_profile(fn) -> dict:
@@ -139,18 +148,13 @@ def kernel_profile(fn) -> dict:
     jax.block_until_ready(fn())
     host: list = []
     events = traced_kernels(fn, copies=True, host=host)
-    host_by_name: dict = {}
-    for _, ns, name in host:
-        key = re.sub(r"[._]?\d+$", "", name[:60])
-        host_by_name[key] = host_by_name.get(key, 0.0) + ns / 1e6
-    kernels = [e for e in events if not _is_copy(e[2])]
-    by_name: dict = {}
-    for _, ns, name in kernels:
-        by_name[name[:70]] = by_name.get(name[:70], 0.0) + ns / 1e6
+    kernels = [e for e in events if not is_copy(e[2])]
+    by_name = _ms_by_name(kernels, lambda name: name[:70])
     busy, span = busy_and_span(kernels)
-    copies = sum(ns for _, ns, name in events if _is_copy(name)) / 1e6
+    copies = sum(ns for _, ns, name in events if is_copy(name)) / 1e6
     return dict(total=sum(by_name.values()), by_name=by_name, busy=busy, span=span,
-                copies=copies, gaps=idle_gaps(events, top=10**6), host=host_by_name)  # fmt: skip
+                copies=copies, gaps=idle_gaps(events, top=10**6),
+                host=_ms_by_name(host, lambda name: _base_name(name, 60)))  # fmt: skip
 
 
 def step_profile(run_long, run_short, steps: int, top: int = 6) -> dict:

@@ -120,8 +120,11 @@ def n_buffers(nbytes: int) -> int:
 # compile / lowering failures a sweep records and moves past
 FAILURES = (ValueError, RuntimeError, NotImplementedError, TypeError)
 
+
 # -- timing ------------------------------------------------------------------------------------
-_SKIP = ("memcpy", "memset", "Memcpy", "Memset")
+def is_copy(name: str) -> bool:
+    """Whether a trace event named ``name`` is a memcpy / memset rather than a kernel."""
+    return any(word in name.lower() for word in ("memcpy", "memset"))
 
 
 def _trace(trace_dir: str):
@@ -144,7 +147,7 @@ def _kernel_events(trace_dir: str, copies: bool = False) -> list[tuple[int, int,
             if not line.name.startswith("Stream"):
                 continue
             for ev in line.events:
-                if copies or not any(s in ev.name for s in _SKIP):
+                if copies or not is_copy(ev.name):
                     events.append((ev.start_ns, ev.duration_ns, ev.name))
     return sorted(events)
 
