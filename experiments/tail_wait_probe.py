@@ -50,8 +50,9 @@ def compiled(w, m: int, read_only: bool):
 
 
 def check(rows: list) -> None:
-    for fmt, w, x, ref in lib.check_cases(["w4g128t", "w8cht", "fp8t", "nf4t"], CHECKS):
-        rows.append(lib.check_row_twice(fmt, w, x, ref, tail_wait="read"))
+    with tail_wait(True):
+        for fmt, w, x, ref in lib.check_cases(["w4g128t", "w8cht", "fp8t", "nf4t"], CHECKS):
+            rows.append(lib.check_row_twice(fmt, w, x, ref, tail_wait="read"))
 
 
 def main(argv=None) -> None:
