@@ -196,23 +196,6 @@ GROUP_M = 8  # row blocks of x per group of jobs (`Config.grouped`): their x sta
 GROUPED_ROWS = 4096  # above: grouped jobs (M = 8192, int4: +5–7 % on 8192² and 8192×28672, level
 #                      on the others; at 2048 −2–3 %, `large_m_mgpu_probe_grouped.json`)
 
-# How a kernel waits for its last TMA stores (``y``, partial sums) before it exits. ``False``
-# (what every measurement and device check so far ran): for the writes themselves, one
-# global-memory round trip on every CTA's tail. ``True``: only until they have *read* shared
-# memory, as JAX's own Hopper matmuls and CUTLASS's epilogues do (the writes land before the
-# grid completes). `experiments/tail_wait_probe.py` times both and checks ``True``; it has not
-# run on a GPU yet, so the default stays. A store that another CTA of the same kernel reads
-# after a semaphore always waits for its writes (`signal`).
-TAIL_WAIT_READ_ONLY = False
-
-
-def wait_last_stores() -> None:
-    """The wait for a kernel's last TMA stores before it exits (:data:`TAIL_WAIT_READ_ONLY`)."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    plgpu.wait_smem_to_gmem(0, wait_read_only=TAIL_WAIT_READ_ONLY)
-
-
 RAMP_STEPS = 2  # a CTA's pipeline fill + drain, in K steps (measured: 3 waves of 4-step CTAs
 #                 take the time of ≈ 19 steps on 10240×8192)
 
@@ -621,7 +604,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 if lut:  # the pair table, copied by the memory warp group
                     plgpu.barrier_wait(bar.at[2])
                 eval_pipeline(tuple(accs))
-                wait_last_stores()
+                plgpu.wait_smem_to_gmem(0)
 
         row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (k_step(kk), tile(kk)))
         in_specs = [

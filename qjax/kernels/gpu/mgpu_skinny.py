@@ -452,7 +452,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                 def _():
                     plgpu.barrier_wait(cbar.at[0])
 
-            mg.wait_last_stores()
+            plgpu.wait_smem_to_gmem(0)
 
         acc = plgpu.ACC((ROWS, bm), jnp.float32)
         pl.run_scoped(scoped, [acc] * (3 if by_slice else 1))

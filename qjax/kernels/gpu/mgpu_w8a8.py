@@ -200,7 +200,7 @@ def gemm(xq, wq, sx, sw, out_dtype, cfg: Config | None = None) -> jax.Array:
                     plgpu.commit_smem()
                     dst = y_gmem.at[wg_rows_of(i), pl.ds(ni * block_n + j * epi, epi)]
                     plgpu.copy_smem_to_gmem(y_smem.at[i], dst)
-                mg.wait_last_stores()
+                plgpu.wait_smem_to_gmem(0)
 
         codes = mg._tiled(BLOCK_K, 8, "codes")
         pipeline = plgpu.emit_pipeline_warp_specialized(

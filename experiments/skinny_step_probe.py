@@ -1,0 +1,105 @@
+"""Probe: the skinny kernel's K step and pipeline depth — smaller steps, more of them in flight —
+against the dispatch's config, same run, XLA's bf16 ``dot`` as the baseline.
+
+``stream_cost_probe`` found the decode and ``wgmma`` of int4 g128 at M ≤ 16 not hidden behind
+the weight stream: the real kernel takes 1.6 – 2.4 µs more than the same kernel with neither.
+A CTA decodes and multiplies a step only once all of it has landed, so its last step's work
+(512 codes × 64 rows: ≈ 0.5 µs of issue with two or three CTAs per SM) follows the stream's end.
+Halving the step halves that tail, and a third or fourth stage in the space the smaller step
+frees keeps as many bytes in flight. The costs: twice the barriers and TMA issues per byte.
+
+Variants (``Config`` fields replaced in the dispatch's skinny config, then fitted; the depth is
+set after fitting; a variant that fits no differently from another is dropped):
+``bk256`` / ``bk256_st3`` / ``bk256_st4`` / ``bk128_st4``.
+
+Checks first (unless ``--no-check``): each variant's config for a 4096 × 6144 weight at M = 1
+and 16 against the float32 reference, run twice for identical bits.
+
+    python -m experiments.skinny_step_probe --out DIR      # on the GPU
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+
+from experiments import kernel_bench as kb
+from experiments import mgpu_probe_lib as lib
+from qjax.errors import QjaxError
+from qjax.kernels.gpu import mgpu_matmul as mg
+from qjax.kernels.gpu import mgpu_skinny as sk
+
+VARIANTS = {  # label -> (block_k, stages)
+    "bk256": (256, None),
+    "bk256_st3": (256, 3),
+    "bk256_st4": (256, 4),
+    "bk128_st4": (128, 4),
+}
+CHECKS = [(m, 4096, 6144) for m in (1, 16)]
+
+
+def configs(w, m: int) -> dict:
+    """``dispatch`` and each variant's config for ``w`` at ``m`` rows (none where the dispatch
+    takes the main kernel); duplicates of an earlier label dropped."""
+    base = mg.config_for(w, m)
+    if base.path != "skinny":
+        return {}
+    cfgs = {"dispatch": base}
+    for label, (bk, stages) in VARIANTS.items():
+        cfg = mg.config_for(w, m, dataclasses.replace(base, block_k=bk))
+        cfg = dataclasses.replace(cfg, stages=stages) if stages else cfg
+        if cfg in cfgs.values():
+            continue
+        try:  # a depth whose stages do not fit the CTA's share of shared memory: dropped
+            sk.check_config(jax.ShapeDtypeStruct((m, w.shape[0]), jnp.bfloat16), w, cfg)
+            cfgs[label] = cfg
+        except QjaxError as e:
+            print(label, "does not fit:", e, flush=True)
+    return cfgs
+
+
+def smem(w, m: int, cfg) -> int:
+    """Shared memory of one CTA of ``cfg`` (above ``sk.smem_share``: fewer CTAs per SM)."""
+    n_p, k_p = w.codes.shape
+    steps = k_p // cfg.block_k
+    received = sk.received_slots(n_p // sk.ROWS, steps, cfg.cta_steps) if cfg.cluster else None
+    _, bm = mg.padded_rows(m)
+    return sk.smem_bytes(bm, cfg.block_k, cfg.stages, mg.code_bits(w), mg.slice_codes(w),
+                         cfg.lut, received)  # fmt: skip
+
+
+def check(fmts):
+    def run(rows: list) -> None:
+        for fmt, w, x, ref in lib.check_cases(fmts, CHECKS):
+            for label, cfg in configs(w, x.shape[0]).items():
+                if label != "dispatch":
+                    rows.append(lib.check_row_twice(fmt, w, x, ref, cfg, variant=label))
+
+    return run
+
+
+def main(argv=None) -> None:
+    ap = lib.probe_parser(["w4g128t", "nf4t", "w8cht"], [1, 16], 330)
+    ap.set_defaults(shapes=["qkv", "o", "down"])
+    args = ap.parse_args(argv)
+    out = lib.start(args, check(args.fmts))
+
+    def variants(w, m):
+        return lib.jitted(configs(w, m))
+
+    def extra(label, w, m):
+        cfg = configs(w, m)[label]
+        share = smem(w, m, cfg) / sk.smem_share(cfg.ctas_per_sm)
+        return {f"{label}_cfg": kb.config_label(dataclasses.asdict(cfg)),
+                f"{label}_smem_share": round(share, 3)}  # fmt: skip
+
+    cases = [(*lib.shape(s), m) for m in args.ms for s in args.shapes]
+    path = os.path.join(args.out, "skinny_step_probe.json")
+    lib.time_cases(out, path, cases, args.fmts, variants, extra, args.budget_s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Probe: where the skinny kernel's weight stream spends its ≈ 1.15 µs per call beyond a plain
+read of the same bytes — its parts removed one at a time, same run, int4 g128 (the W4 target's
+format), against XLA's row reduction over a buffer of the weight's bytes.
+
+``read_floor_probe`` fitted XLA's read at 1.83 µs + bytes / 3.11 TB/s and this kernel's stream
+(``stream_floor_probe``: decode, operand loads and ``wgmma`` removed) at 2.98 µs + bytes /
+3.12 TB/s; ``fixed_cost_probe`` found the launch and one TMA round trip no dearer than XLA's.
+The variants, each removing more of :mod:`qjax.kernels.gpu.mgpu_skinny`'s kernel:
+
+* ``real`` — the dispatched kernel;
+* ``stream`` — no decode, operand loads or ``wgmma`` (``stream_floor_probe.ablated``);
+* ``no_y`` — and no store of ``y`` to HBM (its TMA; the transposing store to shared memory stays:
+  without a consumer, Mosaic GPU's layout inference finds no layout for the sums);
+* ``no_exchange`` — and no hand-off of a tile's partial sums between the CTAs of a cluster
+  (no store to distributed shared memory, no wait for it);
+* ``no_x`` — and no copy of ``x``'s K step with each weight step: the weight codes and their
+  scale rows alone.
+
+What ``stream − no_y``, ``no_y − no_exchange`` and ``no_exchange − no_x`` cost is that part's
+share of the call (the parts overlap the stream only where the difference is small); what
+``no_x`` keeps over ``xla_read`` is the TMA pipeline's own. Timing only: the ablated kernels'
+outputs are garbage. The patches apply while a variant is traced (``jax.clear_caches``), so
+nothing outside this process changes.
+
+    python -m experiments.stream_cost_probe --out DIR      # on the GPU
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from experiments import mgpu_probe_lib as lib
+from experiments import read_floor_probe as rf
+from experiments import stream_floor_probe as sf
+from qjax.kernels.gpu import mgpu_matmul as mg
+from qjax.kernels.gpu import mgpu_skinny as sk
+
+VARIANTS = ("real", "stream", "no_y", "no_exchange", "no_x")  # each removes more
+
+
+def _nothing(*args, **kwargs):
+    return None
+
+
+def _pipeline_without_x(emit):
+    """``plgpu.emit_pipeline`` as the skinny kernel calls it, with its second input (``x``)
+    dropped: the body gets the weight step's buffer in ``x``'s place (unused once ablated)."""
+
+    def emit_pipeline(body, *, in_specs, **kwargs):
+        inner = emit(
+            lambda idx, w_smem, *scale_smem: body(idx, w_smem, w_smem, *scale_smem),
+            in_specs=[in_specs[0], *in_specs[2:]],
+            **kwargs,
+        )
+        return lambda w_gmem, x_gmem, *scale_gmem: inner(w_gmem, *scale_gmem)
+
+    return emit_pipeline
+
+
+@contextlib.contextmanager
+def _patched(module, **attrs):
+    saved = {name: getattr(module, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def removed(variant: str):
+    """The parts of the skinny kernel that ``variant`` removes, in force while it is traced."""
+    level = VARIANTS.index(variant)
+    with contextlib.ExitStack() as stack:
+        if level >= 1:
+            stack.enter_context(sf.ablated())  # clears jax's caches on entry and exit
+        if level >= 2:
+            stack.enter_context(_patched(plgpu, copy_smem_to_gmem=_nothing, commit_smem=_nothing))
+        if level >= 3:  # int4 g128 only: its kernel waits on no other barrier (no table, no
+            #             per-channel scales)
+            stack.enter_context(_patched(plgpu, async_store_smem=_nothing, barrier_wait=_nothing))
+        if level >= 4:
+            emit = plgpu.emit_pipeline
+            stack.enter_context(_patched(plgpu, emit_pipeline=_pipeline_without_x(emit)))
+        yield
+
+
+def lowered(w, m: int, variant: str):
+    """The skinny kernel with the dispatch's config for ``(m, K)`` x and ``w``, traced with
+    ``variant``'s parts removed and lowered for CUDA (runs on any host)."""
+    x = jax.ShapeDtypeStruct((m, w.shape[0]), jnp.bfloat16)
+    f = jax.jit(lambda x, w: sk.matmul_rows(x, w, mg.config_for(w, m)))
+    with removed(variant):
+        return f.trace(x, w).lower(lowering_platforms=("cuda",))
+
+
+def compiled(w, m: int, variant: str):
+    x = jax.ShapeDtypeStruct((m, w.shape[0]), jnp.bfloat16)
+    with removed(variant):
+        return jax.jit(lambda x, w: mg.matmul(x, w)).lower(x, w).compile()
+
+
+def main(argv=None) -> None:
+    ap = lib.probe_parser(["w4g128t"], [1, 16], 300)
+    ap.set_defaults(shapes=["qkv", "o", "down"], no_check=True)
+    args = ap.parse_args(argv)
+    if args.fmts != ["w4g128t"]:
+        ap.error("the removals fit int4 g128's kernel only (--fmts w4g128t)")
+    out = lib.start(args, lambda rows: None)
+
+    def variants(w, m):
+        if mg.config_for(w, m).path != "skinny":
+            return {}
+        fns = {}
+        for v in VARIANTS:
+            try:
+                fns[v] = compiled(w, m, v)
+            except Exception as e:  # noqa: BLE001  (recorded; the other variants still run)
+                print(v, "failed:", repr(e)[:300], flush=True)
+        return fns
+
+    reads = {}
+
+    def extra(label, w, m):
+        if w.nbytes not in reads:
+            reads[w.nbytes] = rf.time_reader(rf.xla_readers()["xla_rows"], w.nbytes)
+        return {"xla_read_us": round(reads[w.nbytes], 2), "bytes": w.nbytes}
+
+    cases = [(*lib.shape(s), m) for m in args.ms for s in args.shapes]
+    path = os.path.join(args.out, "stream_cost_probe.json")
+    lib.time_cases(out, path, cases, args.fmts, variants, extra, args.budget_s)
+
+
+if __name__ == "__main__":
+    main()
