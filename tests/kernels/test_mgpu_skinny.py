@@ -229,3 +229,40 @@ def test_clusters_that_split_a_tile_or_the_ctas_are_refused():
     for bad in (dict(cluster=3), dict(cluster=16), dict(cta_steps=4, cluster=3)):
         with pytest.raises(ShapeError, match="clusters of"):
             sk.check_config(x, w, dataclasses.replace(cfg, **bad))
+
+
+@settings(max_examples=60, deadline=None)
+@given(length=st.integers(2, 64), data=st.data())
+def test_uneven_pair_runs_cover_the_tile_once_the_first_cta_longer(length, data):
+    lead = data.draw(st.integers(1, length - 1))
+    (s0, n0), (s1, n1) = sk.pair_runs(length, lead)
+    steps = list(range(s0, s0 + n0)) + list(range(s1, s1 + n1))
+    assert steps == list(range(2 * length))  # in order, each K step of the tile once
+    assert n0 - n1 == 2 * lead > 0 and n1 > 0
+
+
+def test_lead_needs_clusters_of_two_on_one_tile_each():
+    w = _weight(*SKINNY[0], 1024, 1024)  # 16 tiles of 2 K steps
+    x = jnp.ones((1, 1024), jnp.bfloat16)
+    cfg = mg.Config("skinny", 256, cta_steps=2, ctas_per_sm=3, cluster=2)  # 4 steps per tile
+    sk.check_config(x, w, dataclasses.replace(cfg, lead=1))
+    for bad in (dict(lead=2), dict(lead=1, cluster=0), dict(lead=1, cta_steps=4, cluster=1)):
+        with pytest.raises(ShapeError, match="lead"):
+            sk.check_config(x, w, dataclasses.replace(cfg, **bad))
+
+
+@pytest.mark.parametrize(("spec", "layout"), [SKINNY[0], SKINNY[2], SKINNY[4]], ids=str)
+def test_uneven_pairs_lower_to_mosaic_gpu(spec, layout):
+    # int4 g128, int8 per channel (its prefetched scales), NF4 (the pair table)
+    w = _weight(spec, layout, 1024, 1024)
+    x = jax.random.normal(jax.random.key(3), (1, 1024), jnp.bfloat16)
+    lut = layout == "gpu_nf4t"
+    cfg = mg.Config("skinny", 256, cta_steps=2, lut=lut, ctas_per_sm=3, cluster=2)
+    texts = {}
+    for lead in (0, 1):
+        c = dataclasses.replace(cfg, lead=lead)
+        sk.check_config(x, w, c)
+        lowered = jax.jit(lambda x, w, c=c: sk.matmul_rows(x, w, c)).trace(x, w)
+        texts[lead] = lowered.lower(lowering_platforms=("cuda",)).as_text()
+        assert "st.async" in texts[lead] and "mapa" in texts[lead]  # the hand-off stays
+    assert texts[0] != texts[1]
