@@ -334,18 +334,25 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
         if lut:
             plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, bar.at[0])
 
-        def tile(g):  # of the global K step g (the tiles' steps laid end to end)
-            return g // steps
+        # A run's K steps: `start() + kk`, for kk < its count, of the tiles' steps laid end to
+        # end; `start` is called where the step is used (a traced value made in place).
+        def tile(kk, start):
+            return (start() + kk) // steps
 
-        def k_step(g):
-            return g % steps
+        def k_step(kk, start):
+            return (start() + kk) % steps
+
+        def own_start():  # CTA c's steps [c·L, (c+1)·L) (without `lead`)
+            return ci * length
 
         def first_cta(t):  # also with `lead` (2·L = steps: CTAs 2t, 2t + 1 on tile t)
             return t * steps // length
 
-        end_tile = ci // 2 if lead else tile(ci * length + length - 1)  # where the run ends
+        def end_tile():  # the tile this CTA's run ends in
+            return ci // 2 if lead else tile(length - 1, own_start)
+
         if channel:  # the scales of the tile this CTA's run ends in (used if it writes it)
-            rows_end = pl.ds(end_tile * ROWS, ROWS)
+            rows_end = pl.ds(end_tile() * ROWS, ROWS)
             plgpu.copy_gmem_to_smem(chs_gmem.at[0, rows_end], chs_smem.at[0], cbar.at[0])
         if lut:
             plgpu.barrier_wait(bar.at[0])
@@ -372,10 +379,10 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(y_smem, o_gmem.at[pl.ds(0, bm), pl.ds(t * ROWS, ROWS)])
 
-        def exchange(tot, g, at_end):
-            """Tile ``tile(g)``'s sum so far: to its first CTA's shared memory, or (this CTA
-            first) added to the later CTAs' and written to ``y``."""
-            t = tile(g)
+        def exchange(tot, kk, start, count):
+            """The sum so far of step ``kk``'s tile: to its first CTA's shared memory, or
+            (this CTA first) added to the later CTAs' and written to ``y``."""
+            t = tile(kk, start)
             c0 = first_cta(t)
             later = ((t + 1) * steps - 1) // length - c0  # CTAs after the first on tile t
             total = tot[...]
@@ -395,13 +402,13 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                     return acc + recv[j]
 
                 summed = lax.fori_loop(0, later, add, total) if slots > 1 else total
-                finish(summed, t, at_end)
+                finish(summed, t, kk == count - 1)
 
         def scoped(accs):
             tot = accs[0]
 
             def run(start, count):
-                """The pipeline over global K steps ``[start, start + count)``."""
+                """The pipeline over K steps ``start() + kk``, ``kk < count``."""
                 pipeline = plgpu.emit_pipeline(
                     functools.partial(body, start, count),
                     grid=(count,),
@@ -412,7 +419,6 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
             def body(start, count, idx, w_smem, x_smem, *s_smem):
                 (kk,) = idx
-                g = start + kk
 
                 def operands(j):
                     cols = pl.ds(j * span, span)
@@ -445,12 +451,12 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                             fold(j - 1, wait_n=1)
                     fold(per - 1, wait_n=0)
 
-                @pl.when((k_step(g) == steps - 1) | (kk == count - 1))
+                @pl.when((k_step(kk, start) == steps - 1) | (kk == count - 1))
                 def _():
                     if cl:
-                        exchange(tot, g, kk == count - 1)
+                        exchange(tot, kk, start, count)
                     else:
-                        t = tile(g)
+                        t = tile(kk, start)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last write read it
                         o_smem[...] = tot[...]
                         plgpu.commit_smem()
@@ -462,33 +468,35 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                 specs = [
                     plgpu.BlockSpec(
                         (ROWS, bk),
-                        lambda kk: (tile(start + kk), k_step(start + kk)),
+                        lambda kk: (tile(kk, start), k_step(kk, start)),
                         transforms=mg._tiled(span, bits, "lhs"),
                     ),
                     plgpu.BlockSpec(
                         (bm, bk),
-                        lambda kk: (0, k_step(start + kk)),
+                        lambda kk: (0, k_step(kk, start)),
                         transforms=mg._tiled(span, 16, "rhs"),
                     ),
                 ]
                 if scaled:
                     specs.append(
                         plgpu.BlockSpec(
-                            (per, ROWS), lambda kk: (k_step(start + kk), tile(start + kk))
+                            (per, ROWS), lambda kk: (k_step(kk, start), tile(kk, start))
                         )
                     )
                 return specs
 
             if lead:  # the tile's first CTA: its first L + lead steps; the second: the rest
                 for parity, (offset, count) in enumerate(pair_runs(length, lead)):
-                    pl.when(ci % 2 == parity)(
-                        functools.partial(run, ci // 2 * steps + offset, count)
-                    )
+
+                    def pair_start(offset=offset):
+                        return ci // 2 * steps + offset
+
+                    pl.when(ci % 2 == parity)(functools.partial(run, pair_start, count))
             else:
-                run(ci * length, length)
+                run(own_start, length)
             if channel:  # the prefetched scales were not used: the run's last tile went on
 
-                @pl.when(ci != first_cta(end_tile))
+                @pl.when(ci != first_cta(end_tile()))
                 def _():
                     plgpu.barrier_wait(cbar.at[0])
 
