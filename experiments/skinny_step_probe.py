@@ -73,16 +73,6 @@ def configs(w, m: int) -> dict:
     return cfgs
 
 
-def smem(w, m: int, cfg) -> int:
-    """Shared memory of one CTA of ``cfg`` (above ``sk.smem_share``: fewer CTAs per SM)."""
-    n_p, k_p = w.codes.shape
-    steps = k_p // cfg.block_k
-    received = sk.received_slots(n_p // sk.ROWS, steps, cfg.cta_steps) if cfg.cluster else None
-    _, bm = mg.padded_rows(m)
-    return sk.smem_bytes(bm, cfg.block_k, cfg.stages, mg.code_bits(w), mg.slice_codes(w),
-                         cfg.lut, received)  # fmt: skip
-
-
 def check(fmts):
     def run(rows: list) -> None:
         for fmt, w, x, ref in lib.check_cases(fmts, CHECKS):
@@ -104,7 +94,7 @@ def main(argv=None) -> None:
 
     def extra(label, w, m):
         cfg = configs(w, m)[label]
-        share = smem(w, m, cfg) / sk.smem_share(cfg.ctas_per_sm)
+        share = sk.config_smem(m, w, cfg) / sk.smem_share(cfg.ctas_per_sm)
         return {f"{label}_cfg": kb.config_label(dataclasses.asdict(cfg)),
                 f"{label}_smem_share": round(share, 3)}  # fmt: skip
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from unittest import mock
 
 import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -63,18 +64,6 @@ def _pipeline_without_x(emit):
 
 
 @contextlib.contextmanager
-def _patched(module, **attrs):
-    saved = {name: getattr(module, name) for name in attrs}
-    for name, value in attrs.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
-
-
-@contextlib.contextmanager
 def removed(variant: str):
     """The parts of the skinny kernel that ``variant`` removes, in force while it is traced."""
     level = VARIANTS.index(variant)
@@ -82,13 +71,19 @@ def removed(variant: str):
         if level >= 1:
             stack.enter_context(sf.ablated())  # clears jax's caches on entry and exit
         if level >= 2:
-            stack.enter_context(_patched(plgpu, copy_smem_to_gmem=_nothing, commit_smem=_nothing))
+            stack.enter_context(
+                mock.patch.multiple(plgpu, copy_smem_to_gmem=_nothing, commit_smem=_nothing)
+            )
         if level >= 3:  # int4 g128 only: its kernel waits on no other barrier (no table, no
             #             per-channel scales)
-            stack.enter_context(_patched(plgpu, async_store_smem=_nothing, barrier_wait=_nothing))
+            stack.enter_context(
+                mock.patch.multiple(plgpu, async_store_smem=_nothing, barrier_wait=_nothing)
+            )
         if level >= 4:
             emit = plgpu.emit_pipeline
-            stack.enter_context(_patched(plgpu, emit_pipeline=_pipeline_without_x(emit)))
+            stack.enter_context(
+                mock.patch.object(plgpu, "emit_pipeline", _pipeline_without_x(emit))
+            )
         yield
 
 

@@ -239,6 +239,17 @@ def pair_runs(length: int, lead: int) -> tuple[tuple[int, int], tuple[int, int]]
     return (0, length + lead), (length + lead, length - lead)
 
 
+def config_smem(m: int, w: QArray, cfg: mg.Config) -> int:
+    """:func:`smem_bytes` of one CTA of ``cfg`` for ``m`` rows of ``x`` times ``w`` (above
+    :func:`smem_share`, fewer CTAs fit on an SM)."""
+    n_p, k_p = w.codes.shape
+    steps = k_p // cfg.block_k
+    received = received_slots(n_p // ROWS, steps, cfg.cta_steps) if cfg.cluster else None
+    _, bm = mg.padded_rows(m)
+    bits, span = mg.code_bits(w), mg.slice_codes(w)
+    return smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, received)
+
+
 def check_config(x2, w: QArray, cfg: mg.Config) -> None:
     """Raises a :class:`~qjax.QjaxError` naming what does not fit."""
     n_p, k_p = w.codes.shape
@@ -255,8 +266,7 @@ def check_config(x2, w: QArray, cfg: mg.Config) -> None:
     if cfg.cta_steps is None or total % cfg.cta_steps:
         raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} K "
                          f"steps of the weight's 64-row tiles (use fit())")  # fmt: skip
-    n_tiles, steps = n_p // ROWS, k_p // cfg.block_k
-    received = None
+    steps = k_p // cfg.block_k
     if cfg.cluster:
         c, length = cfg.cluster, cfg.cta_steps
         if c > MAX_CLUSTER or c * length % steps or (total // length) % c:
@@ -264,15 +274,12 @@ def check_config(x2, w: QArray, cfg: mg.Config) -> None:
                              f"{total // length} CTAs, be at most {MAX_CLUSTER} and hold "
                              f"whole tiles of {steps} K steps ({length} per CTA; see "
                              f"cluster_size())")  # fmt: skip
-        received = received_slots(n_tiles, steps, length)
     if cfg.lead and not (cfg.cluster == 2 and 2 * cfg.cta_steps == steps and
                          0 < cfg.lead < cfg.cta_steps):  # fmt: skip
         raise ShapeError(f"mgpu_matmul: lead {cfg.lead} needs clusters of two CTAs on one tile "
                          f"each (cluster {cfg.cluster}, 2 × {cfg.cta_steps} steps per CTA = "
                          f"{steps} per tile) and 0 < lead < {cfg.cta_steps}")  # fmt: skip
-    _, bm = mg.padded_rows(x2.shape[0])
-    bits, span = mg.code_bits(w), mg.slice_codes(w)
-    need = smem_bytes(bm, cfg.block_k, cfg.stages, bits, span, cfg.lut, received)
+    need = config_smem(x2.shape[0], w, cfg)
     if need > mg.SMEM_BYTES:
         raise ShapeError(f"mgpu_matmul: {cfg} needs {need} bytes of shared memory, more than "
                          f"{mg.SMEM_BYTES} (use fit())")  # fmt: skip
