@@ -710,7 +710,6 @@ def config_label(c: dict) -> str:
         rows = f" bm{c['block_m']}" if c.get("block_m", 128) != 128 else ""
         per_sm = f" {c['ctas_per_sm']}/SM" if c.get("ctas_per_sm", 1) != 1 else ""
         cluster = f" cl{c['cluster']}" if c.get("cluster") else ""
-        cluster += f" lead{c['lead']}" if c.get("lead") else ""
         tags = f"{acc}{fused}{lut}{rows}{per_sm}{cluster}"
         return f"{c['path']} bk{c['block_k']} L{c['cta_steps']} st{c['stages']}{tags}"
     unpack = "" if c.get("planes", True) else " reshape"

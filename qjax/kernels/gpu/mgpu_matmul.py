@@ -117,9 +117,6 @@ class Config:
     cluster: int = 0  # "skinny": CTAs per cluster that add a split tile's partial sums in the
     #                   shared memory of its first CTA, which writes y (`mgpu_skinny`; `fit`
     #                   takes it as the most allowed); 0: an XLA pass adds them
-    lead: int = 0  # "skinny", clusters of two on one tile each: the tile's first CTA takes
-    #                `cta_steps + lead` K steps, the second `cta_steps - lead` (its sum reaches the
-    #                first while that one still streams)
 
 
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4

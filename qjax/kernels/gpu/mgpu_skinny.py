@@ -233,12 +233,6 @@ def fit(cfg: mg.Config, m: int, k_p: int, n_p: int, bits: int, span: int = mg.SL
     )
 
 
-def pair_runs(length: int, lead: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """``Config.lead``: the ``(first step, steps)`` of a tile's first and second CTA within the
-    tile's ``2·length`` K steps — the first takes ``lead`` more than ``length``."""
-    return (0, length + lead), (length + lead, length - lead)
-
-
 def config_smem(m: int, w: QArray, cfg: mg.Config) -> int:
     """:func:`smem_bytes` of one CTA of ``cfg`` for ``m`` rows of ``x`` times ``w`` (above
     :func:`smem_share`, fewer CTAs fit on an SM)."""
@@ -274,11 +268,6 @@ def check_config(x2, w: QArray, cfg: mg.Config) -> None:
                              f"{total // length} CTAs, be at most {MAX_CLUSTER} and hold "
                              f"whole tiles of {steps} K steps ({length} per CTA; see "
                              f"cluster_size())")  # fmt: skip
-    if cfg.lead and not (cfg.cluster == 2 and 2 * cfg.cta_steps == steps and
-                         0 < cfg.lead < cfg.cta_steps):  # fmt: skip
-        raise ShapeError(f"mgpu_matmul: lead {cfg.lead} needs clusters of two CTAs on one tile "
-                         f"each (cluster {cfg.cluster}, 2 × {cfg.cta_steps} steps per CTA = "
-                         f"{steps} per tile) and 0 < lead < {cfg.cta_steps}")  # fmt: skip
     need = config_smem(x2.shape[0], w, cfg)
     if need > mg.SMEM_BYTES:
         raise ShapeError(f"mgpu_matmul: {cfg} needs {need} bytes of shared memory, more than "
@@ -302,12 +291,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     first), scales by ``ch_scales`` (``(1, N_p)``, prefetched at the start, taken to float32)
     and writes its block of ``y`` transposed. Nobody waits but a tile's first CTA, for CTAs of
     its own cluster (launched together); Mosaic GPU syncs the cluster after its CTAs initialize
-    their barriers, so no partial sum lands before the barrier it completes exists.
-
-    ``cfg.lead`` (clusters of two on one tile each): the runs are uneven, the first CTA's
-    ``L + lead`` steps and the second's ``L − lead``, so the second's sum lands in the first's
-    shared memory while the first still streams its last steps, and the hand-off leaves the
-    tail (``experiments/skinny_step_probe.py``)."""
+    their barriers, so no partial sum lands before the barrier it completes exists."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -316,7 +300,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     m_rows, k_p = x2.shape
     _, bm = mg.padded_rows(m_rows)
     n_p = codes.shape[0]
-    bk, length, lut, cl, lead = cfg.block_k, cfg.cta_steps, cfg.lut, cfg.cluster, cfg.lead
+    bk, length, lut, cl = cfg.block_k, cfg.cta_steps, cfg.lut, cfg.cluster
     n_tiles, steps = n_p // ROWS, k_p // bk
     ctas = n_tiles * steps // length
     slots = received_slots(n_tiles, steps, length) + 1  # a tile's CTAs, most
@@ -341,25 +325,17 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
         if lut:
             plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, bar.at[0])
 
-        # A run's K steps: `start() + kk`, for kk < its count, of the tiles' steps laid end to
-        # end; `start` is called where the step is used (a traced value made in place).
-        def tile(kk, start):
-            return (start() + kk) // steps
+        def tile(kk):
+            return (ci * length + kk) // steps
 
-        def k_step(kk, start):
-            return (start() + kk) % steps
+        def k_step(kk):
+            return (ci * length + kk) % steps
 
-        def own_start():  # CTA c's steps [c·L, (c+1)·L) (without `lead`)
-            return ci * length
-
-        def first_cta(t):  # also with `lead` (2·L = steps: CTAs 2t, 2t + 1 on tile t)
+        def first_cta(t):
             return t * steps // length
 
-        def end_tile():  # the tile this CTA's run ends in
-            return ci // 2 if lead else tile(length - 1, own_start)
-
         if channel:  # the scales of the tile this CTA's run ends in (used if it writes it)
-            rows_end = pl.ds(end_tile() * ROWS, ROWS)
+            rows_end = pl.ds(tile(length - 1) * ROWS, ROWS)
             plgpu.copy_gmem_to_smem(chs_gmem.at[0, rows_end], chs_smem.at[0], cbar.at[0])
         if lut:
             plgpu.barrier_wait(bar.at[0])
@@ -386,10 +362,10 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(y_smem, o_gmem.at[pl.ds(0, bm), pl.ds(t * ROWS, ROWS)])
 
-        def exchange(tot, kk, start, count):
-            """The sum so far of step ``kk``'s tile: to its first CTA's shared memory, or
-            (this CTA first) added to the later CTAs' and written to ``y``."""
-            t = tile(kk, start)
+        def exchange(tot, kk):
+            """Tile ``tile(kk)``'s sum so far: to its first CTA's shared memory, or (this CTA
+            first) added to the later CTAs' and written to ``y``."""
+            t = tile(kk)
             c0 = first_cta(t)
             later = ((t + 1) * steps - 1) // length - c0  # CTAs after the first on tile t
             total = tot[...]
@@ -409,22 +385,12 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                     return acc + recv[j]
 
                 summed = lax.fori_loop(0, later, add, total) if slots > 1 else total
-                finish(summed, t, kk == count - 1)
+                finish(summed, t, kk == length - 1)
 
         def scoped(accs):
             tot = accs[0]
 
-            def run(start, count):
-                """The pipeline over K steps ``start() + kk``, ``kk < count``."""
-                pipeline = plgpu.emit_pipeline(
-                    functools.partial(body, start, count),
-                    grid=(count,),
-                    in_specs=in_specs(start),
-                    max_concurrent_steps=cfg.stages,
-                )
-                pipeline(w_gmem, x_gmem, *s_gmem)
-
-            def body(start, count, idx, w_smem, x_smem, *s_smem):
+            def body(idx, w_smem, x_smem, *s_smem):
                 (kk,) = idx
 
                 def operands(j):
@@ -458,12 +424,12 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                             fold(j - 1, wait_n=1)
                     fold(per - 1, wait_n=0)
 
-                @pl.when((k_step(kk, start) == steps - 1) | (kk == count - 1))
+                @pl.when((k_step(kk) == steps - 1) | (kk == length - 1))
                 def _():
                     if cl:
-                        exchange(tot, kk, start, count)
+                        exchange(tot, kk)
                     else:
-                        t = tile(kk, start)
+                        t = tile(kk)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last write read it
                         o_smem[...] = tot[...]
                         plgpu.commit_smem()
@@ -471,39 +437,25 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[slot, pl.ds(t * ROWS, ROWS)])
                     tot[...] = jnp.zeros((ROWS, bm), jnp.float32)
 
-            def in_specs(start):
-                specs = [
-                    plgpu.BlockSpec(
-                        (ROWS, bk),
-                        lambda kk: (tile(kk, start), k_step(kk, start)),
-                        transforms=mg._tiled(span, bits, "lhs"),
-                    ),
-                    plgpu.BlockSpec(
-                        (bm, bk),
-                        lambda kk: (0, k_step(kk, start)),
-                        transforms=mg._tiled(span, 16, "rhs"),
-                    ),
-                ]
-                if scaled:
-                    specs.append(
-                        plgpu.BlockSpec(
-                            (per, ROWS), lambda kk: (k_step(kk, start), tile(kk, start))
-                        )
-                    )
-                return specs
-
-            if lead:  # the tile's first CTA: its first L + lead steps; the second: the rest
-                for parity, (offset, count) in enumerate(pair_runs(length, lead)):
-
-                    def pair_start(offset=offset):
-                        return ci // 2 * steps + offset
-
-                    pl.when(ci % 2 == parity)(functools.partial(run, pair_start, count))
-            else:
-                run(own_start, length)
+            in_specs = [
+                plgpu.BlockSpec(
+                    (ROWS, bk),
+                    lambda kk: (tile(kk), k_step(kk)),
+                    transforms=mg._tiled(span, bits, "lhs"),
+                ),
+                plgpu.BlockSpec(
+                    (bm, bk), lambda kk: (0, k_step(kk)), transforms=mg._tiled(span, 16, "rhs")
+                ),
+            ]
+            if scaled:
+                in_specs.append(plgpu.BlockSpec((per, ROWS), lambda kk: (k_step(kk), tile(kk))))
+            pipeline = plgpu.emit_pipeline(
+                body, grid=(length,), in_specs=in_specs, max_concurrent_steps=cfg.stages
+            )
+            pipeline(w_gmem, x_gmem, *s_gmem)
             if channel:  # the prefetched scales were not used: the run's last tile went on
 
-                @pl.when(ci != first_cta(end_tile()))
+                @pl.when(ci != first_cta(tile(length - 1)))
                 def _():
                     plgpu.barrier_wait(cbar.at[0])
 
