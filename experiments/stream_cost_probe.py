@@ -1,6 +1,7 @@
 """Probe: where the skinny kernel's weight stream spends its ≈ 1.15 µs per call beyond a plain
 read of the same bytes — its parts removed one at a time, same run, int4 g128 (the W4 target's
-format), against XLA's row reduction over a buffer of the weight's bytes.
+format; other formats, ``--fmts``: the first two or three, :func:`variants_for`), against XLA's
+row reduction over a buffer of the weight's bytes.
 
 ``read_floor_probe`` fitted XLA's read at 1.83 µs + bytes / 3.11 TB/s and this kernel's stream
 (``stream_floor_probe``: decode, operand loads and ``wgmma`` removed) at 2.98 µs + bytes /
@@ -8,6 +9,8 @@ format), against XLA's row reduction over a buffer of the weight's bytes.
 The variants, each removing more of :mod:`qjax.kernels.gpu.mgpu_skinny`'s kernel:
 
 * ``real`` — the dispatched kernel;
+* ``no_decode`` — ``wgmma`` on a constant operand: no loads of the codes from shared memory, no
+  decode (the ``wgmma`` chain, its waits and the per-slice scaling of the sums stay);
 * ``stream`` — no decode, operand loads or ``wgmma`` (``stream_floor_probe.ablated``);
 * ``no_y`` — and no store of ``y`` to HBM (its TMA; the transposing store to shared memory stays:
   without a consumer, Mosaic GPU's layout inference finds no layout for the sums);
@@ -16,11 +19,12 @@ The variants, each removing more of :mod:`qjax.kernels.gpu.mgpu_skinny`'s kernel
 * ``no_x`` — and no copy of ``x``'s K step with each weight step: the weight codes and their
   scale rows alone.
 
-What ``stream − no_y``, ``no_y − no_exchange`` and ``no_exchange − no_x`` cost is that part's
-share of the call (the parts overlap the stream only where the difference is small); what
-``no_x`` keeps over ``xla_read`` is the TMA pipeline's own. Timing only: the ablated kernels'
-outputs are garbage. The patches apply while a variant is traced (``jax.clear_caches``), so
-nothing outside this process changes.
+The differences between neighbours — ``real − no_decode`` (the decode), ``no_decode − stream``
+(the ``wgmma`` chain), ``stream − no_y``, ``no_y − no_exchange``, ``no_exchange − no_x`` — are
+each part's share of the call (the parts overlap the stream only where the difference is
+small); what ``no_x`` keeps over ``xla_read`` is the TMA pipeline's own. Timing only: the
+ablated kernels' outputs are garbage. The patches apply while a variant is traced
+(``jax.clear_caches``), so nothing outside this process changes.
 
     python -m experiments.stream_cost_probe --out DIR      # on the GPU
 """
@@ -38,14 +42,31 @@ import jax.numpy as jnp
 from experiments import mgpu_probe_lib as lib
 from experiments import read_floor_probe as rf
 from experiments import stream_floor_probe as sf
+from qjax.kernels.gpu import mgpu_decode as dec
 from qjax.kernels.gpu import mgpu_matmul as mg
 from qjax.kernels.gpu import mgpu_skinny as sk
 
-VARIANTS = ("real", "stream", "no_y", "no_exchange", "no_x")  # each removes more
+VARIANTS = ("real", "no_decode", "stream", "no_y", "no_exchange", "no_x")  # each removes more
+
+
+def variants_for(w) -> tuple[str, ...]:
+    """The variants that fit ``w``'s kernel: all for int4 g128; the first three for the other
+    formats but NF4 (the later ones wait on no barrier but the weight's), whose kernel without
+    ``wgmma`` leaves its pair table without a use, which Mosaic GPU's layout inference refuses:
+    the first two."""
+    if w.layout == "gpu_i4t":
+        return VARIANTS
+    return VARIANTS[:2] if w.layout == "gpu_nf4t" else VARIANTS[:3]
 
 
 def _nothing(*args, **kwargs):
     return None
+
+
+def _constant_operand(kind, codes, table=None):
+    """``mgpu_decode.decode``'s stand-in: ones in the ``wgmma`` operand's layout, whatever the
+    codes (their load from shared memory then has no use and goes too)."""
+    return plgpu.layout_cast(jnp.ones(codes.shape, jnp.bfloat16), plgpu.Layout.WGMMA)
 
 
 def _pipeline_without_x(emit):
@@ -68,18 +89,22 @@ def removed(variant: str):
     """The parts of the skinny kernel that ``variant`` removes, in force while it is traced."""
     level = VARIANTS.index(variant)
     with contextlib.ExitStack() as stack:
-        if level >= 1:
-            stack.enter_context(sf.ablated())  # clears jax's caches on entry and exit
+        if level == 1:
+            jax.clear_caches()  # `mgpu_skinny.matmul_rows` is jitted: trace it again, patched
+            stack.callback(jax.clear_caches)
+            stack.enter_context(mock.patch.object(dec, "decode", _constant_operand))
         if level >= 2:
+            stack.enter_context(sf.ablated())  # clears jax's caches on entry and exit
+        if level >= 3:
             stack.enter_context(
                 mock.patch.multiple(plgpu, copy_smem_to_gmem=_nothing, commit_smem=_nothing)
             )
-        if level >= 3:  # int4 g128 only: its kernel waits on no other barrier (no table, no
+        if level >= 4:  # int4 g128 only: its kernel waits on no other barrier (no table, no
             #             per-channel scales)
             stack.enter_context(
                 mock.patch.multiple(plgpu, async_store_smem=_nothing, barrier_wait=_nothing)
             )
-        if level >= 4:
+        if level >= 5:
             emit = plgpu.emit_pipeline
             stack.enter_context(
                 mock.patch.object(plgpu, "emit_pipeline", _pipeline_without_x(emit))
@@ -106,15 +131,13 @@ def main(argv=None) -> None:
     ap = lib.probe_parser(["w4g128t"], [1, 16], 300)
     ap.set_defaults(shapes=["qkv", "o", "down"], no_check=True)
     args = ap.parse_args(argv)
-    if args.fmts != ["w4g128t"]:
-        ap.error("the removals fit int4 g128's kernel only (--fmts w4g128t)")
     out = lib.start(args, lambda rows: None)
 
     def variants(w, m):
         if mg.config_for(w, m).path != "skinny":
             return {}
         fns = {}
-        for v in VARIANTS:
+        for v in variants_for(w):
             try:
                 fns[v] = compiled(w, m, v)
             except Exception as e:  # noqa: BLE001  (recorded; the other variants still run)
