@@ -55,6 +55,8 @@ from qjax.errors import ShapeError
 from qjax.kernels.gpu import mgpu_matmul as mg
 from qjax.qarray import QArray
 
+TABLE_WAIT_IN_PIPELINE = True  # NF4: wait for the pair table at the first K step, after the
+#                                pipeline has issued its first copies (False: before them)
 ROWS = 64  # weight rows per CTA: one warp group's wgmma M
 MAX_ROWS = 16  # rows of x it is chosen for (measured at M = 1 and 16)
 CTAS_PER_SM = 3  # the default `Config.ctas_per_sm`: three CTAs' shared memory per SM
@@ -337,7 +339,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
         if channel:  # the scales of the tile this CTA's run ends in (used if it writes it)
             rows_end = pl.ds(tile(length - 1) * ROWS, ROWS)
             plgpu.copy_gmem_to_smem(chs_gmem.at[0, rows_end], chs_smem.at[0], cbar.at[0])
-        if lut:
+        if lut and not TABLE_WAIT_IN_PIPELINE:
             plgpu.barrier_wait(bar.at[0])
 
         def finish(total, t, at_end):
@@ -392,6 +394,11 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
             def body(idx, w_smem, x_smem, *s_smem):
                 (kk,) = idx
+                if lut and TABLE_WAIT_IN_PIPELINE:  # the table before the first decode
+
+                    @pl.when(kk == 0)
+                    def _():
+                        plgpu.barrier_wait(bar.at[0])
 
                 def operands(j):
                     cols = pl.ds(j * span, span)
