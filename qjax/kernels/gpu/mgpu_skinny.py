@@ -55,8 +55,9 @@ from qjax.errors import ShapeError
 from qjax.kernels.gpu import mgpu_matmul as mg
 from qjax.qarray import QArray
 
-TABLE_WAIT_IN_PIPELINE = True  # NF4: wait for the pair table at the first K step, after the
-#                                pipeline has issued its first copies (False: before them)
+TABLE_WAIT_IN_PIPELINE = False  # NF4: wait for the pair table at the first K step, after the
+#                                 pipeline has issued its first copies (True; built, not yet
+#                                 measured: `experiments/table_wait_probe.py`) or before them
 ROWS = 64  # weight rows per CTA: one warp group's wgmma M
 MAX_ROWS = 16  # rows of x it is chosen for (measured at M = 1 and 16)
 CTAS_PER_SM = 3  # the default `Config.ctas_per_sm`: three CTAs' shared memory per SM
