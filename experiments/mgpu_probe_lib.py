@@ -2,11 +2,13 @@
 ``row_step_probe``, ``fused_epilogue_probe``, ``lut_decode_probe``, ``large_m_mgpu_probe``): the
 Llama-3-70B shapes, their command line and start (correctness checks first), one correctness row
 against ``dequantize`` + float32 dot, and the timing of several jitted variants of one case
-against XLA's bf16 ``dot``, weights rotated over > 150 MB of buffers (``kernel_bench``'s method)."""
+against XLA's bf16 ``dot``, weights rotated over > 150 MB of buffers (``kernel_bench``'s method);
+kernels traced again under patches (:func:`retraced`)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -25,6 +27,26 @@ SHAPES = {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "do
 MORE_SHAPES = {"8b_qkv": (6144, 4096), "8b_o": (4096, 4096), "8b_gate_up": (28672, 4096),
                "8b_down": (4096, 14336), "smol_qo": (576, 576), "smol_kv": (192, 576),
                "smol_up": (1536, 576), "smol_down": (576, 1536)}  # fmt: skip
+
+
+def nothing(*args, **kwargs) -> None:
+    """A patched-away op (:func:`retraced`): takes anything, does nothing."""
+    return None
+
+
+@contextlib.contextmanager
+def retraced(*patches):
+    """The context managers ``patches`` (``unittest.mock.patch…``) in force, with jax's caches
+    cleared on entry and exit: jitted kernels (``mgpu_skinny.matmul_rows``) are traced again under
+    them, and nothing traced under them is reused after."""
+    jax.clear_caches()
+    try:
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            yield
+    finally:
+        jax.clear_caches()
 
 
 def shape(name: str) -> tuple[int, int]:

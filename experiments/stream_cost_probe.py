@@ -59,10 +59,6 @@ def variants_for(w) -> tuple[str, ...]:
     return VARIANTS[:2] if w.layout == "gpu_nf4t" else VARIANTS[:3]
 
 
-def _nothing(*args, **kwargs):
-    return None
-
-
 def _constant_operand(kind, codes, table=None):
     """``mgpu_decode.decode``'s stand-in: ones in the ``wgmma`` operand's layout, whatever the
     codes (their load from shared memory then has no use and goes too)."""
@@ -90,19 +86,17 @@ def removed(variant: str):
     level = VARIANTS.index(variant)
     with contextlib.ExitStack() as stack:
         if level == 1:
-            jax.clear_caches()  # `mgpu_skinny.matmul_rows` is jitted: trace it again, patched
-            stack.callback(jax.clear_caches)
-            stack.enter_context(mock.patch.object(dec, "decode", _constant_operand))
+            stack.enter_context(lib.retraced(mock.patch.object(dec, "decode", _constant_operand)))
         if level >= 2:
             stack.enter_context(sf.ablated())  # clears jax's caches on entry and exit
         if level >= 3:
             stack.enter_context(
-                mock.patch.multiple(plgpu, copy_smem_to_gmem=_nothing, commit_smem=_nothing)
+                mock.patch.multiple(plgpu, copy_smem_to_gmem=lib.nothing, commit_smem=lib.nothing)
             )
         if level >= 4:  # int4 g128 only: its kernel waits on no other barrier (no table, no
             #             per-channel scales)
             stack.enter_context(
-                mock.patch.multiple(plgpu, async_store_smem=_nothing, barrier_wait=_nothing)
+                mock.patch.multiple(plgpu, async_store_smem=lib.nothing, barrier_wait=lib.nothing)
             )
         if level >= 5:
             emit = plgpu.emit_pipeline

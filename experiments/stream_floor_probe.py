@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from unittest import mock
 
 import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -52,16 +53,11 @@ class _Nothing:
 @contextlib.contextmanager
 def ablated():
     """No operand loads from shared memory, no decode, no ``wgmma``: the stream alone."""
-    saved = plgpu.load, plgpu.wgmma, dec.decode
-    jax.clear_caches()  # `mgpu_skinny.matmul_rows` is jitted: trace it again, patched
-    plgpu.load = lambda *a, **k: None
-    plgpu.wgmma = lambda *a, **k: None
-    dec.decode = lambda *a, **k: _Nothing()
-    try:
+    with lib.retraced(
+        mock.patch.multiple(plgpu, load=lib.nothing, wgmma=lib.nothing),
+        mock.patch.object(dec, "decode", lambda *a, **k: _Nothing()),
+    ):
         yield
-    finally:
-        plgpu.load, plgpu.wgmma, dec.decode = saved
-        jax.clear_caches()
 
 
 def configs(w, m: int) -> dict:

@@ -5,7 +5,8 @@ dispatched config, against XLA's bf16 ``dot``; int4 g128 (no table: the same ker
 as the control.
 
 ``stream_cost_probe`` found NF4's kernel with a constant ``wgmma`` operand 2 – 6 µs slower than
-int4's, on 1.03× the bytes: the 32 KiB table copy held back every CTA's weight stream.
+int4's, on 1.03× the bytes. One suspect: waiting for the 32 KiB table copy before the pipeline
+starts holds back every CTA's weight stream.
 
 Checks first (unless ``--no-check``): ``in_pipeline`` at M = 1 and 16 against the float32
 reference, NF4 on an 8192² weight (clusters) and a 4096 × 6144 one (the XLA pass), run twice
@@ -16,7 +17,6 @@ for identical bits.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from unittest import mock
 
@@ -31,16 +31,10 @@ WAITS = {"before": False, "in_pipeline": True}  # label -> TABLE_WAIT_IN_PIPELIN
 CHECKS = [(m, k, n) for m in (1, 16) for k, n in ((8192, 8192), (4096, 6144))]
 
 
-@contextlib.contextmanager
 def table_wait(in_pipeline: bool):
     """:data:`~qjax.kernels.gpu.mgpu_skinny.TABLE_WAIT_IN_PIPELINE` set while kernels are
-    traced (``mgpu_skinny.matmul_rows`` is jitted: caches cleared on entry and exit)."""
-    jax.clear_caches()
-    try:
-        with mock.patch.object(sk, "TABLE_WAIT_IN_PIPELINE", in_pipeline):
-            yield
-    finally:
-        jax.clear_caches()
+    traced (:func:`~experiments.mgpu_probe_lib.retraced`)."""
+    return lib.retraced(mock.patch.object(sk, "TABLE_WAIT_IN_PIPELINE", in_pipeline))
 
 
 def compiled(w, m: int, in_pipeline: bool):
