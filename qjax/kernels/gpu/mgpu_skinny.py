@@ -55,9 +55,6 @@ from qjax.errors import ShapeError
 from qjax.kernels.gpu import mgpu_matmul as mg
 from qjax.qarray import QArray
 
-TABLE_WAIT_IN_PIPELINE = False  # NF4: wait for the pair table at the first K step, after the
-#                                 pipeline has issued its first copies (True; built, not yet
-#                                 measured: `experiments/table_wait_probe.py`) or before them
 ROWS = 64  # weight rows per CTA: one warp group's wgmma M
 MAX_ROWS = 16  # rows of x it is chosen for (measured at M = 1 and 16)
 CTAS_PER_SM = 3  # the default `Config.ctas_per_sm`: three CTAs' shared memory per SM
@@ -283,7 +280,8 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     slot ``c − first_cta(t)`` (:func:`qjax.kernels.gpu.mgpu_matmul.segments`); ``scales``: one
     row per ``span`` codes on the weights (or, ``cfg.scale_acc``, on the float32 slice sums), or
     ``None`` (per-channel scales applied by the caller); ``cfg.lut``: 4-bit codes decoded by
-    the pair table (:mod:`~qjax.kernels.gpu.mgpu_decode`), copied to shared memory first.
+    the pair table (:mod:`~qjax.kernels.gpu.mgpu_decode`), copied to shared memory at the
+    start and waited for at the first K step, once the pipeline has issued its first copies.
 
     ``cfg.cluster`` (``C`` consecutive CTAs per cluster, :func:`clustered_schedule`): returns
     ``y``, ``(rows of x2, N_p)`` in ``x2.dtype``, instead. A CTA that took a tile's later K
@@ -340,8 +338,6 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
         if channel:  # the scales of the tile this CTA's run ends in (used if it writes it)
             rows_end = pl.ds(tile(length - 1) * ROWS, ROWS)
             plgpu.copy_gmem_to_smem(chs_gmem.at[0, rows_end], chs_smem.at[0], cbar.at[0])
-        if lut and not TABLE_WAIT_IN_PIPELINE:
-            plgpu.barrier_wait(bar.at[0])
 
         def finish(total, t, at_end):
             """Tile ``t``'s whole float32 sum: per-channel scales, cast, transposed to ``y``."""
@@ -395,7 +391,9 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
             def body(idx, w_smem, x_smem, *s_smem):
                 (kk,) = idx
-                if lut and TABLE_WAIT_IN_PIPELINE:  # the table before the first decode
+                if lut:  # the table, at the first step: the pipeline's first copies are
+                    #      already in flight (waiting before the pipeline held back every CTA's
+                    #      stream: NF4 1 – 4 % slower, `table_wait_probe.json`)
 
                     @pl.when(kk == 0)
                     def _():
