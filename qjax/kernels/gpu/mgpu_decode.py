@@ -254,6 +254,38 @@ def as_wgmma(arr):
     return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
 
+def times_column_blocks(a, blocks):
+    """``a`` (a ``(64, S)`` bf16 Pallas array in the WGMMA layout) with its ``len(blocks)``
+    column blocks of equal width each multiplied by the matching array of ``blocks`` (``(64,
+    S / len(blocks))``, WGMMA layout): one operand of ``wgmma`` that spans several scale groups.
+    The layout's registers are blocked by 8 columns, so the blocks are a relabelling."""
+    import jax.experimental.mosaic.gpu as mgpu
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+
+    rows, cols = a.shape
+    width = cols // len(blocks)
+    if width * len(blocks) != cols or width % 8 or any(b.shape != (rows, width) for b in blocks):
+        raise ValueError(f"times_column_blocks: {a.shape} does not split into {len(blocks)} "
+                         f"blocks of {[b.shape for b in blocks]}")  # fmt: skip
+    ret = plgpu.ShapeDtypeStruct(a.shape, jnp.bfloat16, plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * (1 + len(blocks)), return_type=ret)
+    def run(_, arr, *scales):
+        regs, per = arr.registers, width // 8
+
+        def block(i):
+            part = regs[:, i * per : (i + 1) * per]
+            return mgpu.FragmentedArray(_registers=part, _layout=arr.layout, _is_signed=None)
+
+        parts = [(block(i) * s).registers for i, s in enumerate(scales)]
+        return mgpu.FragmentedArray(
+            _registers=np.concatenate(parts, axis=1), _layout=arr.layout, _is_signed=None
+        )
+
+    return run(a, *blocks)
+
+
 def _asm_map(arr, ptx: str, n_out: int, extra=()):
     """Applies ``ptx`` (one 32-bit input ``$n_out``, then the 32-bit values ``extra``; ``n_out ≥
     2`` 32-bit outputs) to each 32-bit register of ``arr``; returns the array of

@@ -55,6 +55,9 @@ from qjax.errors import ShapeError
 from qjax.kernels.gpu import mgpu_matmul as mg
 from qjax.qarray import QArray
 
+NF4_LOAD_CODES = 64  # NF4 codes per shared-memory tile row, decode and `wgmma`: one scale
+#                     block (64), or two (128: 64-byte TMA rows, half the `wgmma` groups, the
+#                     decoded slice scaled per block; `experiments/nf4_wide_probe.py`)
 ROWS = 64  # weight rows per CTA: one warp group's wgmma M
 MAX_ROWS = 16  # rows of x it is chosen for (measured at M = 1 and 16)
 CTAS_PER_SM = 3  # the default `Config.ctas_per_sm`: three CTAs' shared memory per SM
@@ -309,6 +312,8 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     bits = 4 if codes.dtype == jnp.int4 else 8
     scaled = scales is not None
     by_slice = scaled and cfg.scale_acc
+    blocks = NF4_LOAD_CODES // span if decode == "nf4" and not by_slice else 1
+    load = span * blocks  # codes per tile row, decode and `wgmma` (scale blocks: `blocks`)
     channel = ch_scales is not None
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
 
@@ -400,17 +405,19 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                         plgpu.barrier_wait(bar.at[0])
 
                 def operands(j):
-                    cols = pl.ds(j * span, span)
+                    cols = pl.ds(j * load, load)
                     raw = plgpu.load(w_smem.at[:, cols], (), layout=dec.load_layout(bits))
                     a = dec.decode(decode, raw, lut_smem if lut else None)
                     if decode in dec.FP8_SHIFT:  # exact: a power of two
                         a = a * jnp.bfloat16(fp8_factor)
                     if scaled and not by_slice:
-                        a = a * lax.broadcast_in_dim(s_smem[0][j, :], (ROWS, span), (0,))
+                        rows = [s_smem[0][j * blocks + b, :] for b in range(blocks)]
+                        s = [lax.broadcast_in_dim(r, (ROWS, span), (0,)) for r in rows]
+                        a = a * s[0] if blocks == 1 else dec.times_column_blocks(a, s)
                     return a, x_smem.at[:, cols].T
 
                 if not by_slice:
-                    for j in range(per):
+                    for j in range(bk // load):
                         plgpu.wgmma(tot, *operands(j))
                     plgpu.wgmma_wait(0)
                 else:  # tot += s_j · (a_j @ x_jᵀ), slice j's product in one of two accumulators
@@ -447,10 +454,10 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                 plgpu.BlockSpec(
                     (ROWS, bk),
                     lambda kk: (tile(kk), k_step(kk)),
-                    transforms=mg._tiled(span, bits, "lhs"),
+                    transforms=mg._tiled(load, bits, "lhs"),
                 ),
                 plgpu.BlockSpec(
-                    (bm, bk), lambda kk: (0, k_step(kk)), transforms=mg._tiled(span, 16, "rhs")
+                    (bm, bk), lambda kk: (0, k_step(kk)), transforms=mg._tiled(load, 16, "rhs")
                 ),
             ]
             if scaled:
