@@ -49,6 +49,14 @@ def retraced(*patches):
         jax.clear_caches()
 
 
+def compiled_under(context, w, m: int, cfg=None):
+    """``mg.matmul(x, w, config=cfg)`` (``None``: the dispatch's config) for ``(m, K)`` bf16 x and
+    ``w``, traced and compiled with ``context`` in force (e.g. :func:`retraced` patches)."""
+    x = jax.ShapeDtypeStruct((m, w.shape[0]), jnp.bfloat16)
+    with context:
+        return jax.jit(lambda x, w: mg.matmul(x, w, config=cfg)).lower(x, w).compile()
+
+
 def shape(name: str) -> tuple[int, int]:
     """``(N, K)`` of a shape named in :data:`SHAPES` or :data:`MORE_SHAPES`."""
     return {**SHAPES, **MORE_SHAPES}[name]

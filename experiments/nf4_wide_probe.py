@@ -20,11 +20,7 @@ from __future__ import annotations
 import os
 from unittest import mock
 
-import jax
-import jax.numpy as jnp
-
 from experiments import mgpu_probe_lib as lib
-from qjax.kernels.gpu import mgpu_matmul as mg
 from qjax.kernels.gpu import mgpu_skinny as sk
 
 LOADS = {"slices64": 64, "loads128": 128}  # label -> NF4_LOAD_CODES
@@ -35,13 +31,6 @@ def nf4_loads(codes: int):
     """:data:`~qjax.kernels.gpu.mgpu_skinny.NF4_LOAD_CODES` set while kernels are traced
     (:func:`~experiments.mgpu_probe_lib.retraced`)."""
     return lib.retraced(mock.patch.object(sk, "NF4_LOAD_CODES", codes))
-
-
-def compiled(w, m: int, codes: int):
-    """The dispatched ``mg.matmul`` for ``(m, K)`` x and ``w``, compiled with ``codes`` per load."""
-    x = jax.ShapeDtypeStruct((m, w.shape[0]), jnp.bfloat16)
-    with nf4_loads(codes):
-        return jax.jit(lambda x, w: mg.matmul(x, w)).lower(x, w).compile()
 
 
 def check(rows: list) -> None:
@@ -57,7 +46,7 @@ def main(argv=None) -> None:
     out = lib.start(args, check)
 
     def variants(w, m):
-        return {label: compiled(w, m, codes) for label, codes in LOADS.items()}
+        return {label: lib.compiled_under(nf4_loads(c), w, m) for label, c in LOADS.items()}
 
     cases = [(*lib.shape(s), m) for m in args.ms for s in args.shapes]
     path = os.path.join(args.out, "nf4_wide_probe.json")

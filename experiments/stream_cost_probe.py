@@ -115,12 +115,6 @@ def lowered(w, m: int, variant: str):
         return f.trace(x, w).lower(lowering_platforms=("cuda",))
 
 
-def compiled(w, m: int, variant: str):
-    x = jax.ShapeDtypeStruct((m, w.shape[0]), jnp.bfloat16)
-    with removed(variant):
-        return jax.jit(lambda x, w: mg.matmul(x, w)).lower(x, w).compile()
-
-
 def main(argv=None) -> None:
     ap = lib.probe_parser(["w4g128t"], [1, 16], 300)
     ap.set_defaults(shapes=["qkv", "o", "down"], no_check=True)
@@ -133,7 +127,7 @@ def main(argv=None) -> None:
         fns = {}
         for v in variants_for(w):
             try:
-                fns[v] = compiled(w, m, v)
+                fns[v] = lib.compiled_under(removed(v), w, m)
             except Exception as e:  # noqa: BLE001  (recorded; the other variants still run)
                 print(v, "failed:", repr(e)[:300], flush=True)
         return fns

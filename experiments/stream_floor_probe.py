@@ -22,7 +22,6 @@ import dataclasses
 import os
 from unittest import mock
 
-import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from experiments import kernel_bench as kb
@@ -78,15 +77,6 @@ def configs(w, m: int) -> dict:
     return {f"{kind}{sfx}": cfg for sfx, cfg in cfgs.items() for kind in ("real", "stream")}
 
 
-def compiled(cfg, w, m: int, ablate: bool):
-    """``mg.matmul`` with ``cfg`` compiled for ``(m, K)`` x and ``w``'s shapes (ablated: traced
-    with :func:`ablated` in force)."""
-    x = jax.ShapeDtypeStruct((m, w.shape[0]), jax.numpy.bfloat16)
-    f = jax.jit(lambda x, w: mg.matmul(x, w, config=cfg))
-    with ablated() if ablate else contextlib.nullcontext():
-        return f.lower(x, w).compile()
-
-
 def main(argv=None) -> None:
     ap = lib.probe_parser(["w4g128t", "w8cht"], [1], 420)
     ap.set_defaults(shapes=["qkv", "o", "down"], no_check=True)
@@ -97,7 +87,8 @@ def main(argv=None) -> None:
         fns = {}
         for label, cfg in configs(w, m).items():
             try:
-                fns[label] = compiled(cfg, w, m, ablate=label.startswith("stream"))
+                ctx = ablated() if label.startswith("stream") else contextlib.nullcontext()
+                fns[label] = lib.compiled_under(ctx, w, m, cfg)
             except Exception as e:  # noqa: BLE001  (a depth that does not fit: recorded)
                 print(label, "failed:", repr(e)[:300], flush=True)
         return fns

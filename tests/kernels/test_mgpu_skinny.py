@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qjax
+from experiments.mgpu_probe_lib import retraced
 from qjax.errors import ShapeError
 from qjax.kernels import repack as rp
 from qjax.kernels.gpu import mgpu_matmul as mg
@@ -223,13 +224,9 @@ def _waits_and_pipeline_start(w, m: int) -> list:
     x = jax.ShapeDtypeStruct((m, w.codes.shape[1]), jnp.bfloat16)
     cfg = mg.config_for(w, m)
     assert cfg.path == "skinny"
-    jax.clear_caches()  # trace again under the patches
-    try:
-        with mock.patch.multiple(plgpu, barrier_wait=logged_wait, emit_pipeline=logged_emit):
-            f = jax.jit(lambda x, w: sk.matmul_rows(x, w, cfg))
-            f.trace(x, w).lower(lowering_platforms=("cuda",))
-    finally:
-        jax.clear_caches()
+    with retraced(mock.patch.multiple(plgpu, barrier_wait=logged_wait, emit_pipeline=logged_emit)):
+        f = jax.jit(lambda x, w: sk.matmul_rows(x, w, cfg))
+        f.trace(x, w).lower(lowering_platforms=("cuda",))
     return events
 
 
