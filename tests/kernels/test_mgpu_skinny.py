@@ -244,6 +244,57 @@ def test_int4_has_no_table_to_wait_for_before_its_stream():
     assert events[0] == "pipeline"
 
 
+def _lowered_with_nf4_loads(w, m: int, codes: int, tiles: list) -> str:
+    """The dispatched kernel for ``m`` rows of ``x`` lowered for CUDA with ``codes`` NF4 codes per
+    tile row, decode and ``wgmma``; ``tiles`` records its shared-memory tilings
+    ``(elements per row, bits, operand)``."""
+    tiled = mg._tiled
+
+    def logged(minor, bits, what):
+        tiles.append((minor, bits, what))
+        return tiled(minor, bits, what)
+
+    x = jax.ShapeDtypeStruct((m, w.codes.shape[1]), jnp.bfloat16)
+    patches = (
+        mock.patch.object(sk, "NF4_LOAD_CODES", codes),
+        mock.patch.object(mg, "_tiled", logged),
+    )
+    with retraced(*patches):
+        cfg = mg.config_for(w, m)
+        assert cfg.path == "skinny"
+        f = jax.jit(lambda x, w: sk.matmul_rows(x, w, cfg))
+        return f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_nf4_loads_two_scale_blocks_per_tile_row_by_default(m):
+    # measured on the H100 (`nf4_wide_probe.json`): 128-code rows, decodes and `wgmma` made NF4
+    # 5 – 10 % faster than one 64-code scale block at a time; 64 still lowers
+    w = _abstract(qjax.NF4(), "gpu_nf4t", 8192, 8192)
+    assert sk.NF4_LOAD_CODES == 128
+    wide_tiles, narrow_tiles = [], []
+    wide = _lowered_with_nf4_loads(w, m, sk.NF4_LOAD_CODES, wide_tiles)
+    narrow = _lowered_with_nf4_loads(w, m, 64, narrow_tiles)
+    assert "mosaic_gpu" in wide and "mosaic_gpu" in narrow and wide != narrow
+    # codes: 128 × 4 bits = 64-byte tile rows (swizzle 64); 64 × 4 bits = 32
+    assert (128, 4, "lhs") in wide_tiles and (64, 4, "lhs") not in wide_tiles
+    assert (64, 4, "lhs") in narrow_tiles and (128, 4, "lhs") not in narrow_tiles
+    assert "swizzle<64 : i32>" in wide
+
+
+def test_int4_is_the_same_kernel_whatever_nf4_loads():
+    w = _abstract(qjax.Int(4, group=128), "gpu_i4t", 8192, 8192)
+    assert _lowered_with_nf4_loads(w, 1, 64, []) == _lowered_with_nf4_loads(w, 1, 128, [])
+
+
+def test_block_scaling_refuses_blocks_that_do_not_split_the_operand():
+    from qjax.kernels.gpu import mgpu_decode as dec
+
+    a = jax.ShapeDtypeStruct((64, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="does not split"):
+        dec.times_column_blocks(a, [jax.ShapeDtypeStruct((64, 48), jnp.bfloat16)] * 2)
+
+
 @pytest.mark.parametrize(("spec", "layout"), MAIN_ONLY, ids=lambda v: str(v))
 def test_weights_it_does_not_take_are_refused_with_their_layout_named(spec, layout):
     w = _weight(spec, layout, 512, 128)

@@ -55,10 +55,10 @@ from qjax.errors import ShapeError
 from qjax.kernels.gpu import mgpu_matmul as mg
 from qjax.qarray import QArray
 
-NF4_LOAD_CODES = 64  # NF4 codes per shared-memory tile row, decode and `wgmma`: one scale
-#                     block (64), or two (128: 64-byte TMA rows, half the `wgmma` groups, the
-#                     decoded slice scaled per block; built, not yet measured on the H100:
-#                     `experiments/nf4_wide_probe.py`)
+NF4_LOAD_CODES = 128  # NF4 codes per shared-memory tile row, decode and `wgmma`: two scale
+#                      blocks of 64 (64-byte TMA rows, half the `wgmma` groups, the decoded
+#                      slice scaled per block); 5 – 10 % faster than one block (64) on the H100
+#                      at M = 1 / 16 (`experiments/results/kernels/nf4_wide_probe.json`)
 ROWS = 64  # weight rows per CTA: one warp group's wgmma M
 MAX_ROWS = 16  # rows of x it is chosen for (measured at M = 1 and 16)
 CTAS_PER_SM = 3  # the default `Config.ctas_per_sm`: three CTAs' shared memory per SM
