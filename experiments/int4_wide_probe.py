@@ -6,7 +6,7 @@ swizzle 128, each decoded slice scaled per 128-code group by
 weights (``weights128``: what ``loads256`` changes apart from the width) — same run, the
 dispatched schedule, against XLA's bf16 ``dot``.
 
-NF4 went from 64- to 128-code rows (32 → 64 bytes) and became 5 – 10 % faster
+NF4 went from 64- to 128-code rows (32 → 64 bytes) and became 3.6 – 10.5 % faster
 (``nf4_wide_probe.json``); this asks whether int4's 64-byte rows hold its stream back too, where
 W4 misses 3.3× at M ≤ 16 (10240×8192, 8192²).
 

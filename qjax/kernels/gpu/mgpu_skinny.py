@@ -57,7 +57,7 @@ from qjax.qarray import QArray
 
 NF4_LOAD_CODES = 128  # NF4 codes per shared-memory tile row, decode and `wgmma`: two scale
 #                      blocks of 64 (64-byte TMA rows, half the `wgmma` groups, the decoded
-#                      slice scaled per block); 5 – 10 % faster than one block (64) on the H100
+#                      slice scaled per block); 3.6 – 10.5 % faster than one block (64) on the H100
 #                      at M = 1 / 16 (`experiments/results/kernels/nf4_wide_probe.json`)
 INT4_LOAD_CODES = 128  # the same for int4 with its scales on the weights (not `scale_acc`):
 #                       128 (64-byte TMA rows), or 256 (128-byte rows, swizzle 128; g128's
