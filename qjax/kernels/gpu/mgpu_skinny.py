@@ -59,9 +59,6 @@ NF4_LOAD_CODES = 128  # NF4 codes per shared-memory tile row, decode and `wgmma`
 #                      blocks of 64 (64-byte TMA rows, half the `wgmma` groups, the decoded
 #                      slice scaled per block); 3.6 – 10.5 % faster than one block (64) on the H100
 #                      at M = 1 / 16 (`experiments/results/kernels/nf4_wide_probe.json`)
-INT4_LOAD_CODES = 128  # the same for int4 with its scales on the weights (not `scale_acc`):
-#                       128 (64-byte TMA rows), or 256 (128-byte rows, swizzle 128; g128's
-#                       slice scaled per group; built, not yet measured: `int4_wide_probe`)
 ROWS = 64  # weight rows per CTA: one warp group's wgmma M
 MAX_ROWS = 16  # rows of x it is chosen for (measured at M = 1 and 16)
 CTAS_PER_SM = 3  # the default `Config.ctas_per_sm`: three CTAs' shared memory per SM
@@ -281,12 +278,14 @@ def check_config(x2, w: QArray, cfg: mg.Config) -> None:
                          f"{mg.SMEM_BYTES} (use fit())")  # fmt: skip
 
 
-def load_codes(decode: str, bits: int, span: int, bk: int, by_slice: bool) -> int:
+def load_codes(decode: str, span: int, bk: int, by_slice: bool) -> int:
     """Codes per shared-memory tile row, decode and ``wgmma`` of one K step: ``span`` (one scale
-    block), or :data:`NF4_LOAD_CODES` / :data:`INT4_LOAD_CODES` where the scales go on the
-    weights (not ``by_slice``) and that many codes are whole scale blocks dividing the step."""
-    want = {"nf4": NF4_LOAD_CODES, "int": INT4_LOAD_CODES if bits == 4 else span}.get(decode, span)
-    return want if not by_slice and want % span == 0 and bk % want == 0 else span
+    block), or for NF4 with its scales on the weights (not ``by_slice``) :data:`NF4_LOAD_CODES`
+    where that many codes are whole scale blocks dividing the step. (int4 g128 in 256-code
+    slices, its scales on the weights, was 0.1 – 1.6 % faster than the dispatch's 128 with
+    ``scale_acc``, `int4_wide_probe.json`: not adopted.)"""
+    want = NF4_LOAD_CODES if decode == "nf4" and not by_slice else span
+    return want if want % span == 0 and bk % want == 0 else span
 
 
 def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: int):
@@ -324,7 +323,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     bits = 4 if codes.dtype == jnp.int4 else 8
     scaled = scales is not None
     by_slice = scaled and cfg.scale_acc
-    load = load_codes(decode, bits, span, bk, by_slice)  # per tile row, decode and `wgmma`
+    load = load_codes(decode, span, bk, by_slice)  # per tile row, decode and `wgmma`
     blocks = load // span  # scale blocks per decoded slice
     channel = ch_scales is not None
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
