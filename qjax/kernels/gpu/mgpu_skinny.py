@@ -21,7 +21,8 @@ one cluster of two (``Config.cluster``, :func:`clustered_schedule`; Hopper threa
 clusters), the pass goes: a tile's later CTAs store their sums into its first CTA's shared memory
 (distributed shared memory), which adds them, scales, casts and writes ``y`` itself. Group scales
 (int4 g128) multiply the weights or, with ``scale_acc``, the float32 per-slice sums, as in the
-main kernel.
+main kernel. NF4's 64-code blocks are loaded, decoded and multiplied two at a time
+(:func:`load_codes`: 64-byte TMA rows, each block of the decoded slice scaled by its own row).
 
 Measured on the H100 (``experiments/results/kernels/occupancy_probe_skinny_*.json``; same run as
 the main kernel's table config, M = 1 / 16): int4 g128 2–7 % faster on three of the Llama-3-70B
