@@ -201,6 +201,17 @@ def test_kernel_lowers_to_mosaic_gpu(spec, layout, m, k, n, scale_acc, cluster):
     assert ("st.async" in text and "mapa" in text) == bool(cfg.cluster)
 
 
+def _lowered_under(w, m: int, *patches) -> str:
+    """The dispatched (skinny) kernel for ``m`` rows of ``x`` and ``w``, traced with ``patches``
+    in force (:func:`~experiments.mgpu_probe_lib.retraced`) and lowered for CUDA: its text."""
+    x = jax.ShapeDtypeStruct((m, w.codes.shape[1]), jnp.bfloat16)
+    with retraced(*patches):
+        cfg = mg.config_for(w, m)
+        assert cfg.path == "skinny"
+        f = jax.jit(lambda x, w: sk.matmul_rows(x, w, cfg))
+        return f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def _waits_and_pipeline_start(w, m: int) -> list:
     """The order in which tracing the dispatched kernel for ``m`` rows of ``x`` waited on a
     barrier (``"wait"``) and started its weight pipeline (``"pipeline"``)."""
@@ -221,12 +232,9 @@ def _waits_and_pipeline_start(w, m: int) -> list:
 
         return start
 
-    x = jax.ShapeDtypeStruct((m, w.codes.shape[1]), jnp.bfloat16)
-    cfg = mg.config_for(w, m)
-    assert cfg.path == "skinny"
-    with retraced(mock.patch.multiple(plgpu, barrier_wait=logged_wait, emit_pipeline=logged_emit)):
-        f = jax.jit(lambda x, w: sk.matmul_rows(x, w, cfg))
-        f.trace(x, w).lower(lowering_platforms=("cuda",))
+    _lowered_under(
+        w, m, mock.patch.multiple(plgpu, barrier_wait=logged_wait, emit_pipeline=logged_emit)
+    )
     return events
 
 
@@ -254,16 +262,12 @@ def _lowered_with_nf4_loads(w, m: int, codes: int, tiles: list) -> str:
         tiles.append((minor, bits, what))
         return tiled(minor, bits, what)
 
-    x = jax.ShapeDtypeStruct((m, w.codes.shape[1]), jnp.bfloat16)
-    patches = (
+    return _lowered_under(
+        w,
+        m,
         mock.patch.object(sk, "NF4_LOAD_CODES", codes),
         mock.patch.object(mg, "_tiled", logged),
     )
-    with retraced(*patches):
-        cfg = mg.config_for(w, m)
-        assert cfg.path == "skinny"
-        f = jax.jit(lambda x, w: sk.matmul_rows(x, w, cfg))
-        return f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("m", [1, 16])
