@@ -11,6 +11,7 @@ with a clear error.
 """
 
 import dataclasses
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qjax
+from experiments.mgpu_probe_lib import retraced
 from qjax import ops
 from qjax.errors import FormatError, ShapeError
 from qjax.formats.nf4 import nf4_levels
@@ -460,6 +462,60 @@ def test_256_row_blocks_lower_with_whole_tiles_per_cta(spec, grouped):
     assert cfg.grouped == grouped
     lowered = jax.jit(lambda x, w: mg._mgpu_matmul(x, w, cfg)).trace(x, w)
     assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@given(
+    decode=st.sampled_from(["int", "nf4", "e4m3"]),
+    span=st.sampled_from([64, 128]),
+    steps=st.integers(1, 8),
+    by_slice=st.booleans(),
+    nf4=st.sampled_from([64, 128, 256]),
+)
+def test_loads_are_whole_scale_blocks_dividing_the_step(decode, span, steps, by_slice, nf4):
+    bk = 128 * steps
+    load = mg.load_codes(decode, span, bk, by_slice, nf4)
+    assert load % span == 0 and bk % load == 0
+    wide = decode == "nf4" and not by_slice and nf4 % span == 0 and bk % nf4 == 0
+    assert load == (nf4 if wide else span)
+
+
+def _main_lowered_with_nf4_loads(w, m: int, codes: int, cfg=None) -> tuple[str, list]:
+    """This kernel (``cfg``, default the table's) for ``m`` rows of ``x`` lowered for CUDA with
+    ``codes`` NF4 codes per tile row, decode and ``wgmma``: its text and its shared-memory
+    tilings ``(elements per row, bits, operand)``."""
+    tiles, tiled = [], mg._tiled
+
+    def logged(minor, bits, what):
+        tiles.append((minor, bits, what))
+        return tiled(minor, bits, what)
+
+    x = jax.ShapeDtypeStruct((m, w.codes.shape[1]), jnp.bfloat16)
+    with retraced(
+        mock.patch.object(mg, "NF4_LOAD_CODES", codes), mock.patch.object(mg, "_tiled", logged)
+    ):
+        cfg = mg.config_for(w, m, cfg) if cfg else mg.table_config(w, m)
+        assert cfg.path == "mgpu"
+        f = jax.jit(lambda x, w: mg._mgpu_matmul(x, w, cfg))
+        return f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text(), tiles
+
+
+@pytest.mark.parametrize(("m", "block_m"), [(64, 128), (700, 256)])
+def test_nf4_tile_rows_span_two_scale_blocks_when_asked(m, block_m):
+    # 128 codes: two 64-code scale blocks per tile row (64-byte TMA rows), decode and `wgmma`, as
+    # in the skinny kernel; both the pair-table (128-row blocks) and register (256) decoders
+    w = rp.repack(_weight(qjax.NF4(), 1024, 384, 1), "gpu_nf4t")
+    cand = dataclasses.replace(mg.TABLE[mg.MAX_ROWS][1]) if block_m == 256 else None
+    wide, wide_tiles = _main_lowered_with_nf4_loads(w, m, 128, cand)
+    narrow, narrow_tiles = _main_lowered_with_nf4_loads(w, m, 64, cand)
+    assert "mosaic_gpu" in wide and "mosaic_gpu" in narrow and wide != narrow
+    assert (128, 4, "lhs") in wide_tiles and (64, 4, "lhs") not in wide_tiles
+    assert (64, 4, "lhs") in narrow_tiles and (128, 4, "lhs") not in narrow_tiles
+    assert "swizzle<64 : i32>" in wide
+
+
+def test_int4_with_zeros_is_the_same_kernel_whatever_nf4_loads():
+    w = rp.repack(_weight(SPECS[1], 1024, 256, 1), "gpu_i4t")
+    assert _main_lowered_with_nf4_loads(w, 64, 64)[0] == _main_lowered_with_nf4_loads(w, 64, 128)[0]
 
 
 def test_direct_call_on_cpu_says_it_needs_a_gpu():

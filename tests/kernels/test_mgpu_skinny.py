@@ -291,22 +291,6 @@ def test_int4_is_the_same_kernel_whatever_nf4_loads():
     assert _lowered_with_nf4_loads(w, 1, 64, []) == _lowered_with_nf4_loads(w, 1, 128, [])
 
 
-@given(
-    decode=st.sampled_from(["int", "nf4", "e4m3"]),
-    span=st.sampled_from([64, 128]),
-    steps=st.integers(1, 8),
-    by_slice=st.booleans(),
-    nf4=st.sampled_from([64, 128, 256]),
-)
-def test_loads_are_whole_scale_blocks_dividing_the_step(decode, span, steps, by_slice, nf4):
-    bk = 128 * steps
-    with mock.patch.object(sk, "NF4_LOAD_CODES", nf4):
-        load = sk.load_codes(decode, span, bk, by_slice)
-    assert load % span == 0 and bk % load == 0
-    wide = decode == "nf4" and not by_slice and nf4 % span == 0 and bk % nf4 == 0
-    assert load == (nf4 if wide else span)
-
-
 def test_block_scaling_refuses_blocks_that_do_not_split_the_operand():
     from qjax.kernels.gpu import mgpu_decode as dec
 

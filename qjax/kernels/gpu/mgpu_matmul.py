@@ -93,6 +93,8 @@ MAX_BLOCK_M = 128  # rows of x per CTA
 ROW_STEP = 8  # wgmma's N (rows of x per CTA) is a multiple of this
 TMA_ROWS = 8  # x's rows: fewer than this, or a multiple of it (TMA's tiling of a global array)
 SMEM_BYTES = 227 * 1024  # H100 shared memory per block (opt-in maximum)
+NF4_LOAD_CODES = 64  # this kernel's NF4 codes per shared-memory tile row, decode and `wgmma`
+#                     (:func:`load_codes`; the skinny kernel's is `mgpu_skinny.NF4_LOAD_CODES`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +324,19 @@ def estimated_steps(cfg: Config, m: int, k_p: int, n_p: int) -> float:
     return -(-ctas // NUM_SMS) * (cfg.cta_steps + RAMP_STEPS) * step
 
 
+def load_codes(decode: str, span: int, bk: int, by_slice: bool, nf4: int) -> int:
+    """Codes per shared-memory tile row, decode and ``wgmma`` of one K step: ``span`` (one scale
+    block), or for NF4 with its scales on the weights (not ``by_slice``) ``nf4`` (a kernel's
+    ``NF4_LOAD_CODES``) where that many codes are whole scale blocks dividing the step — the
+    decoded slice then has each block scaled by its own row
+    (:func:`~qjax.kernels.gpu.mgpu_decode.times_column_blocks`), its tile rows are wider TMA rows
+    and a step issues fewer ``wgmma`` groups. (int4 g128 in 256-code slices, its scales on the
+    weights, was 0.1 – 1.6 % faster than 128 with ``scale_acc`` in the skinny kernel,
+    `int4_wide_probe.json`: not adopted.)"""
+    want = nf4 if decode == "nf4" and not by_slice else span
+    return want if want % span == 0 and bk % want == 0 else span
+
+
 def code_bits(w: QArray) -> int:
     """Bits per stored code: 4 (``gpu_i4t``, ``gpu_nf4t``) or 8 (``gpu_i8t``, ``gpu_f8t``)."""
     return rp.LAYOUTS[w.layout]
@@ -419,6 +434,10 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     by_slice = cfg.scale_acc and scaled
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
     lut = cfg.lut
+    load = load_codes(decode, span, bk, by_slice, NF4_LOAD_CODES)  # per decode and `wgmma`
+    blocks = load // span  # scale rows per decoded slice (only NF4's, which has no zeros, > 1)
+    if blocks > 1 and not sym:
+        raise ShapeError(f"mgpu_matmul: {load}-code slices span {blocks} zero rows")
 
     def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None):
         # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
@@ -540,7 +559,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
             rows = pl.ds(lax.axis_index("wg") * BLOCK_N, BLOCK_N)
 
             def slice_operand(j):
-                cols = pl.ds(j * span, span)
+                cols = pl.ds(j * load, load)
                 raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
                 a = dec.decode(decode, raw, lut_smem if lut else None)
                 if decode in dec.FP8_SHIFT:  # exact: a power of two, no overflow
@@ -551,16 +570,18 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 return a
 
             def x_slice(j):
-                return x_smem.at[:, pl.ds(j * span, span)].T
+                return x_smem.at[:, pl.ds(j * load, load)].T
 
             def scaled_operand(j):
                 a = slice_operand(j)
                 if scaled:
-                    a = a * lax.broadcast_in_dim(s_smem[j, rows], (BLOCK_N, span), (0,))
+                    rows_s = [s_smem[j * blocks + b, rows] for b in range(blocks)]
+                    s = [lax.broadcast_in_dim(r, (BLOCK_N, span), (0,)) for r in rows_s]
+                    a = a * s[0] if blocks == 1 else dec.times_column_blocks(a, s)
                 return a
 
             if not by_slice:
-                for j in range(per):
+                for j in range(bk // load):
                     plgpu.wgmma(accs[0], scaled_operand(j), x_slice(j))
                 plgpu.wgmma_wait(0)
             else:
@@ -609,12 +630,12 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
         row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (k_step(kk), tile(kk)))
         in_specs = [
             plgpu.BlockSpec(
-                (cta_n, bk), lambda kk: (tile(kk), k_step(kk)), transforms=_tiled(span, bits, "lhs")
+                (cta_n, bk), lambda kk: (tile(kk), k_step(kk)), transforms=_tiled(load, bits, "lhs")
             ),
             plgpu.BlockSpec(
                 (bm, bk),
                 lambda kk: (m_block(kk) if grouped else 0, k_step(kk)),
-                transforms=_tiled(span, 16, "rhs"),
+                transforms=_tiled(load, 16, "rhs"),
             ),
         ] + [row_spec] * (int(scaled) + int(not sym))
         pipeline = plgpu.emit_pipeline_warp_specialized(

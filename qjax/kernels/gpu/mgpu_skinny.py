@@ -22,7 +22,8 @@ clusters), the pass goes: a tile's later CTAs store their sums into its first CT
 (distributed shared memory), which adds them, scales, casts and writes ``y`` itself. Group scales
 (int4 g128) multiply the weights or, with ``scale_acc``, the float32 per-slice sums, as in the
 main kernel. NF4's 64-code blocks are loaded, decoded and multiplied two at a time
-(:func:`load_codes`: 64-byte TMA rows, each block of the decoded slice scaled by its own row).
+(:func:`qjax.kernels.gpu.mgpu_matmul.load_codes`: 64-byte TMA rows, each block of the decoded
+slice scaled by its own row).
 
 Measured on the H100 (``experiments/results/kernels/occupancy_probe_skinny_*.json``; same run as
 the main kernel's table config, M = 1 / 16): int4 g128 2–7 % faster on three of the Llama-3-70B
@@ -279,16 +280,6 @@ def check_config(x2, w: QArray, cfg: mg.Config) -> None:
                          f"{mg.SMEM_BYTES} (use fit())")  # fmt: skip
 
 
-def load_codes(decode: str, span: int, bk: int, by_slice: bool) -> int:
-    """Codes per shared-memory tile row, decode and ``wgmma`` of one K step: ``span`` (one scale
-    block), or for NF4 with its scales on the weights (not ``by_slice``) :data:`NF4_LOAD_CODES`
-    where that many codes are whole scale blocks dividing the step. (int4 g128 in 256-code
-    slices, its scales on the weights, was 0.1 – 1.6 % faster than the dispatch's 128 with
-    ``scale_acc``, `int4_wide_probe.json`: not adopted.)"""
-    want = NF4_LOAD_CODES if decode == "nf4" and not by_slice else span
-    return want if want % span == 0 and bk % want == 0 else span
-
-
 def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: int):
     """The kernel: ``(slots, N_p, M_p)`` float32 partial sums of ``Ŵᵀ xᵀ`` — CTA ``c`` takes K
     steps ``[c·L, (c+1)·L)`` of the 64-row tiles end to end and writes its sum of tile ``t`` to
@@ -324,7 +315,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     bits = 4 if codes.dtype == jnp.int4 else 8
     scaled = scales is not None
     by_slice = scaled and cfg.scale_acc
-    load = load_codes(decode, span, bk, by_slice)  # per tile row, decode and `wgmma`
+    load = mg.load_codes(decode, span, bk, by_slice, NF4_LOAD_CODES)  # per decode and `wgmma`
     blocks = load // span  # scale blocks per decoded slice
     channel = ch_scales is not None
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
