@@ -435,9 +435,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     n_acc = 3 if by_slice else 1  # the total (+ two per-slice partial sums)
     lut = cfg.lut
     load = load_codes(decode, span, bk, by_slice, NF4_LOAD_CODES)  # per decode and `wgmma`
-    blocks = load // span  # scale rows per decoded slice (only NF4's, which has no zeros, > 1)
-    if blocks > 1 and not sym:
-        raise ShapeError(f"mgpu_matmul: {load}-code slices span {blocks} zero rows")
+    blocks = load // span  # scale rows per decoded slice
+    assert blocks == 1 or sym, "only NF4 (no zeros) loads several scale blocks per slice"
 
     def kernel(w_gmem, x_gmem, *rest, out_smem, bar, lut_smem=None):
         # one buffer: a tile's float32 sums, then its per-channel scales, then its y block
