@@ -2,8 +2,6 @@
 lowers for CUDA (on the CPU) with its NF4 codes tiled as many codes wide as the variant loads:
 128 (64-byte TMA rows) for ``loads128``, 64 for ``slices64``."""
 
-from unittest import mock
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -35,15 +33,9 @@ def test_probe_cases_run_the_main_kernel_with_128_code_nf4_tiles(m, k, n, kind):
         lambda: rp.repack(qjax.NF4().quantize(jnp.zeros((k, n), jnp.float32)), "gpu_nf4t")
     )
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-    tiled = mg._tiled
     for codes in probe.LOADS.values():
         tiles = []
-
-        def logged(minor, bits, what, tiles=tiles):
-            tiles.append((minor, bits, what))
-            return tiled(minor, bits, what)
-
-        with probe.nf4_loads(codes), mock.patch.object(mg, "_tiled", logged):
+        with probe.nf4_loads(codes), lib.logged_tilings(tiles):
             cfg = _config(w, m, kind)
             assert cfg.path == "mgpu"
             f = jax.jit(lambda x, w, cfg=cfg: mg._mgpu_matmul(x, w, cfg))

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qjax
-from experiments.mgpu_probe_lib import retraced
+from experiments.mgpu_probe_lib import logged_tilings, retraced
 from qjax import ops
 from qjax.errors import FormatError, ShapeError
 from qjax.formats.nf4 import nf4_levels
@@ -483,16 +483,9 @@ def _main_lowered_with_nf4_loads(w, m: int, codes: int, cfg=None) -> tuple[str, 
     """This kernel (``cfg``, default the table's) for ``m`` rows of ``x`` lowered for CUDA with
     ``codes`` NF4 codes per tile row, decode and ``wgmma``: its text and its shared-memory
     tilings ``(elements per row, bits, operand)``."""
-    tiles, tiled = [], mg._tiled
-
-    def logged(minor, bits, what):
-        tiles.append((minor, bits, what))
-        return tiled(minor, bits, what)
-
+    tiles = []
     x = jax.ShapeDtypeStruct((m, w.codes.shape[1]), jnp.bfloat16)
-    with retraced(
-        mock.patch.object(mg, "NF4_LOAD_CODES", codes), mock.patch.object(mg, "_tiled", logged)
-    ):
+    with retraced(mock.patch.object(mg, "NF4_LOAD_CODES", codes), logged_tilings(tiles)):
         cfg = mg.config_for(w, m, cfg) if cfg else mg.table_config(w, m)
         assert cfg.path == "mgpu"
         f = jax.jit(lambda x, w: mg._mgpu_matmul(x, w, cfg))
@@ -504,7 +497,7 @@ def test_nf4_tile_rows_span_two_scale_blocks_when_asked(m, block_m):
     # 128 codes: two 64-code scale blocks per tile row (64-byte TMA rows), decode and `wgmma`, as
     # in the skinny kernel; both the pair-table (128-row blocks) and register (256) decoders
     w = rp.repack(_weight(qjax.NF4(), 1024, 384, 1), "gpu_nf4t")
-    cand = dataclasses.replace(mg.TABLE[mg.MAX_ROWS][1]) if block_m == 256 else None
+    cand = mg.TABLE[mg.MAX_ROWS][1] if block_m == 256 else None
     wide, wide_tiles = _main_lowered_with_nf4_loads(w, m, 128, cand)
     narrow, narrow_tiles = _main_lowered_with_nf4_loads(w, m, 64, cand)
     assert "mosaic_gpu" in wide and "mosaic_gpu" in narrow and wide != narrow

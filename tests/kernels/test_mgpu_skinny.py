@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qjax
-from experiments.mgpu_probe_lib import retraced
+from experiments.mgpu_probe_lib import logged_tilings, retraced
 from qjax.errors import ShapeError
 from qjax.kernels import repack as rp
 from qjax.kernels.gpu import mgpu_matmul as mg
@@ -256,17 +256,8 @@ def _lowered_with_nf4_loads(w, m: int, codes: int, tiles: list) -> str:
     """The dispatched kernel for ``m`` rows of ``x`` lowered for CUDA with ``codes`` NF4 codes per
     tile row, decode and ``wgmma``; ``tiles`` records its shared-memory tilings
     ``(elements per row, bits, operand)``."""
-    tiled = mg._tiled
-
-    def logged(minor, bits, what):
-        tiles.append((minor, bits, what))
-        return tiled(minor, bits, what)
-
     return _lowered_under(
-        w,
-        m,
-        mock.patch.object(sk, "NF4_LOAD_CODES", codes),
-        mock.patch.object(mg, "_tiled", logged),
+        w, m, mock.patch.object(sk, "NF4_LOAD_CODES", codes), logged_tilings(tiles)
     )
 
 
