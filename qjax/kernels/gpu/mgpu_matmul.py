@@ -13,7 +13,8 @@ back to shared memory (Marlin's idea, Frantar et al. 2024, on ``wgmma``). Per K 
 codes, one memory warp group TMA-copies a ``(128, BK)`` weight tile, the ``(BM, BK)`` tile of
 ``x`` and the step's scale (and zero) rows into shared memory, ``stages`` steps ahead; each of
 two compute warp groups loads its ``(64, BK)`` half into registers (32 bits per thread, no
-shuffles) and, per 128- (NF4: 64-) code slice,
+shuffles) and, per 128-code slice (NF4: two 64-code scale blocks, each scaled by its own row,
+:data:`NF4_LOAD_CODES`),
 
     a = decode(c) [− (z − h)] · s  (int: Mosaic GPU's prmt/lop3 converters, ``c − z`` exact in
                                     bf16; NF4: the bf16 levels of two codes per ``ld.shared``
@@ -60,8 +61,9 @@ Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's
 M ≤ 16 on the Llama-3-70B shapes (this kernel alone): int4 g128 2.60–3.30× (2.5–2.7 TB/s on the
 large shapes), int8 per-channel 1.64–1.88×, FP8 1.58–1.86×, NF4 2.2–3.0× (1.10–1.17× int4's
 time; with the skinny kernel in the dispatch, its partial sums added by clusters of two: int4
-2.82–3.44×, int8 1.73–1.98×, FP8 1.72–1.96×, runs of one day; NF4 1.11–1.22× int4's time); M = 64
-2.27–2.66×, M = 128 1.59–1.76×; int4 M = 256–1024 0.83–1.01×, M = 2048 0.89–1.09×, M = 4096
+2.82–3.44×, int8 1.73–1.98×, FP8 1.72–1.96×, runs of one day; NF4 1.11–1.22× int4's time,
+1.02–1.08× since both kernels take its codes 128 at a time); M = 64 2.27–2.66×, M = 128
+1.59–1.76×; int4 M = 256–1024 0.83–1.01×, M = 2048 0.89–1.09×, M = 4096
 0.93–1.02×, M = 8192 0.89–1.03× (the other formats 0.77–1.04× from 512 rows). With no decode at
 all (a constant operand) the same pipeline makes 1.81–2.04× at M = 128 and 2.58–2.94× at 64:
 the decode costs 12–24 %, and the rest is the pipeline (Nsight Compute: tensor pipe busy 57 % of
@@ -93,8 +95,10 @@ MAX_BLOCK_M = 128  # rows of x per CTA
 ROW_STEP = 8  # wgmma's N (rows of x per CTA) is a multiple of this
 TMA_ROWS = 8  # x's rows: fewer than this, or a multiple of it (TMA's tiling of a global array)
 SMEM_BYTES = 227 * 1024  # H100 shared memory per block (opt-in maximum)
-NF4_LOAD_CODES = 64  # this kernel's NF4 codes per shared-memory tile row, decode and `wgmma`
-#                     (:func:`load_codes`; the skinny kernel's is `mgpu_skinny.NF4_LOAD_CODES`)
+NF4_LOAD_CODES = 128  # this kernel's NF4 codes per shared-memory tile row, decode and `wgmma`
+#                      (:func:`load_codes`; the skinny kernel's is `mgpu_skinny.NF4_LOAD_CODES`):
+#                      two 64-code scale blocks, 8.7 – 9.5 % faster than 64 at M ≤ 16 on the
+#                      H100, ≤ 3 % either way above (`nf4_main_wide_probe*.json`)
 
 
 @dataclasses.dataclass(frozen=True)
