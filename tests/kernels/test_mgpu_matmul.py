@@ -496,8 +496,8 @@ def _main_lowered_with_nf4_loads(w, m: int, codes: int, cfg=None) -> tuple[str, 
 def test_nf4_tile_rows_span_two_scale_blocks_by_default(m, block_m):
     # 128 codes: two 64-code scale blocks per tile row (64-byte TMA rows), decode and `wgmma`, as
     # in the skinny kernel; both the pair-table (128-row blocks) and register (256) decoders.
-    # Measured on the H100 (`nf4_main_wide_probe*.json`): 8.7 – 9.5 % faster than 64 at M ≤ 16,
-    # ≤ 3 % either way from 64 rows up; 64 still lowers
+    # Measured on the H100 (`nf4_main_wide_probe*.json`): 8.4 – 9.5 % faster than 64 at M ≤ 16,
+    # within ±4 % from 64 rows up (faster in 16 of 20 cases); 64 still lowers
     assert mg.NF4_LOAD_CODES == 128
     w = rp.repack(_weight(qjax.NF4(), 1024, 384, 1), "gpu_nf4t")
     cand = mg.TABLE[mg.MAX_ROWS][1] if block_m == 256 else None

@@ -97,8 +97,9 @@ TMA_ROWS = 8  # x's rows: fewer than this, or a multiple of it (TMA's tiling of 
 SMEM_BYTES = 227 * 1024  # H100 shared memory per block (opt-in maximum)
 NF4_LOAD_CODES = 128  # this kernel's NF4 codes per shared-memory tile row, decode and `wgmma`
 #                      (:func:`load_codes`; the skinny kernel's is `mgpu_skinny.NF4_LOAD_CODES`):
-#                      two 64-code scale blocks, 8.7 – 9.5 % faster than 64 at M ≤ 16 on the
-#                      H100, ≤ 3 % either way above (`nf4_main_wide_probe*.json`)
+#                      two 64-code scale blocks, 8.4 – 9.5 % faster than 64 at M ≤ 16 on the
+#                      H100, within ±4 % from 64 rows up, faster in 16 of 20 cases
+#                      (`nf4_main_wide_probe*.json`)
 
 
 @dataclasses.dataclass(frozen=True)
