@@ -13,7 +13,6 @@ import json
 import math
 import os
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -48,18 +47,6 @@ def retraced(*patches):
             yield
     finally:
         jax.clear_caches()
-
-
-def logged_tilings(tiles: list):
-    """A patch (for :func:`retraced`) under which every shared-memory tiling the Mosaic GPU kernels
-    make is appended to ``tiles`` as ``(elements per row, bits, operand)``."""
-    tiled = mg._tiled
-
-    def logged(minor, bits, what):
-        tiles.append((minor, bits, what))
-        return tiled(minor, bits, what)
-
-    return mock.patch.object(mg, "_tiled", logged)
 
 
 def compiled_under(context, w, m: int, cfg=None):

@@ -1,10 +1,14 @@
-"""Shared test helpers: hypothesis strategies for awkward tensors and per-block views."""
+"""Shared test helpers: hypothesis strategies for awkward tensors, per-block views, and a log of
+the Mosaic GPU kernels' shared-memory tilings."""
+
+from unittest import mock
 
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
 from qjax.formats import layout
+from qjax.kernels.gpu import mgpu_matmul as mg
 
 
 @st.composite
@@ -83,3 +87,16 @@ def gguf_py_value(value):
     if isinstance(value, list) and value and isinstance(value[0], list | np.ndarray):
         return [x for item in value for x in gguf_py_value(item)]
     return value
+
+
+def logged_tilings(tiles: list):
+    """A patch (for ``experiments.mgpu_probe_lib.retraced``) under which every shared-memory
+    tiling the Mosaic GPU kernels make is appended to ``tiles`` as ``(elements per row, bits,
+    operand)``."""
+    tiled = mg._tiled
+
+    def logged(minor, bits, what):
+        tiles.append((minor, bits, what))
+        return tiled(minor, bits, what)
+
+    return mock.patch.object(mg, "_tiled", logged)

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _testing import logged_tilings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qjax
-from experiments.mgpu_probe_lib import logged_tilings, retraced
+from experiments.mgpu_probe_lib import retraced
 from qjax import ops
 from qjax.errors import FormatError, ShapeError
 from qjax.formats.nf4 import nf4_levels

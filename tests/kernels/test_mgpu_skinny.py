@@ -12,11 +12,12 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import pytest
+from _testing import logged_tilings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qjax
-from experiments.mgpu_probe_lib import logged_tilings, retraced
+from experiments.mgpu_probe_lib import retraced
 from qjax.errors import ShapeError
 from qjax.kernels import repack as rp
 from qjax.kernels.gpu import mgpu_matmul as mg

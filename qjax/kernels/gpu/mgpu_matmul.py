@@ -60,10 +60,10 @@ group per CTA, several CTAs per SM), measured faster there; this kernel keeps th
 Measured on the H100 (``experiments/results/kernels/README.md``), ratio to XLA's bf16 ``dot`` at
 M ≤ 16 on the Llama-3-70B shapes (this kernel alone): int4 g128 2.60–3.30× (2.5–2.7 TB/s on the
 large shapes), int8 per-channel 1.64–1.88×, FP8 1.58–1.86×, NF4 2.2–3.0× (1.10–1.17× int4's
-time; with the skinny kernel in the dispatch, its partial sums added by clusters of two: int4
-2.82–3.44×, int8 1.73–1.98×, FP8 1.72–1.96×, runs of one day; NF4 1.11–1.22× int4's time,
-1.02–1.08× since both kernels take its codes 128 at a time); M = 64 2.27–2.66×, M = 128
-1.59–1.76×; int4 M = 256–1024 0.83–1.01×, M = 2048 0.89–1.09×, M = 4096
+time, in 64-code slices; with the skinny kernel in the dispatch, its partial sums added by
+clusters of two: int4 2.82–3.44×, int8 1.73–1.98×, FP8 1.72–1.96×, runs of one day; NF4
+1.11–1.22× int4's time, 1.02–1.08× since both kernels take its codes 128 at a time); M = 64
+2.27–2.66×, M = 128 1.59–1.76×; int4 M = 256–1024 0.83–1.01×, M = 2048 0.89–1.09×, M = 4096
 0.93–1.02×, M = 8192 0.89–1.03× (the other formats 0.77–1.04× from 512 rows). With no decode at
 all (a constant operand) the same pipeline makes 1.81–2.04× at M = 128 and 2.58–2.94× at 64:
 the decode costs 12–24 %, and the rest is the pipeline (Nsight Compute: tensor pipe busy 57 % of
