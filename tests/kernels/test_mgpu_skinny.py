@@ -239,49 +239,6 @@ def _waits_and_pipeline_start(w, m: int) -> list:
     return events
 
 
-def _loads_copies_and_wgmma(w, m: int, early: bool) -> list:
-    """The order in which tracing the skinny kernel (the dispatch's config, ``early_release`` as
-    given) loaded codes from shared memory (``"load"``), issued a TMA copy into shared memory
-    (``"copy"``) and a ``wgmma``, from the first load on (the loop body, traced once)."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    events = []
-
-    def logged(name, op):
-        def run(*a, **k):
-            events.append(name)
-            return op(*a, **k)
-
-        return run
-
-    patch = mock.patch.multiple(
-        plgpu,
-        load=logged("load", plgpu.load),
-        copy_gmem_to_smem=logged("copy", plgpu.copy_gmem_to_smem),
-        wgmma=logged("wgmma", plgpu.wgmma),
-    )
-    x = jax.ShapeDtypeStruct((m, w.codes.shape[1]), jnp.bfloat16)
-    with retraced(patch):
-        cfg = dataclasses.replace(mg.config_for(w, m), early_release=early)
-        f = jax.jit(lambda x, w: sk.matmul_rows(x, w, cfg))
-        assert "mosaic_gpu" in f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
-    return events[events.index("load") :]
-
-
-@pytest.mark.parametrize(("spec", "layout"), SKINNY, ids=lambda v: str(v))
-@pytest.mark.parametrize("m", [1, 16])
-def test_early_release_refills_the_codes_slot_before_the_decode(spec, layout, m):
-    w = _abstract(spec, layout, 8192, 8192)
-    late = _loads_copies_and_wgmma(w, m, early=False)
-    early = _loads_copies_and_wgmma(w, m, early=True)
-    slices = late.count("wgmma")
-    assert slices >= 2
-    # the dispatch: each slice's codes loaded as it is multiplied (the pipeline refills the slot
-    # after the body); early: every slice's codes loaded, the slot's next copy, then the `wgmma`
-    assert late[: 2 * slices] == ["load", "wgmma"] * slices
-    assert early[: 2 * slices + 1] == ["load"] * slices + ["copy"] + ["wgmma"] * slices
-
-
 @pytest.mark.parametrize("m", [1, 16])
 def test_nf4_waits_for_its_pair_table_only_once_the_weight_pipeline_has_started(m):
     # measured on the H100 (`table_wait_probe.json`): waiting before the pipeline issued its

@@ -124,8 +124,6 @@ class Config:
     cluster: int = 0  # "skinny": CTAs per cluster that add a split tile's partial sums in the
     #                   shared memory of its first CTA, which writes y (`mgpu_skinny`; `fit`
     #                   takes it as the most allowed); 0: an XLA pass adds them
-    early_release: bool = False  # "skinny": a K step's codes read into registers and their
-    #                               slot refilled before its decode and `wgmma` (`mgpu_skinny`)
 
 
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4

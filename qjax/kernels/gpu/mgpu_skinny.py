@@ -319,8 +319,6 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     blocks = load // span  # scale blocks per decoded slice
     channel = ch_scales is not None
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
-    early = cfg.early_release
-    codes_tiling = mg._tiled(load, bits, "lhs")
 
     def kernel(w_gmem, x_gmem, *rest, o_smem, lut_smem=None, bar=None):
         *s_gmem, o_gmem = rest
@@ -396,33 +394,11 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                 summed = lax.fori_loop(0, later, add, total) if slots > 1 else total
                 finish(summed, t, kk == length - 1)
 
-        def scoped(accs, w_slots=None, w_bar=None):
+        def scoped(accs):
             tot = accs[0]
 
-            def fetch_codes(kk, slot):
-                """K step ``kk``'s codes into weight slot ``slot`` (``cfg.early_release``)."""
-                rows, cols = pl.ds(tile(kk) * ROWS, ROWS), pl.ds(k_step(kk) * bk, bk)
-                plgpu.copy_gmem_to_smem(w_gmem.at[rows, cols], w_slots.at[slot], w_bar.at[slot])
-
-            def body(idx, *refs):
+            def body(idx, w_smem, x_smem, *s_smem):
                 (kk,) = idx
-                raws = [None] * (bk // load)
-                if early:  # the step's codes into registers, their slot refilled at once: the
-                    #        stream keeps `stages` steps in flight while this one is decoded
-                    slot = lax.rem(kk, cfg.stages)
-                    x_smem, *s_smem = refs
-                    plgpu.barrier_wait(w_bar.at[slot])
-                    w_smem = w_slots.at[slot]
-                    layout = dec.load_layout(bits)
-                    raws = [plgpu.load(w_smem.at[:, pl.ds(j * load, load)], (), layout=layout)
-                            for j in range(bk // load)]  # fmt: skip
-
-                    @pl.when(kk + cfg.stages < length)
-                    def _():
-                        fetch_codes(kk + cfg.stages, slot)  # after every thread's loads
-
-                else:
-                    w_smem, x_smem, *s_smem = refs
                 if lut:  # the table, at the first step: the pipeline's first copies are
                     #      already in flight (waiting before the pipeline held back every CTA's
                     #      stream: NF4 1 – 4 % slower, `table_wait_probe.json`)
@@ -433,9 +409,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
                 def operands(j):
                     cols = pl.ds(j * load, load)
-                    raw = raws[j]
-                    if raw is None:
-                        raw = plgpu.load(w_smem.at[:, cols], (), layout=dec.load_layout(bits))
+                    raw = plgpu.load(w_smem.at[:, cols], (), layout=dec.load_layout(bits))
                     a = dec.decode(decode, raw, lut_smem if lut else None)
                     if decode in dec.FP8_SHIFT:  # exact: a power of two
                         a = a * jnp.bfloat16(fp8_factor)
@@ -479,11 +453,12 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[slot, pl.ds(t * ROWS, ROWS)])
                     tot[...] = jnp.zeros((ROWS, bm), jnp.float32)
 
-            codes_spec = plgpu.BlockSpec(
-                (ROWS, bk), lambda kk: (tile(kk), k_step(kk)), transforms=codes_tiling
-            )
             in_specs = [
-                *([] if early else [codes_spec]),
+                plgpu.BlockSpec(
+                    (ROWS, bk),
+                    lambda kk: (tile(kk), k_step(kk)),
+                    transforms=mg._tiled(load, bits, "lhs"),
+                ),
                 plgpu.BlockSpec(
                     (bm, bk), lambda kk: (0, k_step(kk)), transforms=mg._tiled(load, 16, "rhs")
                 ),
@@ -493,12 +468,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
             pipeline = plgpu.emit_pipeline(
                 body, grid=(length,), in_specs=in_specs, max_concurrent_steps=cfg.stages
             )
-            if early:
-                for kk in range(min(cfg.stages, length)):
-                    fetch_codes(kk, kk)
-                pipeline(x_gmem, *s_gmem)
-            else:
-                pipeline(w_gmem, x_gmem, *s_gmem)
+            pipeline(w_gmem, x_gmem, *s_gmem)
             if channel:  # the prefetched scales were not used: the run's last tile went on
 
                 @pl.when(ci != first_cta(tile(length - 1)))
@@ -508,13 +478,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
             plgpu.wait_smem_to_gmem(0)
 
         acc = plgpu.ACC((ROWS, bm), jnp.float32)
-        accs = [acc] * (3 if by_slice else 1)
-        if early:
-            slots_type = plgpu.SMEM((cfg.stages, ROWS, bk), codes.dtype, transforms=codes_tiling)
-            bar_type = plgpu.Barrier(num_arrivals=1, num_barriers=cfg.stages)
-            pl.run_scoped(scoped, accs, w_slots=slots_type, w_bar=bar_type)
-        else:
-            pl.run_scoped(scoped, accs)
+        pl.run_scoped(scoped, [acc] * (3 if by_slice else 1))
 
     args = [codes, x2] + ([scales] if scaled else []) + ([ch_scales] if channel else [])
     scratch = {}
