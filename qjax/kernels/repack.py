@@ -8,11 +8,12 @@ kernels registered for ``(backend, format, layout)`` in :mod:`qjax.kernels` cons
 All layouts pad the ``(K, N)`` weight to ``(K_p, N_p)``: ``K_p`` is the canonical padded length
 ``G·g`` (``G = ceil(K / g)`` groups; ``K`` for ``group="channel"``) rounded up to a multiple of 128,
 ``N_p = ceil(N / 64)·64`` (128 for the ``tpu_*`` and the Mosaic GPU ``gpu_*t`` layouts). The
-canonical padding codes are kept (so ``unrepack`` is bit-exact), new padding is code 0; the kernel
-zero-pads ``x`` along ``K`` and drops padded output columns. Scales and zeros ``(G, N)`` are
-zero-padded to ``(G_p, N_p)`` with ``G_p = K_p / g`` for ``g ≤ 128``, ``G`` for larger groups
-and 1 for ``"channel"`` (``gpu_i4t`` / ``gpu_i8t`` / ``gpu_nf4t``: one row per 128 / 64 codes,
-see below).
+canonical padding codes are kept (so ``unrepack`` is bit-exact), new padding is code 0; the kernels
+drop padded output columns and zero-pad ``x`` along ``K`` (the Mosaic GPU ones read the columns past
+``K`` as zeros instead where ``K`` is whole tiles,
+:func:`~qjax.kernels.gpu.mgpu_matmul.kernel_rows`). Scales and zeros ``(G, N)`` are zero-padded to
+``(G_p, N_p)`` with ``G_p = K_p / g`` for ``g ≤ 128``, ``G`` for larger groups and 1 for
+``"channel"`` (``gpu_i4t`` / ``gpu_i8t`` / ``gpu_nf4t``: one row per 128 / 64 codes, see below).
 
 ================  ===============================================================================
 layout            codes

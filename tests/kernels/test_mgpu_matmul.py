@@ -11,6 +11,7 @@ with a clear error.
 """
 
 import dataclasses
+import re
 from unittest import mock
 
 import jax
@@ -552,3 +553,47 @@ def test_stored_bytes_count_two_codes_per_byte():
     # int4 codes, bf16 scales one row per 128 codes: 4 + 16/128 = 4.125 bits per weight
     assert r.nbytes == 256 * 1024 // 2 + 2 * (1024 // 128) * 256
     assert r.bits_per_weight == pytest.approx(4.125)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 3), max_size=2),
+    k=st.one_of(st.integers(1, 17).map(lambda j: j * mg.X_TILE_COLS), st.integers(1, 1100)),
+    extra=st.sampled_from([0, 64, 128, 512]),
+)
+def test_kernel_rows_pads_x_only_where_its_tiles_do_not_fit(lead, k, extra):
+    # the kernels read x's columns past K as zeros (TMA); a K that is not a multiple of the
+    # tiles' columns is padded with zeros to K_p as for the Triton kernels
+    k_p = -(-k // 128) * 128 + extra
+    x = jax.random.normal(jax.random.key(k), (*lead, k), jnp.bfloat16)
+    x2 = mg.kernel_rows(x, k_p)
+    rows = int(np.prod(lead, dtype=int))
+    want_k = k if k % mg.X_TILE_COLS == 0 else k_p
+    assert x2.shape == (rows, want_k)
+    np.testing.assert_array_equal(np.asarray(x2[:, :k]), np.asarray(x).reshape(rows, k))
+    assert not np.asarray(x2[:, k:]).any()
+
+
+@pytest.mark.parametrize(("spec", "m"), [(SPECS[0], 1), (SPECS[6], 16), (SPECS[8], 64),
+                                         (SPECS[1], 128)], ids=str)  # fmt: skip
+def test_kernels_read_x_without_a_pad_where_k_is_whole_tiles(spec, m):
+    # SmolLM2's 576-wide layers, K_p = 640: no XLA pad of x before the kernel (the skinny kernel
+    # at M ≤ 16, the main one above; rows are padded to a multiple of 8 above 8 rows, not here)
+    w = rp.repack(_weight(spec, 576, 192, 1), _layout(spec))
+    assert w.codes.shape[1] == 640
+    x = jax.random.normal(jax.random.key(2), (m, 576), jnp.bfloat16)
+    cfg = mg.config_for(w, m)
+    assert cfg.path == ("skinny" if m <= 16 else "mgpu")
+
+    def product(x, w):
+        from qjax.kernels.gpu import mgpu_skinny
+
+        x2 = mg.kernel_rows(x, w.codes.shape[1])
+        run = mgpu_skinny.matmul_rows if cfg.path == "skinny" else mg._mgpu_matmul
+        return run(x2, w, cfg)
+
+    assert jax.eval_shape(product, x, w).shape == (m, w.codes.shape[0])
+    text = jax.jit(product).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.pad" not in text
+    operands = re.search(r"custom_call @mosaic_gpu\w*\(.*?: \((.*?)\) ->", text, re.S)
+    assert f"tensor<{m}x576xbf16>" in operands.group(1)

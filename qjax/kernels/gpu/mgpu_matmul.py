@@ -46,13 +46,14 @@ CTAs whatever their tile count. A tile split between CTAs needs its partial sums
   (8192² at decode sizes) that pass is cheaper than the hand-over the first CTA would wait for.
 
 ``wgmma`` takes the rows of ``x`` 8 at a time: TMA reads the rows past the end of ``x`` as zeros
-(``x`` with more than 8 rows is padded to a multiple of 8, TMA's tiling) and drops the rows of
-``y`` past its end. Above 128 rows ``x`` is cut into 128- or 256-row blocks (a grid axis; the
-blocks of one weight range launch together, so the range is read from HBM once; 256-row blocks
-decode each weight tile half as often and take whole tiles per CTA, :func:`pick` chooses by
-:func:`estimated_steps`; above :data:`GROUPED_ROWS` their jobs go round-robin in groups of row
-blocks, :func:`grouped_job`, so that ``x`` stays in L2); above :data:`MAX_ROWS` (8192)
-:func:`qjax.kernels.calls.dequantized_matmul` takes over (XLA's GEMM).
+(``x`` with more than 8 rows is padded to a multiple of 8, TMA's tiling) and drops the rows of ``y``
+past its end; it reads the columns past ``x``'s ``K`` (up to the weight's padded ``K_p``) as zeros
+too, so ``x`` is not padded along ``K`` (:func:`kernel_rows`). Above 128 rows ``x`` is cut into 128-
+or 256-row blocks (a grid axis; the blocks of one weight range launch together, so the range is read
+from HBM once; 256-row blocks decode each weight tile half as often and take whole tiles per CTA,
+:func:`pick` chooses by :func:`estimated_steps`; above :data:`GROUPED_ROWS` their jobs go
+round-robin in groups of row blocks, :func:`grouped_job`, so that ``x`` stays in L2); above
+:data:`MAX_ROWS` (8192) :func:`qjax.kernels.calls.dequantized_matmul` takes over (XLA's GEMM).
 
 At M ≤ 16 :func:`config_for` hands most shapes to :mod:`qjax.kernels.gpu.mgpu_skinny` (one warp
 group per CTA, several CTAs per SM), measured faster there; this kernel keeps the others.
@@ -94,6 +95,8 @@ BLOCK_N = 64  # weight rows per compute warp group (wgmma M)
 MAX_BLOCK_M = 128  # rows of x per CTA
 ROW_STEP = 8  # wgmma's N (rows of x per CTA) is a multiple of this
 TMA_ROWS = 8  # x's rows: fewer than this, or a multiple of it (TMA's tiling of a global array)
+X_TILE_COLS = 64  # columns of x per row of its shared-memory tiles (128-byte swizzle of bf16): a
+#                 K that is not a multiple of it is padded to K_p before the kernels read x
 SMEM_BYTES = 227 * 1024  # H100 shared memory per block (opt-in maximum)
 NF4_LOAD_CODES = 128  # this kernel's NF4 codes per shared-memory tile row, decode and `wgmma`
 #                      (:func:`load_codes`; the skinny kernel's is `mgpu_skinny.NF4_LOAD_CODES`):
@@ -415,8 +418,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
 
     from qjax.kernels.gpu import mgpu_decode as dec
 
-    m_rows, k_p = x2.shape
-    m_p, bm = padded_rows(m_rows, cfg.block_m)  # rows past x2's: zeros (TMA fills out of bounds)
+    m_rows, k_p = x2.shape[0], codes.shape[1]  # columns past x2's K (and rows past its M): zeros
+    m_p, bm = padded_rows(m_rows, cfg.block_m)  # (TMA fills what it reads out of bounds)
     m_tiles = m_p // bm
     n_p = codes.shape[0]
     bk, length = cfg.block_k, cfg.cta_steps
@@ -746,7 +749,7 @@ def product(x2, codes, scales, zeros, cfg: Config, decode: str, span: int):
     combined in one fused XLA pass."""
     parts = _stream_k(x2, codes, scales, zeros, None, cfg, decode, span)
     n_tiles = codes.shape[0] // (2 * BLOCK_N)
-    return combine(parts, n_tiles, x2.shape[1] // cfg.block_k, cfg.cta_steps)
+    return combine(parts, n_tiles, codes.shape[1] // cfg.block_k, cfg.cta_steps)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -798,6 +801,17 @@ def check_config(x2, w: QArray, cfg: Config) -> None:
         )
 
 
+def kernel_rows(x: jax.Array, k_p: int) -> jax.Array:
+    """``x (..., K)`` as the ``(M, K)`` rows the kernels read, **not** padded along ``K`` to the
+    repacked ``k_p``: their TMA copies of ``x`` read the columns past ``K`` as zeros, and the
+    weight's padding codes decode to finite values, so those columns add nothing — and the pad
+    XLA would run before every call goes (SmolLM2's 576-wide layers: ``K_p`` = 640). A ``K``
+    that is not a multiple of :data:`X_TILE_COLS` is padded as for the Triton kernels
+    (:func:`~qjax.kernels.calls.as_rows`)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.shape[1] % X_TILE_COLS == 0 else calls.as_rows(x, k_p)
+
+
 def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Array:
     """``x @ dequantize(w)`` for bf16 ``x: (..., K)`` and a weight ``(K, N)`` repacked to one of
     :data:`LAYOUTS`.
@@ -808,10 +822,10 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
     check_supported(x, w)
     k, n = w.shape
     lead = x.shape[:-1]
-    x2 = calls.as_rows(x, w.codes.shape[1])
+    x2 = kernel_rows(x, w.codes.shape[1])
     cfg = config or config_for(w, x2.shape[0])
     if cfg.path == "xla":
-        y = calls.dequantized_matmul(x2, w)
+        y = calls.dequantized_matmul(calls.as_rows(x, w.codes.shape[1]), w)
     else:
         if jax.default_backend() != "gpu":
             raise FormatError(

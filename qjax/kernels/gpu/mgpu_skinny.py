@@ -304,7 +304,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
     from qjax.kernels.gpu import mgpu_decode as dec
 
-    m_rows, k_p = x2.shape
+    m_rows, k_p = x2.shape[0], codes.shape[1]  # x2's columns past K: zeros (TMA fills them)
     _, bm = mg.padded_rows(m_rows)
     n_p = codes.shape[0]
     bk, length, lut, cl = cfg.block_k, cfg.cta_steps, cfg.lut, cfg.cluster
@@ -514,7 +514,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def matmul_rows(x2, w: QArray, cfg: mg.Config):
-    """``x2 @ Ŵ`` for bf16 ``x2: (M, K_p)``, ``M ≤`` :data:`MAX_ROWS`, ``(M, N_p)`` in
+    """``x2 @ Ŵ`` for bf16 ``x2: (M, K)`` (or ``K_p``), ``M ≤`` :data:`MAX_ROWS`, ``(M, N_p)`` in
     ``x2.dtype``: the kernel's partial sums, then one XLA pass (slots added, transposed, per-channel
     scales, cast); with ``cfg.cluster``, the kernel's ``y`` as it is."""
     m = x2.shape[0]
