@@ -6,8 +6,8 @@ kernel's numbers are checked on the H100 (``python -m experiments.kernel_bench -
 ``experiments/results/kernels/``); here: the repack is exact, the layouts dequantize to the
 float64 reference, the decoders' bit manipulations (mirrored in numpy) give every FP8 byte and
 NF4 code exactly, every table config traces to a kernel that fits shared memory and lowers to
-Mosaic GPU code with ``wgmma``, the large-M path is right, and a direct call on the CPU fails
-with a clear error.
+Mosaic GPU code with ``wgmma``, the large-M path is right, ``x`` goes in without a pad along ``K``
+where its tiles allow, and a direct call on the CPU fails with a clear error.
 """
 
 import dataclasses
