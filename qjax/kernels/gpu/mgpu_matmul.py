@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -822,8 +823,7 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
     check_supported(x, w)
     k, n = w.shape
     lead = x.shape[:-1]
-    x2 = kernel_rows(x, w.codes.shape[1])
-    cfg = config or config_for(w, x2.shape[0])
+    cfg = config or config_for(w, math.prod(lead))
     if cfg.path == "xla":
         y = calls.dequantized_matmul(calls.as_rows(x, w.codes.shape[1]), w)
     else:
@@ -832,6 +832,7 @@ def matmul(x: jax.Array, w: QArray, *, config: Config | None = None) -> jax.Arra
                 f"mgpu_matmul: the Mosaic GPU kernel needs a GPU, backend is "
                 f"{jax.default_backend()!r}"
             )
+        x2 = kernel_rows(x, w.codes.shape[1])
         if cfg.path == "skinny":
             from qjax.kernels.gpu import mgpu_skinny
 
