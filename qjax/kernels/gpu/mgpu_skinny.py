@@ -202,6 +202,17 @@ def pick(main: mg.Config, w: QArray, m: int) -> mg.Config | None:
     base = dataclasses.replace(
         main, path="skinny", block_k=512, ctas_per_sm=CTAS_PER_SM, cluster=CLUSTER
     )
+    cfg = _base_pick(base, w, m)
+    if cfg is None or not one_step_clusters(cfg, m):
+        return cfg
+    return fit(dataclasses.replace(cfg, cluster=MAX_CLUSTER), m, k_p, n_p, bits, span)
+
+
+def _base_pick(base: mg.Config, w: QArray, m: int) -> mg.Config | None:
+    """:func:`pick`'s config before :func:`one_step_clusters`: ``base`` fitted, NF4's CTAs per SM
+    and clusters as :func:`pick` says."""
+    n_p, k_p = w.codes.shape
+    bits, span = mg.code_bits(w), mg.slice_codes(w)
     if w.layout != "gpu_nf4t":
         return fit(base, m, k_p, n_p, bits, span)
     for per_sm in (2, CTAS_PER_SM):
@@ -212,6 +223,23 @@ def pick(main: mg.Config, w: QArray, m: int) -> mg.Config | None:
     if math.prod(w.codes.shape) > NF4_MAX_CODES:
         return None
     return fit(dataclasses.replace(base, cluster=0), m, k_p, n_p, bits, span)
+
+
+ONE_STEP_CLUSTER_ROWS = mg.ROW_STEP  # rows of x (one 8-row block: the kernel measured at M = 1)
+#                                     up to which `one_step_clusters` applies; at M = 16 such
+#                                     clusters were 1.32 – 1.35× the XLA pass's time
+
+
+def one_step_clusters(cfg: mg.Config, m: int) -> bool:
+    """Whether ``cfg`` (fitted) should add its split tiles' sums in clusters of up to
+    :data:`MAX_CLUSTER` CTAs (each cluster one whole tile) instead of its XLA pass: small weights
+    (SmolLM2-135M's layers), where every CTA takes a single K step (``L`` = 1, a tile's 3 – 6 steps
+    on as many CTAs), at most :data:`ONE_STEP_CLUSTER_ROWS` rows of ``x``. Measured on the H100
+    (``experiments/results/kernels/small_layers_probe.json``, same run, M = 1): 0.82 – 0.93× the
+    pass's time on q / o, k / v and down (int4 g128, NF4, int8), level (0.97 – 1.02×) on gate / up;
+    at M = 16 1.32 – 1.35× (not taken there). Nowhere else does the balanced schedule give
+    ``L`` = 1 (the 70B and 8B shapes have more K steps than the SMs hold CTAs)."""
+    return m <= ONE_STEP_CLUSTER_ROWS and cfg.cta_steps == 1 and cfg.cluster < MAX_CLUSTER
 
 
 def fit(cfg: mg.Config, m: int, k_p: int, n_p: int, bits: int, span: int = mg.SLICE) -> mg.Config:
