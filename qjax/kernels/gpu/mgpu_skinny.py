@@ -19,8 +19,9 @@ same number ``L`` of consecutive K steps (:func:`schedule`: one wave of at most
 (:func:`qjax.kernels.gpu.mgpu_matmul.combine`). Where the schedule can keep every tile's CTAs in
 one cluster of two (``Config.cluster``, :func:`clustered_schedule`; Hopper thread-block
 clusters) — or, for small weights at up to 8 rows of ``x`` whose CTAs take one K step each, in
-one cluster of up to 8 holding the whole tile (:func:`one_step_clusters`) — the pass goes: a tile's later CTAs store their sums into its first CTA's shared memory
-(distributed shared memory), which adds them, scales, casts and writes ``y`` itself. Group scales
+one cluster of up to 8 holding the whole tile (:func:`one_step_clusters`) — the pass goes: a
+tile's later CTAs store their sums into its first CTA's shared memory (distributed shared
+memory), which adds them, scales, casts and writes ``y`` itself. Group scales
 (int4 g128) multiply the weights or, with ``scale_acc``, the float32 per-slice sums, as in the
 main kernel. NF4's 64-code blocks are loaded, decoded and multiplied two at a time
 (:func:`qjax.kernels.gpu.mgpu_matmul.load_codes`: 64-byte TMA rows, each block of the decoded
