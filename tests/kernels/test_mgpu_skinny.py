@@ -149,7 +149,7 @@ SMOL = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # SmolLM2-135M's (K, 
 @pytest.mark.parametrize("m", [1, 5, 8, 9, 16])
 def test_small_weights_add_one_step_sums_in_whole_tile_clusters_up_to_8_rows(spec, layout, k, n, m):
     # measured (`small_layers_probe.json`): at M = 1 clusters of a tile's one-step CTAs took
-    # 0.82 – 0.93× the XLA pass's time (gate / up level); at M = 16 1.32 – 1.35×
+    # 0.84 – 0.91× the XLA pass's time (gate / up level); at M = 16 1.09 – 1.35×
     w = _abstract(spec, layout, k, n)
     cfg = mg.config_for(w, m)
     steps = w.codes.shape[1] // cfg.block_k

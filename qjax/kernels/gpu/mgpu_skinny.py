@@ -229,7 +229,7 @@ def _base_pick(base: mg.Config, w: QArray, m: int) -> mg.Config | None:
 
 ONE_STEP_CLUSTER_ROWS = mg.ROW_STEP  # rows of x (one 8-row block: the kernel measured at M = 1)
 #                                     up to which `one_step_clusters` applies; at M = 16 such
-#                                     clusters were 1.32 – 1.35× the XLA pass's time
+#                                     clusters were 1.09 – 1.35× the XLA pass's time
 
 
 def one_step_clusters(cfg: mg.Config, m: int) -> bool:
@@ -237,11 +237,12 @@ def one_step_clusters(cfg: mg.Config, m: int) -> bool:
     :data:`MAX_CLUSTER` CTAs (each cluster one whole tile) instead of its XLA pass: small weights
     (SmolLM2-135M's layers), where every CTA takes a single K step (``L`` = 1, a tile's 3 – 6 steps
     on as many CTAs), at most :data:`ONE_STEP_CLUSTER_ROWS` rows of ``x``. Measured on the H100
-    (``experiments/results/kernels/small_layers_probe.json``, same run, M = 1): 0.82 – 0.93× the
-    pass's time on q / o, k / v and down (int4 g128, NF4, int8), level (0.97 – 1.02×) on gate / up;
-    at M = 16 1.32 – 1.35× (not taken there). Nowhere else does the balanced schedule give
-    ``L`` = 1 (the 70B and 8B shapes have more K steps than the SMs hold CTAs)."""
-    return m <= ONE_STEP_CLUSTER_ROWS and cfg.cta_steps == 1 and cfg.cluster < MAX_CLUSTER
+    (``experiments/results/kernels/small_layers_probe.json``, same run, M = 1, the clusters this
+    dispatches): 0.84 – 0.91× the pass's time on q / o, k / v and down (int4 g128, NF4, int8),
+    level (0.97 – 1.02×) on gate / up; at M = 16 1.09 – 1.35× (not taken there). Nowhere else
+    does the balanced schedule give ``L`` = 1 (the 70B and 8B shapes have more K steps than the
+    SMs hold CTAs)."""
+    return m <= ONE_STEP_CLUSTER_ROWS and cfg.cta_steps == 1
 
 
 def fit(cfg: mg.Config, m: int, k_p: int, n_p: int, bits: int, span: int = mg.SLICE) -> mg.Config:
