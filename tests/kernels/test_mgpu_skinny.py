@@ -59,11 +59,7 @@ def test_decode_sizes_take_the_skinny_kernel_where_it_was_measured_faster(spec, 
     assert sk.beats(main, w) == faster
     assert (sk.pick(main, w, m) is not None) == want
     if want:  # the same placement of the scales as the main kernel's table
-        assert cfg.scale_acc == main.scale_acc
-        # clusters of at most two, but a whole tile's one-step CTAs at M ≤ 8 (SmolLM2's layers)
-        steps = w.codes.shape[1] // cfg.block_k
-        one_step = m <= sk.ONE_STEP_CLUSTER_ROWS and cfg.cta_steps == 1
-        assert cfg.cluster == steps if one_step else cfg.cluster in range(sk.CLUSTER + 1)
+        assert cfg.scale_acc == main.scale_acc and cfg.cluster in range(sk.CLUSTER + 1)
         # NF4 (its 32 KiB pair table): two CTAs per SM where clusters of two fit (8192²)
         nf4_two = layout == "gpu_nf4t" and (n, k) == (8192, 8192)
         assert cfg.ctas_per_sm == (2 if nf4_two else sk.CTAS_PER_SM)
@@ -141,34 +137,6 @@ def test_dispatch_adds_partial_sums_in_clusters_of_two_where_they_fit(k, n, bits
     assert cfg.path == "skinny" and (cfg.cta_steps, cfg.cluster) == want
 
 
-SMOL = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # SmolLM2-135M's (K, N): q/o, k/v, ...
-
-
-@pytest.mark.parametrize(("spec", "layout"), SKINNY, ids=lambda v: str(v))
-@pytest.mark.parametrize(("k", "n"), SMOL)
-@pytest.mark.parametrize("m", [1, 5, 8, 9, 16])
-def test_small_weights_add_one_step_sums_in_whole_tile_clusters_up_to_8_rows(spec, layout, k, n, m):
-    # measured (`small_layers_probe.json`): at M = 1 clusters of a tile's one-step CTAs took
-    # 0.84 – 0.91× the XLA pass's time (gate / up level); at M = 16 1.09 – 1.35×
-    w = _abstract(spec, layout, k, n)
-    cfg = mg.config_for(w, m)
-    steps = w.codes.shape[1] // cfg.block_k
-    assert cfg.path == "skinny" and cfg.cta_steps == 1 and 3 <= steps <= sk.MAX_CLUSTER
-    assert cfg.cluster == (steps if m <= 8 else 0)
-    x = jax.ShapeDtypeStruct((m, w.codes.shape[1]), jnp.bfloat16)
-    sk.check_config(x, w, cfg)  # clusters divide the CTAs and hold whole tiles; shared memory fits
-
-
-@pytest.mark.parametrize(("k", "n"), [(8192, 10240), (8192, 8192), (28672, 8192), (4096, 4096),
-                                      (4096, 6144), (14336, 4096)])  # fmt: skip
-@pytest.mark.parametrize(("spec", "layout"), SKINNY, ids=lambda v: str(v))
-def test_one_step_clusters_leave_the_larger_weights_as_they_were(spec, layout, k, n):
-    # no balanced schedule gives their CTAs a single K step: M = 1 and M = 16 pick alike
-    w = _abstract(spec, layout, k, n)
-    a, b = mg.config_for(w, 1), mg.config_for(w, 16)
-    assert a == b and not sk.one_step_clusters(a, 1)
-
-
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize(
     ("k", "n", "want"),
@@ -232,20 +200,6 @@ def test_kernel_lowers_to_mosaic_gpu(spec, layout, m, k, n, scale_acc, cluster):
     assert ("ld.shared.b32" in text) == lut  # the pair table's loads
     # clustered: partial sums stored into another CTA's shared memory (mapa + st.async)
     assert ("st.async" in text and "mapa" in text) == bool(cfg.cluster)
-
-
-@pytest.mark.parametrize(("spec", "layout"), [SKINNY[0], SKINNY[-1]], ids=lambda v: str(v))
-@pytest.mark.parametrize(("k", "n"), [(576, 576), (1536, 576)])
-def test_dispatched_whole_tile_clusters_of_five_or_six_lower_to_mosaic_gpu(spec, layout, k, n):
-    # clusters that are not a power of two (a tile's 5 or 6 one-step CTAs, M = 1): the kernel
-    # stores its sums into the tile's first CTA (mapa + st.async) and writes y itself
-    w = _weight(spec, layout, k, n)
-    cfg = mg.config_for(w, 1)
-    assert cfg.cluster in (3, 5, 6)
-    x = jax.random.normal(jax.random.key(3), (1, k), jnp.bfloat16)
-    f = jax.jit(lambda x, w: sk.matmul_rows(x, w, cfg))
-    text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
-    assert "st.async" in text and "mapa" in text
 
 
 def _lowered_under(w, m: int, *patches) -> str:

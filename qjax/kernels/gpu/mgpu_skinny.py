@@ -18,10 +18,8 @@ same number ``L`` of consecutive K steps (:func:`schedule`: one wave of at most
 ``c − first_cta(t)``, and one fused XLA pass adds, transposes, scales per channel and casts
 (:func:`qjax.kernels.gpu.mgpu_matmul.combine`). Where the schedule can keep every tile's CTAs in
 one cluster of two (``Config.cluster``, :func:`clustered_schedule`; Hopper thread-block
-clusters) — or, for small weights at up to 8 rows of ``x`` whose CTAs take one K step each, in
-one cluster of up to 8 holding the whole tile (:func:`one_step_clusters`) — the pass goes: a
-tile's later CTAs store their sums into its first CTA's shared memory (distributed shared
-memory), which adds them, scales, casts and writes ``y`` itself. Group scales
+clusters), the pass goes: a tile's later CTAs store their sums into its first CTA's shared memory
+(distributed shared memory), which adds them, scales, casts and writes ``y`` itself. Group scales
 (int4 g128) multiply the weights or, with ``scale_acc``, the float32 per-slice sums, as in the
 main kernel. NF4's 64-code blocks are loaded, decoded and multiplied two at a time
 (:func:`qjax.kernels.gpu.mgpu_matmul.load_codes`: 64-byte TMA rows, each block of the decoded
@@ -204,17 +202,6 @@ def pick(main: mg.Config, w: QArray, m: int) -> mg.Config | None:
     base = dataclasses.replace(
         main, path="skinny", block_k=512, ctas_per_sm=CTAS_PER_SM, cluster=CLUSTER
     )
-    cfg = _base_pick(base, w, m)
-    if cfg is None or not one_step_clusters(cfg, m):
-        return cfg
-    return fit(dataclasses.replace(cfg, cluster=MAX_CLUSTER), m, k_p, n_p, bits, span)
-
-
-def _base_pick(base: mg.Config, w: QArray, m: int) -> mg.Config | None:
-    """:func:`pick`'s config before :func:`one_step_clusters`: ``base`` fitted, NF4's CTAs per SM
-    and clusters as :func:`pick` says."""
-    n_p, k_p = w.codes.shape
-    bits, span = mg.code_bits(w), mg.slice_codes(w)
     if w.layout != "gpu_nf4t":
         return fit(base, m, k_p, n_p, bits, span)
     for per_sm in (2, CTAS_PER_SM):
@@ -225,24 +212,6 @@ def _base_pick(base: mg.Config, w: QArray, m: int) -> mg.Config | None:
     if math.prod(w.codes.shape) > NF4_MAX_CODES:
         return None
     return fit(dataclasses.replace(base, cluster=0), m, k_p, n_p, bits, span)
-
-
-ONE_STEP_CLUSTER_ROWS = mg.ROW_STEP  # rows of x (one 8-row block: the kernel measured at M = 1)
-#                                     up to which `one_step_clusters` applies; at M = 16 such
-#                                     clusters were 1.09 – 1.35× the XLA pass's time
-
-
-def one_step_clusters(cfg: mg.Config, m: int) -> bool:
-    """Whether ``cfg`` (fitted) should add its split tiles' sums in clusters of up to
-    :data:`MAX_CLUSTER` CTAs (each cluster one whole tile) instead of its XLA pass: small weights
-    (SmolLM2-135M's layers), where every CTA takes a single K step (``L`` = 1, a tile's 3 – 6 steps
-    on as many CTAs), at most :data:`ONE_STEP_CLUSTER_ROWS` rows of ``x``. Measured on the H100
-    (``experiments/results/kernels/small_layers_probe.json``, same run, M = 1, the clusters this
-    dispatches): 0.84 – 0.91× the pass's time on q / o, k / v and down (int4 g128, NF4, int8),
-    level (0.97 – 1.02×) on gate / up; at M = 16 1.09 – 1.35× (not taken there). Nowhere else
-    does the balanced schedule give ``L`` = 1 (the 70B and 8B shapes have more K steps than the
-    SMs hold CTAs)."""
-    return m <= ONE_STEP_CLUSTER_ROWS and cfg.cta_steps == 1
 
 
 def fit(cfg: mg.Config, m: int, k_p: int, n_p: int, bits: int, span: int = mg.SLICE) -> mg.Config:
