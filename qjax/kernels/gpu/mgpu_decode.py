@@ -365,3 +365,108 @@ def decode(kind: str, codes, table=None):
         return as_wgmma(vals)
 
     return run(codes)
+
+
+# -- codes loaded from HBM straight into registers ---------------------------------------------
+ROWS = 64  # weight rows of one warp group's `wgmma` (M)
+LDG_VEC = 4  # 32-bit words per thread and load instruction (128-bit loads)
+
+
+def fragment_order(n_p: int, k_p: int, bits: int, bk: int) -> np.ndarray:
+    """``order`` (int64, ``(n_p / 64 · k_p / bk, 128 · R)``, ``R = bk / (2v)``) with
+    ``fragment[i, j] = words[order[i, j] // (k_p / v), order[i, j] % (k_p / v)]``, where
+    ``words`` are the 32-bit words of ``bits``-bit codes already in :func:`stored_order` (``v``
+    codes each).
+
+    Row ``t · steps + s`` holds the ``bk``-code K step ``s`` of the 64-row tile ``t`` in the order
+    a warp group loads it into registers, 128 bits per thread and load: word
+    ``512 · i + 4 · tid + e`` is register ``j = 4i + e`` of thread ``tid`` in :func:`load_layout`
+    (``WGMMA_UPCAST_4X`` / ``WGMMA_8BIT``), which holds row ``16w + 8h + r`` and word ``4b + q``
+    of the step (``tid = 32w + 4r + q``, ``j = 2b + h``). Each load instruction of the warp group
+    thus reads 2 KiB of consecutive bytes, and each thread gets exactly the words its ``wgmma``
+    fragments need."""
+    v = VEC[bits]
+    nb = bk // (4 * v)  # blocks of 4 words (one per q) along a row of the step
+    if n_p % ROWS or k_p % bk or nb % 2:
+        raise ValueError(f"fragment_order: {n_p}×{k_p} does not split into 64-row tiles of "
+                         f"{bk}-code steps (an even number of {4 * v}-code blocks)")  # fmt: skip
+    per_row = k_p // v
+    t, w, h, r, s, i, e2, q = np.meshgrid(
+        *(np.arange(d) for d in (n_p // ROWS, 4, 2, 8, k_p // bk, nb // 2, 2, 4)), indexing="ij"
+    )
+    row = ROWS * t + 16 * w + 8 * h + r
+    col = s * (bk // v) + 4 * (2 * i + e2) + q
+    flat = row * per_row + col  # axes (t, w, h, r, s, i, e2, q)
+    flat = flat.transpose(0, 4, 5, 1, 3, 7, 6, 2)  # (t, s, i, w, r, q, e2, h)
+    return flat.reshape((n_p // ROWS) * (k_p // bk), -1)
+
+
+def fragment_words(codes, bk: int):
+    """``codes`` (``(N_p, K_p)`` ``jnp.int4`` / ``jnp.int8`` / FP8, in :func:`stored_order`) as
+    :func:`fragment_order`'s ``uint32`` rows: a repack done once, off the product's path."""
+    import jax
+    import jax.numpy as jnp
+
+    n_p, k_p = codes.shape
+    bits = 4 if codes.dtype == jnp.int4 else 8
+    v = VEC[bits]
+    words = jax.lax.bitcast_convert_type(codes.reshape(n_p, k_p // v, v), jnp.uint32)
+    return words.reshape(-1)[fragment_order(n_p, k_p, bits, bk)]
+
+
+def load_fragments(ref):
+    """One K step of :func:`fragment_words` (a GMEM row ref, ``(128 · R,)`` ``uint32``) loaded
+    into registers, ``R / 4`` loads of 128 bits per thread (Mosaic GPU's strided layout)."""
+    import jax.experimental.mosaic.gpu as mgpu
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+
+    layout = plgpu.Layout.WG_STRIDED(tuple(ref.shape), vec_size=LDG_VEC)
+    ret = plgpu.ShapeDtypeStruct(tuple(ref.shape), jnp.uint32, layout)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=ret)
+    def run(_, gmem):
+        return mgpu.FragmentedArray.load_strided(gmem, vec_size=LDG_VEC, is_signed=False)
+
+    return run(ref)
+
+
+def fragment_slices(words, bits: int, width: int, dtype):
+    """:func:`load_fragments`' words as the step's ``(64, width)`` slices of codes (``dtype``), in
+    :func:`load_layout` — a relabelling of registers, no instruction."""
+    import jax.experimental.mosaic.gpu as mgpu
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+    from jax.experimental.mosaic.gpu import utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import vector
+
+    v = VEC[bits]
+    (n,) = words.shape
+    per = width // (4 * v)  # blocks of a slice
+    signed = bool(jnp.issubdtype(dtype, jnp.signedinteger))
+    n_slices = n // 128 // 2 // per
+    layout = load_layout(bits)
+    ret = tuple(plgpu.ShapeDtypeStruct((ROWS, width), dtype, layout) for _ in range(n_slices))
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_STRIDED((n,), vec_size=LDG_VEC),),
+                       return_type=ret)  # fmt: skip
+    def run(_, arr):
+        i32 = ir.IntegerType.get_signless(32)
+        code_t = ir.IntegerType.get_signless(bits)
+        mlayout = layout.to_mgpu()
+        out = []
+        for sl in range(n_slices):
+            regs = np.empty(mlayout.registers_shape((ROWS, width)), dtype=object)
+            for b in range(per):
+                for h in range(2):
+                    j = 2 * (sl * per + b) + h
+                    word = vector.extract(arr.registers[j // LDG_VEC], [], [j % LDG_VEC])
+                    one = vector.broadcast(ir.VectorType.get((1,), i32), word)
+                    regs[0, b, 0, 0, h, 0, 0, 0, 0] = utils.bitcast(
+                        one, ir.VectorType.get((v,), code_t)
+                    )
+            out.append(mgpu.FragmentedArray(_registers=regs, _layout=mlayout, _is_signed=signed))
+        return tuple(out)
+
+    return run(words)

@@ -128,6 +128,8 @@ class Config:
     cluster: int = 0  # "skinny": CTAs per cluster that add a split tile's partial sums in the
     #                   shared memory of its first CTA, which writes y (`mgpu_skinny`; `fit`
     #                   takes it as the most allowed); 0: an XLA pass adds them
+    ldg: bool = False  # "skinny": the codes loaded from HBM straight into registers, one K
+    #                    step ahead (`mgpu_decode.fragment_words`), not by TMA through shared memory
 
 
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4

@@ -54,6 +54,7 @@ import numpy as np
 from jax import lax
 
 from qjax.errors import ShapeError
+from qjax.kernels.gpu import mgpu_decode as dec
 from qjax.kernels.gpu import mgpu_matmul as mg
 from qjax.qarray import QArray
 
@@ -280,7 +281,7 @@ def check_config(x2, w: QArray, cfg: mg.Config) -> None:
                          f"{mg.SMEM_BYTES} (use fit())")  # fmt: skip
 
 
-def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: int):
+def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: int, words=None):
     """The kernel: ``(slots, N_p, M_p)`` float32 partial sums of ``Ŵᵀ xᵀ`` — CTA ``c`` takes K
     steps ``[c·L, (c+1)·L)`` of the 64-row tiles end to end and writes its sum of tile ``t`` to
     slot ``c − first_cta(t)`` (:func:`qjax.kernels.gpu.mgpu_matmul.segments`); ``scales``: one
@@ -288,6 +289,12 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     ``None`` (per-channel scales applied by the caller); ``cfg.lut``: 4-bit codes decoded by
     the pair table (:mod:`~qjax.kernels.gpu.mgpu_decode`), copied to shared memory at the
     start and waited for at the first K step, once the pipeline has issued its first copies.
+
+    ``cfg.ldg``: the codes come from ``words`` (:func:`~qjax.kernels.gpu.mgpu_decode.fragment_words`
+    of ``codes`` for ``cfg.block_k``; ``codes`` then only gives the shape and type), each K step
+    loaded from HBM into registers by 128-bit loads at the start of the step before it (the run's
+    last step loads its own again, from L2), so no TMA and no shared memory carry them; the
+    pipeline copies ``x`` and the scale rows only.
 
     ``cfg.cluster`` (``C`` consecutive CTAs per cluster, :func:`clustered_schedule`): returns
     ``y``, ``(rows of x2, N_p)`` in ``x2.dtype``, instead. A CTA that took a tile's later K
@@ -302,12 +309,10 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    from qjax.kernels.gpu import mgpu_decode as dec
-
     m_rows, k_p = x2.shape[0], codes.shape[1]  # x2's columns past K: zeros (TMA fills them)
     _, bm = mg.padded_rows(m_rows)
     n_p = codes.shape[0]
-    bk, length, lut, cl = cfg.block_k, cfg.cta_steps, cfg.lut, cfg.cluster
+    bk, length, lut, cl, ldg = cfg.block_k, cfg.cta_steps, cfg.lut, cfg.cluster, cfg.ldg
     n_tiles, steps = n_p // ROWS, k_p // bk
     ctas = n_tiles * steps // length
     slots = received_slots(n_tiles, steps, length) + 1  # a tile's CTAs, most
@@ -397,8 +402,15 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
         def scoped(accs):
             tot = accs[0]
 
-            def body(idx, w_smem, x_smem, *s_smem):
+            def body(idx, *refs):
                 (kk,) = idx
+                if ldg:  # the next step's codes issued first; this step's came with the carry
+                    x_smem, *s_smem, held = refs
+                    ahead = ci * length + jnp.minimum(kk + 1, length - 1)
+                    nxt = dec.load_fragments(w_gmem.at[ahead])
+                    step_codes = dec.fragment_slices(held, bits, load, codes.dtype)
+                else:
+                    w_smem, x_smem, *s_smem = refs
                 if lut:  # the table, at the first step: the pipeline's first copies are
                     #      already in flight (waiting before the pipeline held back every CTA's
                     #      stream: NF4 1 – 4 % slower, `table_wait_probe.json`)
@@ -409,7 +421,10 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
                 def operands(j):
                     cols = pl.ds(j * load, load)
-                    raw = plgpu.load(w_smem.at[:, cols], (), layout=dec.load_layout(bits))
+                    if ldg:
+                        raw = step_codes[j]
+                    else:
+                        raw = plgpu.load(w_smem.at[:, cols], (), layout=dec.load_layout(bits))
                     a = dec.decode(decode, raw, lut_smem if lut else None)
                     if decode in dec.FP8_SHIFT:  # exact: a power of two
                         a = a * jnp.bfloat16(fp8_factor)
@@ -453,22 +468,36 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[slot, pl.ds(t * ROWS, ROWS)])
                     tot[...] = jnp.zeros((ROWS, bm), jnp.float32)
 
-            in_specs = [
-                plgpu.BlockSpec(
-                    (ROWS, bk),
-                    lambda kk: (tile(kk), k_step(kk)),
-                    transforms=mg._tiled(load, bits, "lhs"),
-                ),
+                return nxt if ldg else None
+
+            w_spec = plgpu.BlockSpec(
+                (ROWS, bk),
+                lambda kk: (tile(kk), k_step(kk)),
+                transforms=mg._tiled(load, bits, "lhs"),
+            )
+            in_specs = [] if ldg else [w_spec]
+            in_specs += [
                 plgpu.BlockSpec(
                     (bm, bk), lambda kk: (0, k_step(kk)), transforms=mg._tiled(load, 16, "rhs")
                 ),
             ]
             if scaled:
                 in_specs.append(plgpu.BlockSpec((per, ROWS), lambda kk: (k_step(kk), tile(kk))))
-            pipeline = plgpu.emit_pipeline(
-                body, grid=(length,), in_specs=in_specs, max_concurrent_steps=cfg.stages
-            )
-            pipeline(w_gmem, x_gmem, *s_gmem)
+            if ldg:
+                first = dec.load_fragments(w_gmem.at[ci * length])
+                pipeline = plgpu.emit_pipeline(
+                    body,
+                    grid=(length,),
+                    in_specs=in_specs,
+                    max_concurrent_steps=cfg.stages,
+                    init_carry=first,
+                )
+                pipeline(x_gmem, *s_gmem)
+            else:
+                pipeline = plgpu.emit_pipeline(
+                    body, grid=(length,), in_specs=in_specs, max_concurrent_steps=cfg.stages
+                )
+                pipeline(w_gmem, x_gmem, *s_gmem)
             if channel:  # the prefetched scales were not used: the run's last tile went on
 
                 @pl.when(ci != first_cta(tile(length - 1)))
@@ -480,7 +509,8 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
         acc = plgpu.ACC((ROWS, bm), jnp.float32)
         pl.run_scoped(scoped, [acc] * (3 if by_slice else 1))
 
-    args = [codes, x2] + ([scales] if scaled else []) + ([ch_scales] if channel else [])
+    args = [words if ldg else codes, x2] + ([scales] if scaled else [])
+    args += [ch_scales] if channel else []
     scratch = {}
     if lut:
         args.append(jnp.asarray(dec.lut_words(decode)))
@@ -513,19 +543,24 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def matmul_rows(x2, w: QArray, cfg: mg.Config):
+def matmul_rows(x2, w: QArray, cfg: mg.Config, words=None):
     """``x2 @ Ŵ`` for bf16 ``x2: (M, K)`` (or ``K_p``), ``M ≤`` :data:`MAX_ROWS`, ``(M, N_p)`` in
     ``x2.dtype``: the kernel's partial sums, then one XLA pass (slots added, transposed, per-channel
-    scales, cast); with ``cfg.cluster``, the kernel's ``y`` as it is."""
+    scales, cast); with ``cfg.cluster``, the kernel's ``y`` as it is. ``cfg.ldg``: ``words``,
+    :func:`~qjax.kernels.gpu.mgpu_decode.fragment_words` of ``w.codes`` for ``cfg.block_k``
+    (repacked here where not given)."""
     m = x2.shape[0]
     if m > mg.TMA_ROWS and m % mg.TMA_ROWS:  # TMA reads past the last row only of such x
         x2 = jnp.pad(x2, [(0, -m % mg.TMA_ROWS), (0, 0)])
     per_channel = w.layout == "gpu_f8t" or (w.layout != "gpu_nf4t" and w.spec.group == "channel")
     scales = None if per_channel else w.scales
+    if cfg.ldg and words is None:
+        words = dec.fragment_words(w.codes, cfg.block_k)
+    kw = dict(words=words) if cfg.ldg else {}
     if cfg.cluster:
         ch = w.scales[:1] if per_channel else None  # cast to float32 in the kernel
-        return _partials(x2, w.codes, scales, ch, cfg, mg.decoder(w), mg.slice_codes(w))[:m]
-    parts = _partials(x2, w.codes, scales, None, cfg, mg.decoder(w), mg.slice_codes(w))
+        return _partials(x2, w.codes, scales, ch, cfg, mg.decoder(w), mg.slice_codes(w), **kw)[:m]
+    parts = _partials(x2, w.codes, scales, None, cfg, mg.decoder(w), mg.slice_codes(w), **kw)
     n_p, k_p = w.codes.shape
     y = mg.combine(parts, n_p // ROWS, k_p // cfg.block_k, cfg.cta_steps).T[:m]
     if per_channel:
