@@ -12,11 +12,15 @@ exactly its fragments with 128-bit global loads (each warp group load reads 2 Ki
 bytes), issued at the start of the step before; a thread then waits only for its own registers,
 not for the whole step. ``x`` and the scale rows keep their TMA pipeline.
 
-Variants per case (the dispatch's skinny config ``tma``, and):
+Variants per case (the dispatch's skinny config ``tma``, and the same config — K step,
+schedule, clusters — with the codes loaded into registers):
 
-* ``ldg`` — the same config (K step, schedule, clusters) with the codes loaded into registers;
-* ``ldg_bk256`` — 256-code K steps (half the registers in flight; the schedule refitted);
-* ``ldg_4sm`` — the schedule for four CTAs per SM (the codes no longer take shared memory).
+* ``ldg`` — by Mosaic GPU's own vector load (a generic ``ld.v4``), one step ahead;
+* ``ldg_nc`` — by ``ld.global.nc.L1::no_allocate.v4.u32`` (the read-only path, no L1 lines);
+* ``ldg_nc2`` — the same, two steps ahead (``mgpu_skinny.LDG_AHEAD``).
+
+(Stop 32's first run also had 256-code steps and a schedule for four CTAs per SM, both slower:
+``--more``.)
 
 Device checks first: each variant against the float32 reference and, with the same K step and
 schedule, against the TMA kernel bit for bit (the sums are added in the same order), and run
@@ -27,10 +31,13 @@ twice with the same bits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import json
 import os
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -53,22 +60,42 @@ def refit(base: mg.Config, w, bk: int, per_sm: int) -> mg.Config:
     )
 
 
+NC = "ld.global.nc.L1::no_allocate.v4.u32"
+PATCHES = {"ldg_nc": dict(ptx=NC), "ldg_nc2": dict(ptx=NC, ahead=2)}
+MORE = False  # `--more`: also 256-code steps and four CTAs per SM
+
+
 def variants(w, m: int) -> dict:
     """``label: Config`` of the case (empty where the dispatch takes the main kernel)."""
     base = mg.config_for(w, m)
     if base.path != "skinny":
         return {}
-    out = {"tma": base, "ldg": dataclasses.replace(base, ldg=True)}
-    if base.block_k > 256:
+    ldg = dataclasses.replace(base, ldg=True)
+    out = {"tma": base, "ldg": ldg, **{label: ldg for label in PATCHES}}
+    if MORE and base.block_k > 256:
         out["ldg_bk256"] = refit(base, w, 256, base.ctas_per_sm)
-    if base.ctas_per_sm < 4:
+    if MORE and base.ctas_per_sm < 4:
         out["ldg_4sm"] = refit(base, w, base.block_k, 4)
     return out
 
 
-def product(cfg: mg.Config):
-    """``(x, w, words) ↦ x @ Ŵ`` by the skinny kernel with ``cfg`` (``words`` unused by TMA)."""
-    return jax.jit(lambda x, w, words: sk.matmul_rows(x, w, cfg, words if cfg.ldg else None))
+def patched(label: str):
+    """The load instruction and steps ahead of ``label``, in force while it is traced."""
+    p = PATCHES.get(label)
+    if p is None:
+        return contextlib.nullcontext()
+    return lib.retraced(
+        mock.patch.object(dec, "LDG_PTX", p["ptx"]),
+        mock.patch.object(sk, "LDG_AHEAD", p.get("ahead", 1)),
+    )
+
+
+def product(cfg: mg.Config, label: str, x, w, words):
+    """``(x, w, words) ↦ x @ Ŵ`` by the skinny kernel with ``cfg`` (``words`` unused by TMA),
+    compiled for these arguments with ``label``'s patches."""
+    f = jax.jit(lambda x, w, words: sk.matmul_rows(x, w, cfg, words if cfg.ldg else None))
+    with patched(label):
+        return f.lower(x, w, words).compile()
 
 
 def words_for(w, cfg: mg.Config):
@@ -82,7 +109,8 @@ def check(fmt: str, w, x, ref, cfgs: dict) -> list[dict]:
     for label, cfg in cfgs.items():
         row = {"fmt": fmt, "M": x.shape[0], "K": x.shape[1], "N": ref.shape[1], "variant": label}
         try:
-            f, words = product(cfg), words_for(w, cfg)
+            words = words_for(w, cfg)
+            f = product(cfg, label, x, w, words)
             a, b = (np.asarray(f(x, w, words)) for _ in range(2))
             y = a.astype(np.float32)
             err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
@@ -119,7 +147,7 @@ def time_case(fmt: str, n: int, k: int, m: int, t_bf16: float) -> dict | None:
     for label, cfg in cfgs.items():
         try:
             sets = [(x, w, words_for(w, cfg)) for w in ws]
-            us = kb.device_time(product(cfg), sets, 40)["us"]
+            us = kb.device_time(product(cfg, label, *sets[0]), sets, 40)["us"]
             row[f"{label}_us"] = round(us, 2)
             row[f"{label}_x_bf16"] = round(t_bf16 / us, 3)
             row[f"{label}_cfg"] = dict(bk=cfg.block_k, L=cfg.cta_steps, C=cfg.cluster,
@@ -136,10 +164,44 @@ def time_case(fmt: str, n: int, k: int, m: int, t_bf16: float) -> dict | None:
     return row
 
 
+def ptxas(out_dir: str, dump: str) -> None:
+    """What ``ptxas`` says (registers, spills) about each variant of int4 g128 and int8 on
+    10240×8192 at M = 1, from Mosaic GPU's dumps in ``dump`` (``MOSAIC_GPU_DUMP_PTXAS=1
+    MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO=dump`` set before the run), and counts of the
+    load instructions in the SASS: ``ldg_ptxas.json``."""
+    report = {}
+    for fmt in ("w4g128t", "w8cht"):
+        w = kb.random_weight(fmt, 8192, 10240, 0)
+        x = jnp.ones((1, 8192), jnp.bfloat16)
+        for label, cfg in variants(w, 1).items():
+            before = set(glob.glob(f"{dump}/*"))
+            product(cfg, label, x, w, words_for(w, cfg))
+            new = sorted(set(glob.glob(f"{dump}/*")) - before)
+            text = {f: open(f, errors="replace").read() for f in new}
+            log = "".join(t for f, t in text.items() if f.endswith(".ptxas"))
+            sass = "".join(t for f, t in text.items() if "sass" in f)
+            ops = ("LDG.E", "LD.E", "LDS", "LDL", "STL", "HGMMA", "PRMT", "LOP3", "BAR", "SYNCS")
+            report[f"{fmt} {label}"] = {
+                "files": [os.path.basename(f) for f in new],
+                "ptxas": [ln.strip() for ln in log.splitlines() if ln.strip()][:20],
+                "sass_ops": {op: sass.count(op) for op in ops},
+            }
+            print(fmt, label, json.dumps(report[f"{fmt} {label}"]), flush=True)
+    with open(os.path.join(out_dir, "ldg_ptxas.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+
+
 def main(argv=None) -> None:
+    global MORE
     ap = lib.probe_parser(["w4g128t", "w8cht", "fp8t", "nf4t"], [1, 16], 420)
     ap.set_defaults(shapes=["qkv", "o", "down"])
+    ap.add_argument("--more", action="store_true")
+    ap.add_argument("--ptxas", metavar="DUMP", help="only the ptxas / SASS report (ptxas())")
     args = ap.parse_args(argv)
+    MORE = args.more
+    if args.ptxas:
+        os.makedirs(args.out, exist_ok=True)
+        return ptxas(args.out, args.ptxas)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "ldg_probe.json")
     out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": []}

@@ -414,21 +414,63 @@ def fragment_words(codes, bk: int):
     return words.reshape(-1)[fragment_order(n_p, k_p, bits, bk)]
 
 
+LDG_PTX = None  # the load instruction of `load_fragments` (PTX, 4 × 32 bits): None, Mosaic GPU's
+#                own vector load (a generic `ld`); e.g. "ld.global.nc.L1::no_allocate.v4.u32"
+
+
 def load_fragments(ref):
     """One K step of :func:`fragment_words` (a GMEM row ref, ``(128 · R,)`` ``uint32``) loaded
-    into registers, ``R / 4`` loads of 128 bits per thread (Mosaic GPU's strided layout)."""
+    into registers, ``R / 4`` loads of 128 bits per thread (Mosaic GPU's strided layout), by
+    :data:`LDG_PTX`."""
     import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
 
-    layout = plgpu.Layout.WG_STRIDED(tuple(ref.shape), vec_size=LDG_VEC)
-    ret = plgpu.ShapeDtypeStruct(tuple(ref.shape), jnp.uint32, layout)
+    (n,) = ref.shape
+    layout = plgpu.Layout.WG_STRIDED((n,), vec_size=LDG_VEC)
+    ret = plgpu.ShapeDtypeStruct((n,), jnp.uint32, layout)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=ret)
     def run(_, gmem):
-        return mgpu.FragmentedArray.load_strided(gmem, vec_size=LDG_VEC, is_signed=False)
+        if LDG_PTX is None:
+            return mgpu.FragmentedArray.load_strided(gmem, vec_size=LDG_VEC, is_signed=False)
+        return _asm_loads(gmem, n)
 
     return run(ref)
+
+
+def _asm_loads(gmem, n: int):
+    """:func:`load_fragments` by :data:`LDG_PTX`: thread ``tid``'s ``i``-th load reads words
+    ``512 · i + 4 · tid …`` of the row."""
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm
+
+    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+    base = llvm.ptrtoint(i64, utils.memref_ptr(gmem))
+    tid = arith.remui(utils.thread_idx(), utils.c(128, i32))
+    offset = arith.extui(i64, arith.muli(tid, utils.c(4 * LDG_VEC, i32)))
+    per = 128 * LDG_VEC
+    regs = np.empty((n // per,), dtype=object)
+    vec_t = ir.VectorType.get((LDG_VEC,), i32)
+    for i in range(n // per):
+        addr = arith.addi(base, arith.addi(offset, utils.c(4 * per * i, i64)))
+        struct = llvm.inline_asm(
+            llvm.StructType.get_literal([i32] * LDG_VEC),
+            [addr],
+            f"{LDG_PTX} {{$0, $1, $2, $3}}, [$4];",
+            "=r,=r,=r,=r,l",
+            has_side_effects=False,
+        )
+        vec = llvm.mlir_undef(vec_t)
+        for e in range(LDG_VEC):
+            word = llvm.extractvalue(i32, struct, [e])
+            vec = llvm.insertelement(vec, word, utils.c(e, i32))
+        regs[i] = vec
+    layout = fa.WGStridedFragLayout((n,), LDG_VEC)
+    return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=False)
 
 
 def fragment_slices(words, bits: int, width: int, dtype):

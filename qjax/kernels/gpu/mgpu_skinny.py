@@ -114,6 +114,8 @@ def _most_balanced(total: int, lengths) -> int:
     return min(lengths, key=lambda d: (-(-total // d // mg.NUM_SMS) * d, d))
 
 
+LDG_AHEAD = 1  # `Config.ldg`: K steps of codes in flight in registers while a step is decoded
+
 MAX_CLUSTER = 8  # CTAs per cluster: Hopper's portable limit
 
 
@@ -292,9 +294,9 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
     ``cfg.ldg``: the codes come from ``words`` (:func:`~qjax.kernels.gpu.mgpu_decode.fragment_words`
     of ``codes`` for ``cfg.block_k``; ``codes`` then only gives the shape and type), each K step
-    loaded from HBM into registers by 128-bit loads at the start of the step before it (the run's
-    last step loads its own again, from L2), so no TMA and no shared memory carry them; the
-    pipeline copies ``x`` and the scale rows only.
+    loaded from HBM into registers by 128-bit loads at the start of the step :data:`LDG_AHEAD`
+    steps before it (the run's last steps load its last again, from L2), so no TMA and no shared
+    memory carry them; the pipeline copies ``x`` and the scale rows only.
 
     ``cfg.cluster`` (``C`` consecutive CTAs per cluster, :func:`clustered_schedule`): returns
     ``y``, ``(rows of x2, N_p)`` in ``x2.dtype``, instead. A CTA that took a tile's later K
@@ -404,11 +406,11 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
             def body(idx, *refs):
                 (kk,) = idx
-                if ldg:  # the next step's codes issued first; this step's came with the carry
+                if ldg:  # a later step's codes issued first; this step's came with the carry
                     x_smem, *s_smem, held = refs
-                    ahead = ci * length + jnp.minimum(kk + 1, length - 1)
+                    ahead = ci * length + jnp.minimum(kk + LDG_AHEAD, length - 1)
                     nxt = dec.load_fragments(w_gmem.at[ahead])
-                    step_codes = dec.fragment_slices(held, bits, load, codes.dtype)
+                    step_codes = dec.fragment_slices(held[0], bits, load, codes.dtype)
                 else:
                     w_smem, x_smem, *s_smem = refs
                 if lut:  # the table, at the first step: the pipeline's first copies are
@@ -468,7 +470,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[slot, pl.ds(t * ROWS, ROWS)])
                     tot[...] = jnp.zeros((ROWS, bm), jnp.float32)
 
-                return nxt if ldg else None
+                return (*held[1:], nxt) if ldg else None
 
             w_spec = plgpu.BlockSpec(
                 (ROWS, bk),
@@ -484,7 +486,10 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
             if scaled:
                 in_specs.append(plgpu.BlockSpec((per, ROWS), lambda kk: (k_step(kk), tile(kk))))
             if ldg:
-                first = dec.load_fragments(w_gmem.at[ci * length])
+                first = tuple(
+                    dec.load_fragments(w_gmem.at[ci * length + min(a, length - 1)])
+                    for a in range(LDG_AHEAD)
+                )
                 pipeline = plgpu.emit_pipeline(
                     body,
                     grid=(length,),
