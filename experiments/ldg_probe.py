@@ -17,7 +17,9 @@ schedule, clusters — with the codes loaded into registers):
 
 * ``ldg`` — by Mosaic GPU's own vector load (a generic ``ld.v4``), one step ahead;
 * ``ldg_nc`` — by ``ld.global.nc.L1::no_allocate.v4.u32`` (the read-only path, no L1 lines);
-* ``ldg_nc2`` — the same, two steps ahead (``mgpu_skinny.LDG_AHEAD``).
+* ``ldg_nc2`` — the same, two steps ahead (``mgpu_skinny.LDG_AHEAD``);
+* ``ldg_rows`` — no new layout: the weight's own codes (``gpu_i8t`` …), one
+  ``ld.global.nc.b32`` per register (``mgpu_decode.load_code_rows``), one step ahead.
 
 (Stop 32's first run also had 256-code steps and a schedule for four CTAs per SM, both slower:
 ``--more``.)
@@ -61,8 +63,13 @@ def refit(base: mg.Config, w, bk: int, per_sm: int) -> mg.Config:
 
 
 NC = "ld.global.nc.L1::no_allocate.v4.u32"
-PATCHES = {"ldg_nc": dict(ptx=NC), "ldg_nc2": dict(ptx=NC, ahead=2)}
+PATCHES = {
+    "ldg_nc": dict(ptx=NC),
+    "ldg_nc2": dict(ptx=NC, ahead=2),
+    "ldg_rows": dict(source="rows"),
+}
 MORE = False  # `--more`: also 256-code steps and four CTAs per SM
+ONLY: tuple[str, ...] = ()  # `--variants`: these alone (and `tma`)
 
 
 def variants(w, m: int) -> dict:
@@ -76,7 +83,7 @@ def variants(w, m: int) -> dict:
         out["ldg_bk256"] = refit(base, w, 256, base.ctas_per_sm)
     if MORE and base.ctas_per_sm < 4:
         out["ldg_4sm"] = refit(base, w, base.block_k, 4)
-    return out
+    return {k: v for k, v in out.items() if not ONLY or k in ONLY or k == "tma"}
 
 
 def patched(label: str):
@@ -85,21 +92,25 @@ def patched(label: str):
     if p is None:
         return contextlib.nullcontext()
     return lib.retraced(
-        mock.patch.object(dec, "LDG_PTX", p["ptx"]),
+        mock.patch.object(dec, "LDG_PTX", p.get("ptx")),
         mock.patch.object(sk, "LDG_AHEAD", p.get("ahead", 1)),
+        mock.patch.object(sk, "LDG_SOURCE", p.get("source", "fragments")),
     )
 
 
 def product(cfg: mg.Config, label: str, x, w, words):
     """``(x, w, words) ↦ x @ Ŵ`` by the skinny kernel with ``cfg`` (``words`` unused by TMA),
     compiled for these arguments with ``label``'s patches."""
-    f = jax.jit(lambda x, w, words: sk.matmul_rows(x, w, cfg, words if cfg.ldg else None))
+    f = jax.jit(lambda x, w, words: sk.matmul_rows(x, w, cfg, words))
     with patched(label):
         return f.lower(x, w, words).compile()
 
 
-def words_for(w, cfg: mg.Config):
-    return dec.fragment_words(w.codes, cfg.block_k) if cfg.ldg else None
+def words_for(w, cfg: mg.Config, label: str):
+    """The fragment-major codes ``label`` loads (``None``: it reads the weight's own codes)."""
+    if not cfg.ldg or PATCHES.get(label, {}).get("source") == "rows":
+        return None
+    return dec.fragment_words(w.codes, cfg.block_k)
 
 
 def check(fmt: str, w, x, ref, cfgs: dict) -> list[dict]:
@@ -109,7 +120,7 @@ def check(fmt: str, w, x, ref, cfgs: dict) -> list[dict]:
     for label, cfg in cfgs.items():
         row = {"fmt": fmt, "M": x.shape[0], "K": x.shape[1], "N": ref.shape[1], "variant": label}
         try:
-            words = words_for(w, cfg)
+            words = words_for(w, cfg, label)
             f = product(cfg, label, x, w, words)
             a, b = (np.asarray(f(x, w, words)) for _ in range(2))
             y = a.astype(np.float32)
@@ -146,7 +157,7 @@ def time_case(fmt: str, n: int, k: int, m: int, t_bf16: float) -> dict | None:
     row["checks_ok"] = all(c.get("ok") for c in checks)
     for label, cfg in cfgs.items():
         try:
-            sets = [(x, w, words_for(w, cfg)) for w in ws]
+            sets = [(x, w, words_for(w, cfg, label)) for w in ws]
             us = kb.device_time(product(cfg, label, *sets[0]), sets, 40)["us"]
             row[f"{label}_us"] = round(us, 2)
             row[f"{label}_x_bf16"] = round(t_bf16 / us, 3)
@@ -175,7 +186,7 @@ def ptxas(out_dir: str, dump: str) -> None:
         x = jnp.ones((1, 8192), jnp.bfloat16)
         for label, cfg in variants(w, 1).items():
             before = set(glob.glob(f"{dump}/*"))
-            product(cfg, label, x, w, words_for(w, cfg))
+            product(cfg, label, x, w, words_for(w, cfg, label))
             new = sorted(set(glob.glob(f"{dump}/*")) - before)
             text = {f: open(f, errors="replace").read() for f in new}
             log = "".join(t for f, t in text.items() if f.endswith(".ptxas"))
@@ -192,13 +203,14 @@ def ptxas(out_dir: str, dump: str) -> None:
 
 
 def main(argv=None) -> None:
-    global MORE
+    global MORE, ONLY
     ap = lib.probe_parser(["w4g128t", "w8cht", "fp8t", "nf4t"], [1, 16], 420)
     ap.set_defaults(shapes=["qkv", "o", "down"])
     ap.add_argument("--more", action="store_true")
+    ap.add_argument("--variants", nargs="*", default=[])
     ap.add_argument("--ptxas", metavar="DUMP", help="only the ptxas / SASS report (ptxas())")
     args = ap.parse_args(argv)
-    MORE = args.more
+    MORE, ONLY = args.more, tuple(args.variants)
     if args.ptxas:
         os.makedirs(args.out, exist_ok=True)
         return ptxas(args.out, args.ptxas)

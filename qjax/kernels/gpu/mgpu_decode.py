@@ -512,3 +512,49 @@ def fragment_slices(words, bits: int, width: int, dtype):
         return tuple(out)
 
     return run(words)
+
+
+ROWS_PTX = "ld.global.nc.b32"  # `load_code_rows`: one 32-bit load per register, the read-only
+#                              path (its lines stay in L1: a register's 16 bytes of a row are
+#                              half a 32-byte sector, the next register's the other half)
+
+
+def load_code_rows(ref, bits: int, dtype):
+    """A ``(64, S)`` block of codes in :func:`stored_order` (a GMEM ref into the weight's
+    ``(N_p, K_p)`` codes) loaded straight into registers in :func:`load_layout`: each register's
+    32 bits by one :data:`ROWS_PTX` at its address — what the TMA copy and the shared-memory load
+    of the skinny kernel deliver, without either."""
+    import jax.experimental.mosaic.gpu as mgpu
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import jax.numpy as jnp
+    from jax.experimental.mosaic.gpu import utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm
+
+    shape = tuple(ref.shape)
+    layout = load_layout(bits)
+    ret = plgpu.ShapeDtypeStruct(shape, dtype, layout)
+    signed = bool(jnp.issubdtype(dtype, jnp.signedinteger))
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=ret)
+    def run(_, gmem):
+        i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+        mlayout = layout.to_mgpu()
+        strides, _ = ir.MemRefType(gmem.type).get_strides_and_offset()
+        row_bits = strides[0] * bits
+        base = llvm.ptrtoint(i64, utils.memref_ptr(gmem))
+        regs = np.empty(mlayout.registers_shape(shape), dtype=object)
+        vec_t = ir.VectorType.get((VEC[bits],), ir.IntegerType.get_signless(bits))
+        for idx, (r, c) in zip(np.ndindex(regs.shape), mlayout.thread_idxs(shape), strict=True):
+            r, c = (arith.index_cast(i64, v) for v in (r, c))
+            bit = arith.addi(
+                arith.muli(r, utils.c(row_bits, i64)), arith.muli(c, utils.c(bits, i64))
+            )
+            addr = arith.addi(base, arith.shrui(bit, utils.c(3, i64)))
+            word = llvm.inline_asm(i32, [addr], f"{ROWS_PTX} $0, [$1];", "=r,l")
+            regs[idx] = utils.bitcast(
+                llvm.insertelement(llvm.mlir_undef(ir.VectorType.get((1,), i32)), word,
+                                   utils.c(0, i32)), vec_t)  # fmt: skip
+        return mgpu.FragmentedArray(_registers=regs, _layout=mlayout, _is_signed=signed)
+
+    return run(ref)

@@ -115,6 +115,9 @@ def _most_balanced(total: int, lengths) -> int:
 
 
 LDG_AHEAD = 1  # `Config.ldg`: K steps of codes in flight in registers while a step is decoded
+LDG_SOURCE = "fragments"  # `Config.ldg`: the codes' source — "fragments" (`fragment_words`,
+#                           128-bit loads) or "rows" (the weight's own codes, a 32-bit load per
+#                           register, `mgpu_decode.load_code_rows`)
 
 MAX_CLUSTER = 8  # CTAs per cluster: Hopper's portable limit
 
@@ -350,6 +353,16 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
         def first_cta(t):
             return t * steps // length
 
+        def load_step(g):
+            """``cfg.ldg``: global K step ``g``'s codes (tile ``g // steps``) into registers."""
+            if LDG_SOURCE == "fragments":
+                return dec.load_fragments(w_gmem.at[g])
+            rows, k0 = pl.ds(g // steps * ROWS, ROWS), g % steps * bk
+            return tuple(
+                dec.load_code_rows(w_gmem.at[rows, pl.ds(k0 + j * load, load)], bits, codes.dtype)
+                for j in range(bk // load)
+            )
+
         if channel:  # the scales of the tile this CTA's run ends in (used if it writes it)
             rows_end = pl.ds(tile(length - 1) * ROWS, ROWS)
             plgpu.copy_gmem_to_smem(chs_gmem.at[0, rows_end], chs_smem.at[0], cbar.at[0])
@@ -408,9 +421,10 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                 (kk,) = idx
                 if ldg:  # a later step's codes issued first; this step's came with the carry
                     x_smem, *s_smem, held = refs
-                    ahead = ci * length + jnp.minimum(kk + LDG_AHEAD, length - 1)
-                    nxt = dec.load_fragments(w_gmem.at[ahead])
-                    step_codes = dec.fragment_slices(held[0], bits, load, codes.dtype)
+                    nxt = load_step(ci * length + jnp.minimum(kk + LDG_AHEAD, length - 1))
+                    step_codes = held[0]
+                    if LDG_SOURCE == "fragments":
+                        step_codes = dec.fragment_slices(held[0], bits, load, codes.dtype)
                 else:
                     w_smem, x_smem, *s_smem = refs
                 if lut:  # the table, at the first step: the pipeline's first copies are
@@ -486,10 +500,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
             if scaled:
                 in_specs.append(plgpu.BlockSpec((per, ROWS), lambda kk: (k_step(kk), tile(kk))))
             if ldg:
-                first = tuple(
-                    dec.load_fragments(w_gmem.at[ci * length + min(a, length - 1)])
-                    for a in range(LDG_AHEAD)
-                )
+                first = tuple(load_step(ci * length + min(a, length - 1)) for a in range(LDG_AHEAD))
                 pipeline = plgpu.emit_pipeline(
                     body,
                     grid=(length,),
@@ -514,7 +525,8 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
         acc = plgpu.ACC((ROWS, bm), jnp.float32)
         pl.run_scoped(scoped, [acc] * (3 if by_slice else 1))
 
-    args = [words if ldg else codes, x2] + ([scales] if scaled else [])
+    fragments = ldg and LDG_SOURCE == "fragments"
+    args = [words if fragments else codes, x2] + ([scales] if scaled else [])
     args += [ch_scales] if channel else []
     scratch = {}
     if lut:
@@ -559,9 +571,9 @@ def matmul_rows(x2, w: QArray, cfg: mg.Config, words=None):
         x2 = jnp.pad(x2, [(0, -m % mg.TMA_ROWS), (0, 0)])
     per_channel = w.layout == "gpu_f8t" or (w.layout != "gpu_nf4t" and w.spec.group == "channel")
     scales = None if per_channel else w.scales
-    if cfg.ldg and words is None:
+    if cfg.ldg and LDG_SOURCE == "fragments" and words is None:
         words = dec.fragment_words(w.codes, cfg.block_k)
-    kw = dict(words=words) if cfg.ldg else {}
+    kw = dict(words=words) if cfg.ldg and LDG_SOURCE == "fragments" else {}
     if cfg.cluster:
         ch = w.scales[:1] if per_channel else None  # cast to float32 in the kernel
         return _partials(x2, w.codes, scales, ch, cfg, mg.decoder(w), mg.slice_codes(w), **kw)[:m]
