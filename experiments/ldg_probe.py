@@ -12,17 +12,14 @@ exactly its fragments with 128-bit global loads (each warp group load reads 2 Ki
 bytes), issued at the start of the step before; a thread then waits only for its own registers,
 not for the whole step. ``x`` and the scale rows keep their TMA pipeline.
 
-Variants per case (the dispatch's skinny config ``tma``, and the same config — K step,
-schedule, clusters — with the codes loaded into registers):
-
-* ``ldg`` — by Mosaic GPU's own vector load (a generic ``ld.v4``), one step ahead;
-* ``ldg_nc`` — by ``ld.global.nc.L1::no_allocate.v4.u32`` (the read-only path, no L1 lines);
-* ``ldg_nc2`` — the same, two steps ahead (``mgpu_skinny.LDG_AHEAD``);
-* ``ldg_rows`` — no new layout: the weight's own codes (``gpu_i8t`` …), one
-  ``ld.global.nc.b32`` per register (``mgpu_decode.load_code_rows``), one step ahead.
-
-(Stop 32's first run also had 256-code steps and a schedule for four CTAs per SM, both slower:
-``--more``.)
+Variants per case: the dispatch's skinny config, ``tma``, and ``ldg``, the same config (K
+step, schedule, clusters) with the codes loaded into registers one step ahead by
+``ld.global.nc.L1::no_allocate.v4.u32`` (``mgpu_decode.LDG_PTX``); ``--more`` adds ``ldg`` with
+256-code steps (``ldg_bk256``) and with the schedule for four CTAs per SM (``ldg_4sm``, the
+codes no longer take shared memory). Stop 32's runs also timed loads that lost (code at
+b741b39): Mosaic GPU's generic vector load (``ldg_probe_first``, ``_nc``: 3 – 6 % slower than the
+read-only load), two steps ahead (``_nc``) and the weight's own codes loaded a 32-bit word per
+register, no new layout (``_rows``: 1.31× the TMA kernel's time).
 
 Device checks first: each variant against the float32 reference and, with the same K step and
 schedule, against the TMA kernel bit for bit (the sums are added in the same order), and run
@@ -33,13 +30,10 @@ twice with the same bits.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import glob
 import json
 import os
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -62,14 +56,7 @@ def refit(base: mg.Config, w, bk: int, per_sm: int) -> mg.Config:
     )
 
 
-NC = "ld.global.nc.L1::no_allocate.v4.u32"
-PATCHES = {
-    "ldg_nc": dict(ptx=NC),
-    "ldg_nc2": dict(ptx=NC, ahead=2),
-    "ldg_rows": dict(source="rows"),
-}
 MORE = False  # `--more`: also 256-code steps and four CTAs per SM
-ONLY: tuple[str, ...] = ()  # `--variants`: these alone (and `tma`)
 
 
 def variants(w, m: int) -> dict:
@@ -77,40 +64,22 @@ def variants(w, m: int) -> dict:
     base = mg.config_for(w, m)
     if base.path != "skinny":
         return {}
-    ldg = dataclasses.replace(base, ldg=True)
-    out = {"tma": base, "ldg": ldg, **{label: ldg for label in PATCHES}}
+    out = {"tma": base, "ldg": dataclasses.replace(base, ldg=True)}
     if MORE and base.block_k > 256:
         out["ldg_bk256"] = refit(base, w, 256, base.ctas_per_sm)
     if MORE and base.ctas_per_sm < 4:
         out["ldg_4sm"] = refit(base, w, base.block_k, 4)
-    return {k: v for k, v in out.items() if not ONLY or k in ONLY or k == "tma"}
+    return out
 
 
-def patched(label: str):
-    """The load instruction and steps ahead of ``label``, in force while it is traced."""
-    p = PATCHES.get(label)
-    if p is None:
-        return contextlib.nullcontext()
-    return lib.retraced(
-        mock.patch.object(dec, "LDG_PTX", p.get("ptx")),
-        mock.patch.object(sk, "LDG_AHEAD", p.get("ahead", 1)),
-        mock.patch.object(sk, "LDG_SOURCE", p.get("source", "fragments")),
-    )
+def product(cfg: mg.Config):
+    """``(x, w, words) ↦ x @ Ŵ`` by the skinny kernel with ``cfg`` (``words`` unused by TMA)."""
+    return jax.jit(lambda x, w, words: sk.matmul_rows(x, w, cfg, words))
 
 
-def product(cfg: mg.Config, label: str, x, w, words):
-    """``(x, w, words) ↦ x @ Ŵ`` by the skinny kernel with ``cfg`` (``words`` unused by TMA),
-    compiled for these arguments with ``label``'s patches."""
-    f = jax.jit(lambda x, w, words: sk.matmul_rows(x, w, cfg, words))
-    with patched(label):
-        return f.lower(x, w, words).compile()
-
-
-def words_for(w, cfg: mg.Config, label: str):
-    """The fragment-major codes ``label`` loads (``None``: it reads the weight's own codes)."""
-    if not cfg.ldg or PATCHES.get(label, {}).get("source") == "rows":
-        return None
-    return dec.fragment_words(w.codes, cfg.block_k)
+def words_for(w, cfg: mg.Config):
+    """The fragment-major codes that ``cfg`` loads (``None``: TMA reads the weight's own)."""
+    return dec.fragment_words(w.codes, cfg.block_k) if cfg.ldg else None
 
 
 def check(fmt: str, w, x, ref, cfgs: dict) -> list[dict]:
@@ -120,8 +89,7 @@ def check(fmt: str, w, x, ref, cfgs: dict) -> list[dict]:
     for label, cfg in cfgs.items():
         row = {"fmt": fmt, "M": x.shape[0], "K": x.shape[1], "N": ref.shape[1], "variant": label}
         try:
-            words = words_for(w, cfg, label)
-            f = product(cfg, label, x, w, words)
+            f, words = product(cfg), words_for(w, cfg)
             a, b = (np.asarray(f(x, w, words)) for _ in range(2))
             y = a.astype(np.float32)
             err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
@@ -157,8 +125,8 @@ def time_case(fmt: str, n: int, k: int, m: int, t_bf16: float) -> dict | None:
     row["checks_ok"] = all(c.get("ok") for c in checks)
     for label, cfg in cfgs.items():
         try:
-            sets = [(x, w, words_for(w, cfg, label)) for w in ws]
-            us = kb.device_time(product(cfg, label, *sets[0]), sets, 40)["us"]
+            sets = [(x, w, words_for(w, cfg)) for w in ws]
+            us = kb.device_time(product(cfg), sets, 40)["us"]
             row[f"{label}_us"] = round(us, 2)
             row[f"{label}_x_bf16"] = round(t_bf16 / us, 3)
             row[f"{label}_cfg"] = dict(bk=cfg.block_k, L=cfg.cta_steps, C=cfg.cluster,
@@ -175,45 +143,13 @@ def time_case(fmt: str, n: int, k: int, m: int, t_bf16: float) -> dict | None:
     return row
 
 
-def ptxas(out_dir: str, dump: str) -> None:
-    """What ``ptxas`` says (registers, spills) about each variant of int4 g128 and int8 on
-    10240×8192 at M = 1, from Mosaic GPU's dumps in ``dump`` (``MOSAIC_GPU_DUMP_PTXAS=1
-    MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO=dump`` set before the run), and counts of the
-    load instructions in the SASS: ``ldg_ptxas.json``."""
-    report = {}
-    for fmt in ("w4g128t", "w8cht"):
-        w = kb.random_weight(fmt, 8192, 10240, 0)
-        x = jnp.ones((1, 8192), jnp.bfloat16)
-        for label, cfg in variants(w, 1).items():
-            before = set(glob.glob(f"{dump}/*"))
-            product(cfg, label, x, w, words_for(w, cfg, label))
-            new = sorted(set(glob.glob(f"{dump}/*")) - before)
-            text = {f: open(f, errors="replace").read() for f in new}
-            log = "".join(t for f, t in text.items() if f.endswith(".ptxas"))
-            sass = "".join(t for f, t in text.items() if "sass" in f)
-            ops = ("LDG.E", "LD.E", "LDS", "LDL", "STL", "HGMMA", "PRMT", "LOP3", "BAR", "SYNCS")
-            report[f"{fmt} {label}"] = {
-                "files": [os.path.basename(f) for f in new],
-                "ptxas": [ln.strip() for ln in log.splitlines() if ln.strip()][:20],
-                "sass_ops": {op: sass.count(op) for op in ops},
-            }
-            print(fmt, label, json.dumps(report[f"{fmt} {label}"]), flush=True)
-    with open(os.path.join(out_dir, "ldg_ptxas.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
-
-
 def main(argv=None) -> None:
-    global MORE, ONLY
+    global MORE
     ap = lib.probe_parser(["w4g128t", "w8cht", "fp8t", "nf4t"], [1, 16], 420)
     ap.set_defaults(shapes=["qkv", "o", "down"])
     ap.add_argument("--more", action="store_true")
-    ap.add_argument("--variants", nargs="*", default=[])
-    ap.add_argument("--ptxas", metavar="DUMP", help="only the ptxas / SASS report (ptxas())")
     args = ap.parse_args(argv)
-    MORE, ONLY = args.more, tuple(args.variants)
-    if args.ptxas:
-        os.makedirs(args.out, exist_ok=True)
-        return ptxas(args.out, args.ptxas)
+    MORE = args.more
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "ldg_probe.json")
     out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": []}

@@ -321,3 +321,33 @@ def test_clusters_that_split_a_tile_or_the_ctas_are_refused():
     for bad in (dict(cluster=3), dict(cluster=16), dict(cta_steps=4, cluster=3)):
         with pytest.raises(ShapeError, match="clusters of"):
             sk.check_config(x, w, dataclasses.replace(cfg, **bad))
+
+
+@pytest.mark.parametrize(("spec", "layout"), SKINNY, ids=lambda v: str(v))
+@pytest.mark.parametrize(("m", "cluster"), [(1, 2), (16, 0)])
+def test_codes_loaded_straight_into_registers_lower_to_read_only_128_bit_loads(
+    spec, layout, m, cluster
+):
+    # Config.ldg: the fragment-major codes (mgpu_decode.fragment_words) by read-only 128-bit
+    # loads, no TMA of the weight; its bits against the TMA kernel's are checked on the H100
+    # (experiments/ldg_probe.py)
+    from qjax.kernels.gpu import mgpu_decode as dec
+
+    w = _weight(spec, layout, 2048, 384)
+    x = jax.random.normal(jax.random.key(3), (m, w.codes.shape[1]), jnp.bfloat16)
+    base = mg.Config("skinny", 512, lut=layout == "gpu_nf4t", ctas_per_sm=3, cluster=cluster)
+    cfg = dataclasses.replace(mg.config_for(w, m, base), ldg=True)
+    words = dec.fragment_words(w.codes, cfg.block_k)
+    f = jax.jit(lambda x, w, words, cfg: sk.matmul_rows(x, w, cfg, words), static_argnums=3)
+    for c, text_has in ((cfg, True), (dataclasses.replace(cfg, ldg=False), False)):
+        text = f.trace(x, w, words, c).lower(lowering_platforms=("cuda",)).as_text()
+        assert (dec.LDG_PTX in text) == text_has
+    assert jax.eval_shape(f, x, w, words, cfg).shape == (m, w.codes.shape[0])
+
+
+def test_codes_in_registers_need_their_fragment_major_repack():
+    w = _weight(*SKINNY[2], 1024, 256)  # int8
+    x = jnp.ones((1, 1024), jnp.bfloat16)
+    cfg = dataclasses.replace(mg.config_for(w, 1), ldg=True)
+    with pytest.raises(ShapeError, match="fragment-major.*'gpu_i8t'"):
+        sk.matmul_rows(x, w, cfg)

@@ -414,63 +414,51 @@ def fragment_words(codes, bk: int):
     return words.reshape(-1)[fragment_order(n_p, k_p, bits, bk)]
 
 
-LDG_PTX = None  # the load instruction of `load_fragments` (PTX, 4 × 32 bits): None, Mosaic GPU's
-#                own vector load (a generic `ld`); e.g. "ld.global.nc.L1::no_allocate.v4.u32"
+LDG_PTX = "ld.global.nc.L1::no_allocate.v4.u32"  # `load_fragments`' load: the read-only path,
+#  no L1 lines (the codes are read once); 3 – 6 % faster than Mosaic GPU's own generic vector
+#  load (`experiments/results/kernels/ldg_probe_nc.json`)
 
 
 def load_fragments(ref):
     """One K step of :func:`fragment_words` (a GMEM row ref, ``(128 · R,)`` ``uint32``) loaded
-    into registers, ``R / 4`` loads of 128 bits per thread (Mosaic GPU's strided layout), by
-    :data:`LDG_PTX`."""
+    into registers in Mosaic GPU's strided layout: ``R / 4`` loads of 128 bits per thread
+    (:data:`LDG_PTX`), thread ``tid``'s ``i``-th reading words ``512 · i + 4 · tid …``."""
     import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
-
-    (n,) = ref.shape
-    layout = plgpu.Layout.WG_STRIDED((n,), vec_size=LDG_VEC)
-    ret = plgpu.ShapeDtypeStruct((n,), jnp.uint32, layout)
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=ret)
-    def run(_, gmem):
-        if LDG_PTX is None:
-            return mgpu.FragmentedArray.load_strided(gmem, vec_size=LDG_VEC, is_signed=False)
-        return _asm_loads(gmem, n)
-
-    return run(ref)
-
-
-def _asm_loads(gmem, n: int):
-    """:func:`load_fragments` by :data:`LDG_PTX`: thread ``tid``'s ``i``-th load reads words
-    ``512 · i + 4 · tid …`` of the row."""
-    import jax.experimental.mosaic.gpu as mgpu
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import arith, llvm
 
-    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
-    base = llvm.ptrtoint(i64, utils.memref_ptr(gmem))
-    tid = arith.remui(utils.thread_idx(), utils.c(128, i32))
-    offset = arith.extui(i64, arith.muli(tid, utils.c(4 * LDG_VEC, i32)))
-    per = 128 * LDG_VEC
-    regs = np.empty((n // per,), dtype=object)
-    vec_t = ir.VectorType.get((LDG_VEC,), i32)
-    for i in range(n // per):
-        addr = arith.addi(base, arith.addi(offset, utils.c(4 * per * i, i64)))
-        struct = llvm.inline_asm(
-            llvm.StructType.get_literal([i32] * LDG_VEC),
-            [addr],
-            f"{LDG_PTX} {{$0, $1, $2, $3}}, [$4];",
-            "=r,=r,=r,=r,l",
-            has_side_effects=False,
-        )
-        vec = llvm.mlir_undef(vec_t)
-        for e in range(LDG_VEC):
-            word = llvm.extractvalue(i32, struct, [e])
-            vec = llvm.insertelement(vec, word, utils.c(e, i32))
-        regs[i] = vec
-    layout = fa.WGStridedFragLayout((n,), LDG_VEC)
-    return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=False)
+    (n,) = ref.shape
+    ret = plgpu.ShapeDtypeStruct((n,), jnp.uint32, plgpu.Layout.WG_STRIDED((n,), vec_size=LDG_VEC))
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=ret)
+    def run(_, gmem):
+        i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+        base = llvm.ptrtoint(i64, utils.memref_ptr(gmem))
+        tid = arith.remui(utils.thread_idx(), utils.c(128, i32))
+        offset = arith.extui(i64, arith.muli(tid, utils.c(4 * LDG_VEC, i32)))
+        per = 128 * LDG_VEC
+        regs = np.empty((n // per,), dtype=object)
+        for i in range(n // per):
+            addr = arith.addi(base, arith.addi(offset, utils.c(4 * per * i, i64)))
+            words = llvm.inline_asm(
+                llvm.StructType.get_literal([i32] * LDG_VEC),
+                [addr],
+                f"{LDG_PTX} {{$0, $1, $2, $3}}, [$4];",
+                "=r,=r,=r,=r,l",
+            )
+            vec = llvm.mlir_undef(ir.VectorType.get((LDG_VEC,), i32))
+            for e in range(LDG_VEC):
+                word = llvm.extractvalue(i32, words, [e])
+                vec = llvm.insertelement(vec, word, utils.c(e, i32))
+            regs[i] = vec
+        layout = fa.WGStridedFragLayout((n,), LDG_VEC)
+        return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=False)
+
+    return run(ref)
 
 
 def fragment_slices(words, bits: int, width: int, dtype):
@@ -512,49 +500,3 @@ def fragment_slices(words, bits: int, width: int, dtype):
         return tuple(out)
 
     return run(words)
-
-
-ROWS_PTX = "ld.global.nc.b32"  # `load_code_rows`: one 32-bit load per register, the read-only
-#                              path (its lines stay in L1: a register's 16 bytes of a row are
-#                              half a 32-byte sector, the next register's the other half)
-
-
-def load_code_rows(ref, bits: int, dtype):
-    """A ``(64, S)`` block of codes in :func:`stored_order` (a GMEM ref into the weight's
-    ``(N_p, K_p)`` codes) loaded straight into registers in :func:`load_layout`: each register's
-    32 bits by one :data:`ROWS_PTX` at its address — what the TMA copy and the shared-memory load
-    of the skinny kernel deliver, without either."""
-    import jax.experimental.mosaic.gpu as mgpu
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    import jax.numpy as jnp
-    from jax.experimental.mosaic.gpu import utils
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, llvm
-
-    shape = tuple(ref.shape)
-    layout = load_layout(bits)
-    ret = plgpu.ShapeDtypeStruct(shape, dtype, layout)
-    signed = bool(jnp.issubdtype(dtype, jnp.signedinteger))
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=ret)
-    def run(_, gmem):
-        i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
-        mlayout = layout.to_mgpu()
-        strides, _ = ir.MemRefType(gmem.type).get_strides_and_offset()
-        row_bits = strides[0] * bits
-        base = llvm.ptrtoint(i64, utils.memref_ptr(gmem))
-        regs = np.empty(mlayout.registers_shape(shape), dtype=object)
-        vec_t = ir.VectorType.get((VEC[bits],), ir.IntegerType.get_signless(bits))
-        for idx, (r, c) in zip(np.ndindex(regs.shape), mlayout.thread_idxs(shape), strict=True):
-            r, c = (arith.index_cast(i64, v) for v in (r, c))
-            bit = arith.addi(
-                arith.muli(r, utils.c(row_bits, i64)), arith.muli(c, utils.c(bits, i64))
-            )
-            addr = arith.addi(base, arith.shrui(bit, utils.c(3, i64)))
-            word = llvm.inline_asm(i32, [addr], f"{ROWS_PTX} $0, [$1];", "=r,l")
-            regs[idx] = utils.bitcast(
-                llvm.insertelement(llvm.mlir_undef(ir.VectorType.get((1,), i32)), word,
-                                   utils.c(0, i32)), vec_t)  # fmt: skip
-        return mgpu.FragmentedArray(_registers=regs, _layout=mlayout, _is_signed=signed)
-
-    return run(ref)

@@ -129,7 +129,11 @@ class Config:
     #                   shared memory of its first CTA, which writes y (`mgpu_skinny`; `fit`
     #                   takes it as the most allowed); 0: an XLA pass adds them
     ldg: bool = False  # "skinny": the codes loaded from HBM straight into registers, one K
-    #                    step ahead (`mgpu_decode.fragment_words`), not by TMA through shared memory
+    #                    step ahead, from their fragment-major repack (`mgpu_decode.fragment_words`,
+    #                    passed to `mgpu_skinny.matmul_rows`), not by TMA through shared memory.
+    #                    8-bit codes on 10240×8192 (SMs holding three CTAs): 5 – 11 % faster;
+    #                    elsewhere 4 – 17 % slower (`ldg_probe*.json`). No layout stores the
+    #                    repack, so the dispatch never sets it.
 
 
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4

@@ -114,11 +114,6 @@ def _most_balanced(total: int, lengths) -> int:
     return min(lengths, key=lambda d: (-(-total // d // mg.NUM_SMS) * d, d))
 
 
-LDG_AHEAD = 1  # `Config.ldg`: K steps of codes in flight in registers while a step is decoded
-LDG_SOURCE = "fragments"  # `Config.ldg`: the codes' source — "fragments" (`fragment_words`,
-#                           128-bit loads) or "rows" (the weight's own codes, a 32-bit load per
-#                           register, `mgpu_decode.load_code_rows`)
-
 MAX_CLUSTER = 8  # CTAs per cluster: Hopper's portable limit
 
 
@@ -297,9 +292,9 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
     ``cfg.ldg``: the codes come from ``words`` (:func:`~qjax.kernels.gpu.mgpu_decode.fragment_words`
     of ``codes`` for ``cfg.block_k``; ``codes`` then only gives the shape and type), each K step
-    loaded from HBM into registers by 128-bit loads at the start of the step :data:`LDG_AHEAD`
-    steps before it (the run's last steps load its last again, from L2), so no TMA and no shared
-    memory carry them; the pipeline copies ``x`` and the scale rows only.
+    loaded from HBM into registers by 128-bit read-only loads at the start of the step before it
+    (the run's last step loads its own again, from L2), so no TMA and no shared memory carry
+    them; the pipeline copies ``x`` and the scale rows only.
 
     ``cfg.cluster`` (``C`` consecutive CTAs per cluster, :func:`clustered_schedule`): returns
     ``y``, ``(rows of x2, N_p)`` in ``x2.dtype``, instead. A CTA that took a tile's later K
@@ -354,14 +349,8 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
             return t * steps // length
 
         def load_step(g):
-            """``cfg.ldg``: global K step ``g``'s codes (tile ``g // steps``) into registers."""
-            if LDG_SOURCE == "fragments":
-                return dec.load_fragments(w_gmem.at[g])
-            rows, k0 = pl.ds(g // steps * ROWS, ROWS), g % steps * bk
-            return tuple(
-                dec.load_code_rows(w_gmem.at[rows, pl.ds(k0 + j * load, load)], bits, codes.dtype)
-                for j in range(bk // load)
-            )
+            """``cfg.ldg``: the codes of the K step ``g`` of the tiles end to end."""
+            return dec.load_fragments(w_gmem.at[g])
 
         if channel:  # the scales of the tile this CTA's run ends in (used if it writes it)
             rows_end = pl.ds(tile(length - 1) * ROWS, ROWS)
@@ -421,10 +410,8 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                 (kk,) = idx
                 if ldg:  # a later step's codes issued first; this step's came with the carry
                     x_smem, *s_smem, held = refs
-                    nxt = load_step(ci * length + jnp.minimum(kk + LDG_AHEAD, length - 1))
-                    step_codes = held[0]
-                    if LDG_SOURCE == "fragments":
-                        step_codes = dec.fragment_slices(held[0], bits, load, codes.dtype)
+                    nxt = load_step(ci * length + jnp.minimum(kk + 1, length - 1))
+                    step_codes = dec.fragment_slices(held, bits, load, codes.dtype)
                 else:
                     w_smem, x_smem, *s_smem = refs
                 if lut:  # the table, at the first step: the pipeline's first copies are
@@ -484,7 +471,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[slot, pl.ds(t * ROWS, ROWS)])
                     tot[...] = jnp.zeros((ROWS, bm), jnp.float32)
 
-                return (*held[1:], nxt) if ldg else None
+                return nxt if ldg else None
 
             w_spec = plgpu.BlockSpec(
                 (ROWS, bk),
@@ -500,7 +487,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
             if scaled:
                 in_specs.append(plgpu.BlockSpec((per, ROWS), lambda kk: (k_step(kk), tile(kk))))
             if ldg:
-                first = tuple(load_step(ci * length + min(a, length - 1)) for a in range(LDG_AHEAD))
+                first = load_step(ci * length)
                 pipeline = plgpu.emit_pipeline(
                     body,
                     grid=(length,),
@@ -525,8 +512,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
         acc = plgpu.ACC((ROWS, bm), jnp.float32)
         pl.run_scoped(scoped, [acc] * (3 if by_slice else 1))
 
-    fragments = ldg and LDG_SOURCE == "fragments"
-    args = [words if fragments else codes, x2] + ([scales] if scaled else [])
+    args = [words if ldg else codes, x2] + ([scales] if scaled else [])
     args += [ch_scales] if channel else []
     scratch = {}
     if lut:
@@ -564,16 +550,20 @@ def matmul_rows(x2, w: QArray, cfg: mg.Config, words=None):
     """``x2 @ Ŵ`` for bf16 ``x2: (M, K)`` (or ``K_p``), ``M ≤`` :data:`MAX_ROWS`, ``(M, N_p)`` in
     ``x2.dtype``: the kernel's partial sums, then one XLA pass (slots added, transposed, per-channel
     scales, cast); with ``cfg.cluster``, the kernel's ``y`` as it is. ``cfg.ldg``: ``words``,
-    :func:`~qjax.kernels.gpu.mgpu_decode.fragment_words` of ``w.codes`` for ``cfg.block_k``
-    (repacked here where not given)."""
+    :func:`~qjax.kernels.gpu.mgpu_decode.fragment_words` of ``w.codes`` for ``cfg.block_k``,
+    required: no layout stores them yet, and a repack per call would cost more than the kernel."""
     m = x2.shape[0]
     if m > mg.TMA_ROWS and m % mg.TMA_ROWS:  # TMA reads past the last row only of such x
         x2 = jnp.pad(x2, [(0, -m % mg.TMA_ROWS), (0, 0)])
     per_channel = w.layout == "gpu_f8t" or (w.layout != "gpu_nf4t" and w.spec.group == "channel")
     scales = None if per_channel else w.scales
-    if cfg.ldg and LDG_SOURCE == "fragments" and words is None:
-        words = dec.fragment_words(w.codes, cfg.block_k)
-    kw = dict(words=words) if cfg.ldg and LDG_SOURCE == "fragments" else {}
+    if cfg.ldg and words is None:  # no layout stores them (yet): a repack per call is refused
+        raise ShapeError(
+            f"mgpu_matmul: Config.ldg reads the codes fragment-major (mgpu_decode.fragment_words "
+            f"for block_k {cfg.block_k}), which the {w.layout!r} layout does not store; pass them "
+            f"as words (experiments/ldg_probe.py does)"
+        )
+    kw = dict(words=words) if cfg.ldg else {}
     if cfg.cluster:
         ch = w.scales[:1] if per_channel else None  # cast to float32 in the kernel
         return _partials(x2, w.codes, scales, ch, cfg, mg.decoder(w), mg.slice_codes(w), **kw)[:m]
