@@ -415,7 +415,7 @@ def fragment_words(codes, bk: int):
 
 
 LDG_PTX = "ld.global.nc.L1::no_allocate.v4.u32"  # `load_fragments`' load: the read-only path,
-#  no L1 lines (the codes are read once); 3 – 6 % faster than Mosaic GPU's own generic vector
+#  no L1 lines (the codes are read once); 2 – 6 % faster than Mosaic GPU's own generic vector
 #  load (`experiments/results/kernels/ldg_probe_nc.json`)
 
 

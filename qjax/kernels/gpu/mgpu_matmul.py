@@ -131,8 +131,8 @@ class Config:
     ldg: bool = False  # "skinny": the codes loaded from HBM straight into registers, one K
     #                    step ahead, from their fragment-major repack (`mgpu_decode.fragment_words`,
     #                    passed to `mgpu_skinny.matmul_rows`), not by TMA through shared memory.
-    #                    8-bit codes on 10240×8192 (SMs holding three CTAs): 5 – 11 % faster;
-    #                    elsewhere 4 – 17 % slower (`ldg_probe*.json`). No layout stores the
+    #                    8-bit codes on 10240×8192 (SMs holding three CTAs): 4 – 11 % faster;
+    #                    elsewhere 3 – 17 % slower (`ldg_probe*.json`). No layout stores the
     #                    repack, so the dispatch never sets it.
 
 
