@@ -160,18 +160,19 @@ def main(argv=None) -> None:
             out["checks"] += check(fmt, w, x, ref, cfgs) if cfgs else []
         bad = [r for r in out["checks"] if not r.get("ok")]
         print(f"checks: {len(out['checks'])}, failed: {len(bad)}", flush=True)
-    for m in args.ms:
-        for s in args.shapes:
-            n, k = lib.shape(s)
-            t_bf16 = kb.time_bf16(n, k, m)["us"]
-            for fmt in args.fmts:
-                if time.time() - t0 > args.budget_s:
-                    break
-                row = time_case(fmt, n, k, m, t_bf16)
-                if row:
-                    out["times"].append(row)
-                with open(path, "w") as fh:
-                    json.dump(out, fh, indent=1)
+    cases = [(fmt, *lib.shape(s), m) for m in args.ms for s in args.shapes for fmt in args.fmts]
+    bf16: dict = {}
+    for fmt, n, k, m in cases:
+        if time.time() - t0 > args.budget_s:
+            break
+        if (n, k, m) not in bf16:
+            bf16[n, k, m] = kb.time_bf16(n, k, m)["us"]
+        out["times"] += [row] if (row := time_case(fmt, n, k, m, bf16[n, k, m])) else []
+        save(out, path)
+    save(out, path)
+
+
+def save(out: dict, path: str) -> None:
     with open(path, "w") as fh:
         json.dump(out, fh, indent=1)
 
