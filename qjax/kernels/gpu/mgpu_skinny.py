@@ -62,7 +62,7 @@ NF4_LOAD_CODES = 128  # NF4 codes per shared-memory tile row, decode and `wgmma`
 #                      blocks of 64 (64-byte TMA rows, half the `wgmma` groups, the decoded
 #                      slice scaled per block); 3.6 – 10.5 % faster than one block (64) on the H100
 #                      at M = 1 / 16 (`experiments/results/kernels/nf4_wide_probe.json`)
-ROWS = 64  # weight rows per CTA: one warp group's wgmma M
+ROWS = dec.ROWS  # weight rows per CTA: one warp group's wgmma M (64)
 MAX_ROWS = 16  # rows of x it is chosen for (measured at M = 1 and 16)
 CTAS_PER_SM = 3  # the default `Config.ctas_per_sm`: three CTAs' shared memory per SM
 STAGES = 2  # K steps in flight per CTA (4 stages measured 4–10 % slower at M = 1)
