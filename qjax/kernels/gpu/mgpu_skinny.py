@@ -486,21 +486,11 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
             ]
             if scaled:
                 in_specs.append(plgpu.BlockSpec((per, ROWS), lambda kk: (k_step(kk), tile(kk))))
-            if ldg:
-                first = load_step(ci * length)
-                pipeline = plgpu.emit_pipeline(
-                    body,
-                    grid=(length,),
-                    in_specs=in_specs,
-                    max_concurrent_steps=cfg.stages,
-                    init_carry=first,
-                )
-                pipeline(x_gmem, *s_gmem)
-            else:
-                pipeline = plgpu.emit_pipeline(
-                    body, grid=(length,), in_specs=in_specs, max_concurrent_steps=cfg.stages
-                )
-                pipeline(w_gmem, x_gmem, *s_gmem)
+            carry = dict(init_carry=load_step(ci * length)) if ldg else {}
+            pipeline = plgpu.emit_pipeline(
+                body, grid=(length,), in_specs=in_specs, max_concurrent_steps=cfg.stages, **carry
+            )
+            pipeline(*([] if ldg else [w_gmem]), x_gmem, *s_gmem)
             if channel:  # the prefetched scales were not used: the run's last tile went on
 
                 @pl.when(ci != first_cta(tile(length - 1)))
