@@ -444,6 +444,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     group = max(g for g in range(1, GROUP_M + 1) if m_tiles % g == 0)
     n_ctas = ctas * m_tiles
     bits = 4 if codes.dtype == jnp.int4 else 8
+    frag = bits == 8  # stored fragment-major (`mgpu_decode.to_fragments`)
     half = 1 << (bits - 1)  # int codes are stored as c − half
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
     by_slice = cfg.scale_acc and scaled
@@ -574,7 +575,10 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
 
             def slice_operand(j):
                 cols = pl.ds(j * load, load)
-                raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
+                if frag:  # this warp group's stripe, block j
+                    raw = dec.load_block(w_smem.at[lax.axis_index("wg"), j])
+                else:
+                    raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
                 a = dec.decode(decode, raw, lut_smem if lut else None)
                 if decode in dec.FP8_SHIFT:  # exact: a power of two, no overflow
                     a = a * jnp.bfloat16(fp8_factor)
@@ -642,10 +646,17 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 plgpu.wait_smem_to_gmem(0)
 
         row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (k_step(kk), tile(kk)))
-        in_specs = [
-            plgpu.BlockSpec(
+        if frag:  # both stripes' blocks of the step: 2 × bk · 64 consecutive bytes each
+            w_spec = plgpu.BlockSpec(
+                (2, bk // dec.FRAGMENT_CODES, BLOCK_N, dec.FRAGMENT_CODES),
+                lambda kk: (tile(kk), k_step(kk), 0, 0),
+            )
+        else:
+            w_spec = plgpu.BlockSpec(
                 (cta_n, bk), lambda kk: (tile(kk), k_step(kk)), transforms=_tiled(load, bits, "lhs")
-            ),
+            )
+        in_specs = [
+            w_spec,
             plgpu.BlockSpec(
                 (bm, bk),
                 lambda kk: (m_block(kk) if grouped else 0, k_step(kk)),
@@ -674,7 +685,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
 
         pipeline(w_gmem, x_gmem if grouped else x_gmem.at[pl.ds(mi * bm, bm)], *rest)
 
-    args = [codes, x2] + ([scales] if scaled else []) + ([] if sym else [zeros])
+    args = [dec.fragment_blocks(codes) if frag else codes, x2] + ([scales] if scaled else [])
+    args += [] if sym else [zeros]
     y_type = jax.ShapeDtypeStruct((m_rows, n_p), x2.dtype)
     if fused:
         ws = max(slots - 1, 1)
