@@ -14,6 +14,12 @@ Within each block of ``4v`` columns (``v`` codes per 32-bit load: 8 for 4-bit, 4
 stored column ``v·q + 2i + t`` holds logical column ``8i + 2q + t`` (``q < 4``, ``i < v/2``,
 ``t < 2``).
 
+**Fragment-major 8-bit codes.** The 8-bit layouts go one step further (:func:`to_fragments`):
+each 64-row × 128-code block is stored in the order a warp group holds it in registers, so a
+thread's 16 codes of a block are 16 consecutive bytes — one 128-bit load, from shared memory
+(:func:`load_block`) or straight from HBM (:func:`load_fragments`), and the load is relabelled
+into the 32-bit-load layout (:func:`fragment_slices`), again with no instruction.
+
 **Decoders** (each a few ``prmt`` / ``lop3`` per 32-bit register, written as PTX):
 
 * int4 / int8 — Mosaic GPU's own converters (``prmt`` + ``lop3`` + ``sub.bf16x2``), exact;

@@ -12,9 +12,10 @@ The product is computed transposed, ``yᵀ = Ŵᵀ xᵀ``, because Hopper's warp
 back to shared memory (Marlin's idea, Frantar et al. 2024, on ``wgmma``). Per K step of ``BK``
 codes, one memory warp group TMA-copies a ``(128, BK)`` weight tile, the ``(BM, BK)`` tile of
 ``x`` and the step's scale (and zero) rows into shared memory, ``stages`` steps ahead; each of
-two compute warp groups loads its ``(64, BK)`` half into registers (32 bits per thread, no
-shuffles) and, per 128-code slice (NF4: two 64-code scale blocks, each scaled by its own row,
-:data:`NF4_LOAD_CODES`),
+two compute warp groups loads its ``(64, BK)`` half into registers (4-bit codes 32 bits per
+thread, no shuffles; 8-bit codes, stored fragment-major, 128 bits per thread and 128-code
+slice, :func:`~qjax.kernels.gpu.mgpu_decode.load_block`) and, per 128-code slice (NF4: two
+64-code scale blocks, each scaled by its own row, :data:`NF4_LOAD_CODES`),
 
     a = decode(c) [− (z − h)] · s  (int: Mosaic GPU's prmt/lop3 converters, ``c − z`` exact in
                                     bf16; NF4: the bf16 levels of two codes per ``ld.shared``
@@ -128,12 +129,10 @@ class Config:
     cluster: int = 0  # "skinny": CTAs per cluster that add a split tile's partial sums in the
     #                   shared memory of its first CTA, which writes y (`mgpu_skinny`; `fit`
     #                   takes it as the most allowed); 0: an XLA pass adds them
-    ldg: bool = False  # "skinny": the codes loaded from HBM straight into registers, one K
-    #                    step ahead, from their fragment-major repack (`mgpu_decode.fragment_words`,
-    #                    passed to `mgpu_skinny.matmul_rows`), not by TMA through shared memory.
-    #                    8-bit codes on 10240×8192 (SMs holding three CTAs): 4 – 11 % faster;
-    #                    elsewhere 3 – 17 % slower (`ldg_probe*.json`). No layout stores the
-    #                    repack, so the dispatch never sets it.
+    ldg: bool = False  # "skinny", 8-bit codes (stored fragment-major, `mgpu_decode.to_fragments`):
+    #                    loaded from HBM straight into registers, one K step ahead, not by TMA
+    #                    through shared memory; `mgpu_skinny.pick` sets it where some SMs hold
+    #                    three CTAs (`mgpu_skinny.LDG_ABOVE_CTAS`, `ldg_probe*.json`)
 
 
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4

@@ -25,6 +25,13 @@ main kernel. NF4's 64-code blocks are loaded, decoded and multiplied two at a ti
 (:func:`qjax.kernels.gpu.mgpu_matmul.load_codes`: 64-byte TMA rows, each block of the decoded
 slice scaled by its own row).
 
+8-bit codes (``gpu_i8t`` / ``gpu_f8t``) are stored fragment-major
+(:func:`~qjax.kernels.gpu.mgpu_decode.to_fragments`): a K step of a tile is consecutive bytes in
+the order of the threads' registers. Where the schedule puts three CTAs on some SMs
+(:data:`LDG_ABOVE_CTAS`, Llama-3-70B's 10240×8192), they skip TMA and shared memory
+(``Config.ldg``): each thread loads its own codes from HBM with 128-bit read-only loads one step
+ahead, carried through the pipeline's loop, and waits only for them, not for the whole step.
+
 Measured on the H100 (``experiments/results/kernels/occupancy_probe_skinny_*.json``; same run as
 the main kernel's table config, M = 1 / 16): int4 g128 2–7 % faster on three of the Llama-3-70B
 shapes (8192²: 16.45 vs 17.36 µs at M = 1), 5–9 % on Llama-3-8B's, 12–27 % on SmolLM2-135M's;
