@@ -64,6 +64,7 @@ FORMATS = {
     "w4g128ta": (qjax.Int(4, group=128, symmetric=False), "gpu_i4t"),
     "w4cht": (qjax.Int(4, group="channel"), "gpu_i4t"),
     "w8cht": (qjax.Int(8, group="channel"), "gpu_i8t"),
+    "w8g128ta": (qjax.Int(8, group=128, symmetric=False), "gpu_i8t"),
     "nf4t": (qjax.NF4(), "gpu_nf4t"),  # block 64, bf16 absmax, Mosaic GPU kernel
     "fp8t": (qjax.FP8("e4m3", group="channel"), "gpu_f8t"),
     "w4g128a": (qjax.Int(4, group=128, symmetric=False), "gpu_i4p"),
@@ -533,21 +534,26 @@ def run_check(args, results: list, interpret: bool) -> None:
     if "dispatched" in parts:
         run_check_dispatched(cases, results, interpret)
     if not interpret and "mgpu" in parts:
-        run_check_mgpu(results)
+        run_check_mgpu(results, getattr(args, "check_formats", None) or MGPU_FORMATS)
     if not interpret and "w8a8" in parts:
         run_check_w8a8_mgpu(results)
 
 
-def run_check_mgpu(results: list) -> None:
+MGPU_FORMATS = ("w4g128t", "w4g128ta", "w4cht", "w8cht", "w8g128ta", "nf4t", "fp8t")
+
+
+def run_check_mgpu(results: list, formats=MGPU_FORMATS) -> None:
     """The Mosaic GPU kernel (no interpret mode for its warp-specialized pipeline) vs
-    ``dequantize`` + float32 dot: every format and table config, ragged K / N, M from 1 to 5000
-    (128- and 256-row blocks of ``x``, grouped jobs), both epilogues (``Config.fused``), through
-    ``qjax.matmul``'s dispatch as well."""
+    ``dequantize`` + float32 dot: each of ``formats``, every table config, ragged K / N, M from
+    1 to 5000 (128- and 256-row blocks of ``x``, grouped jobs), both epilogues
+    (``Config.fused``), the skinny kernel's scale placements, shares and clusters (8-bit codes
+    also loaded straight into registers, ``Config.ldg``), through ``qjax.matmul``'s dispatch as
+    well."""
     mg = mgpu_matmul
     cases = [(1, 8192, 1024), (16, 640, 384), (100, 4096, 256), (128, 1024, 512), (37, 300, 200),
              (300, 1024, 384), (2048, 2048, 4096), (5000, 1024, 640)]  # fmt: skip
     table = [c for cands in mg.TABLE.values() for c in cands]
-    for fmt in ("w4g128t", "w4g128ta", "w4cht", "w8cht", "nf4t", "fp8t"):
+    for fmt in formats:
         spec, layout = FORMATS[fmt]
         for m, k, n in cases:
             w, x, ref = check_case(spec, layout, m, k, n, seed=m * 13 + k)
@@ -557,6 +563,8 @@ def run_check_mgpu(results: list) -> None:
                 tries += [mg.config_for(w, m, mg.Config("skinny", 512, scale_acc=s, ctas_per_sm=c,
                                                         cluster=cl))
                           for s in (False, True) for c in (2, 3) for cl in (0, 2)]  # fmt: skip
+                if mg.code_bits(w) == 8:
+                    tries += [dataclasses.replace(c, ldg=True) for c in tries[-8:-4]]
             for cfg in [*tries, both]:
                 if cfg is None:
                     y = np.asarray(qjax.matmul(x, w), np.float32)
@@ -789,6 +797,7 @@ def main(argv=None) -> None:
         default=list(CHECK_PARTS),
         help="which checks --check runs (one device call is limited to 10 minutes)",
     )
+    p.add_argument("--check-formats", nargs="+", choices=MGPU_FORMATS, help="--check's mgpu part")
     p.add_argument("--tune", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     args = p.parse_args(argv)

@@ -1,29 +1,27 @@
-"""Probe: the skinny kernel with its weight codes loaded from HBM straight into registers
+"""Probe: the skinny kernel's 8-bit codes loaded from HBM straight into registers
 (``Config.ldg``) against the same kernel fed by TMA through shared memory, same run.
 
 Stops 23 – 25 located what separates the skinny kernel from a plain read of the weight's bytes
 (``read_floor_probe``, ``stream_cost_probe``): its TMA stream costs ≈ 1.15 µs more per call than
 XLA's row reduction over the same bytes, and 1.6 – 2.7 µs of decode and ``wgmma`` are not hidden
-behind it. Every change tried since kept the stream itself — TMA copies of a whole K step into
-shared memory, a barrier wait for all of it, then loads from shared memory into the ``wgmma``
-fragments. ``Config.ldg`` drops that path for the codes: the repack stores each K step
-fragment-major (:func:`qjax.kernels.gpu.mgpu_decode.fragment_words`), so every thread loads
-exactly its fragments with 128-bit global loads (each warp group load reads 2 KiB of consecutive
-bytes), issued at the start of the step before; a thread then waits only for its own registers,
-not for the whole step. ``x`` and the scale rows keep their TMA pipeline.
+behind it. ``Config.ldg`` drops that path for the codes: the 8-bit layouts store each 64-row ×
+128-code block fragment-major (:func:`qjax.kernels.gpu.mgpu_decode.to_fragments`), so every thread
+loads exactly its fragments with 128-bit global loads (each warp group load reads 2 KiB of
+consecutive bytes), issued at the start of the step before; a thread then waits only for its own
+registers, not for the whole step. ``x`` and the scale rows keep their TMA pipeline.
 
-Variants per case: the dispatch's skinny config, ``tma``, and ``ldg``, the same config (K
-step, schedule, clusters) with the codes loaded into registers one step ahead by
-``ld.global.nc.L1::no_allocate.v4.u32`` (``mgpu_decode.LDG_PTX``); ``--more`` adds ``ldg`` with
-256-code steps (``ldg_bk256``) and with the schedule for four CTAs per SM (``ldg_4sm``, the
-codes no longer take shared memory). Stop 32's runs also timed loads that lost (code at
-b741b39): Mosaic GPU's generic vector load (``ldg_probe_first``, ``_nc``: 3 – 6 % slower than the
-read-only load), two steps ahead (``_nc``) and the weight's own codes loaded a 32-bit word per
-register, no new layout (``_rows``: 1.31× the TMA kernel's time).
+Variants per case: ``tma``, the dispatch's skinny config with the codes copied by TMA (the step's
+blocks as one box, then one 128-bit shared-memory load per thread and 16 codes), and ``ldg``, the
+same config with the codes loaded into registers one step ahead by
+``ld.global.nc.L1::no_allocate.v4.u32`` (``mgpu_decode.LDG_PTX``). Stop 32's runs (before the
+layout stored the fragments: the kernels then took a repack made by the probe, and int4 too; code
+at 2211cfc) also timed loads that lost (code at b741b39): Mosaic GPU's generic vector load
+(``ldg_probe_first``, ``_nc``: 3 – 6 % slower than the read-only load), two steps ahead
+(``_nc``), 256-code steps and four CTAs per SM (``_nc``, ``_rows``) and the codes loaded a 32-bit
+word per register from the old layout (``_rows``: 1.31× the TMA kernel's time).
 
-Device checks first: each variant against the float32 reference and, with the same K step and
-schedule, against the TMA kernel bit for bit (the sums are added in the same order), and run
-twice with the same bits.
+Device checks first: each variant against the float32 reference and against the TMA path bit for
+bit (the sums are added in the same order), and run twice with the same bits.
 
     python -m experiments.ldg_probe --out DIR [--budget-s 420]      # on the GPU
 """
@@ -41,22 +39,8 @@ import numpy as np
 
 from experiments import kernel_bench as kb
 from experiments import mgpu_probe_lib as lib
-from qjax.kernels.gpu import mgpu_decode as dec
 from qjax.kernels.gpu import mgpu_matmul as mg
 from qjax.kernels.gpu import mgpu_skinny as sk
-
-
-def refit(base: mg.Config, w, bk: int, per_sm: int) -> mg.Config:
-    """``base`` with ``bk``-code K steps and the clustered schedule for ``per_sm`` CTAs per SM
-    (:func:`qjax.kernels.gpu.mgpu_skinny.clustered_schedule`), codes loaded into registers."""
-    n_p, k_p = w.codes.shape
-    length, cl = sk.clustered_schedule(n_p // sk.ROWS, k_p // bk, per_sm, base.cluster or 0)
-    return dataclasses.replace(
-        base, block_k=bk, cta_steps=length, cluster=cl, ctas_per_sm=per_sm, ldg=True
-    )
-
-
-MORE = False  # `--more`: also 256-code steps and four CTAs per SM
 
 
 def variants(w, m: int) -> dict:
@@ -64,22 +48,12 @@ def variants(w, m: int) -> dict:
     base = mg.config_for(w, m)
     if base.path != "skinny":
         return {}
-    out = {"tma": base, "ldg": dataclasses.replace(base, ldg=True)}
-    if MORE and base.block_k > 256:
-        out["ldg_bk256"] = refit(base, w, 256, base.ctas_per_sm)
-    if MORE and base.ctas_per_sm < 4:
-        out["ldg_4sm"] = refit(base, w, base.block_k, 4)
-    return out
+    return {"tma": dataclasses.replace(base, ldg=False), "ldg": dataclasses.replace(base, ldg=True)}
 
 
 def product(cfg: mg.Config):
-    """``(x, w, words) ↦ x @ Ŵ`` by the skinny kernel with ``cfg`` (``words`` unused by TMA)."""
-    return jax.jit(lambda x, w, words: sk.matmul_rows(x, w, cfg, words))
-
-
-def words_for(w, cfg: mg.Config):
-    """The fragment-major codes that ``cfg`` loads (``None``: TMA reads the weight's own)."""
-    return dec.fragment_words(w.codes, cfg.block_k) if cfg.ldg else None
+    """``(x, w) ↦ x @ Ŵ`` by the skinny kernel with ``cfg``."""
+    return jax.jit(lambda x, w: sk.matmul_rows(x, w, cfg))
 
 
 def check(fmt: str, w, x, ref, cfgs: dict) -> list[dict]:
@@ -89,8 +63,8 @@ def check(fmt: str, w, x, ref, cfgs: dict) -> list[dict]:
     for label, cfg in cfgs.items():
         row = {"fmt": fmt, "M": x.shape[0], "K": x.shape[1], "N": ref.shape[1], "variant": label}
         try:
-            f, words = product(cfg), words_for(w, cfg)
-            a, b = (np.asarray(f(x, w, words)) for _ in range(2))
+            f = product(cfg)
+            a, b = (np.asarray(f(x, w)) for _ in range(2))
             y = a.astype(np.float32)
             err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
             bits[label] = a.view(np.uint16)
@@ -125,7 +99,7 @@ def time_case(fmt: str, n: int, k: int, m: int, t_bf16: float) -> dict | None:
     row["checks_ok"] = all(c.get("ok") for c in checks)
     for label, cfg in cfgs.items():
         try:
-            sets = [(x, w, words_for(w, cfg)) for w in ws]
+            sets = [(x, w) for w in ws]
             us = kb.device_time(product(cfg), sets, 40)["us"]
             row[f"{label}_us"] = round(us, 2)
             row[f"{label}_x_bf16"] = round(t_bf16 / us, 3)
@@ -144,12 +118,8 @@ def time_case(fmt: str, n: int, k: int, m: int, t_bf16: float) -> dict | None:
 
 
 def main(argv=None) -> None:
-    global MORE
-    ap = lib.probe_parser(["w4g128t", "w8cht", "fp8t", "nf4t"], [1, 16], 420)
-    ap.set_defaults(shapes=["qkv", "o", "down"])
-    ap.add_argument("--more", action="store_true")
+    ap = lib.probe_parser(["w8cht", "fp8t"], [1, 16], 420)
     args = ap.parse_args(argv)
-    MORE = args.more
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "ldg_probe.json")
     out: dict = {"device": str(jax.devices()[0]), "checks": [], "times": []}

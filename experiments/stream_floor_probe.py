@@ -51,10 +51,11 @@ class _Nothing:
 
 @contextlib.contextmanager
 def ablated():
-    """No operand loads from shared memory, no decode, no ``wgmma``: the stream alone."""
+    """No operand loads from shared memory, no decode, no ``wgmma``: the stream alone (8-bit
+    codes loaded into registers, ``Config.ldg``, still are: that load is their stream)."""
     with lib.retraced(
         mock.patch.multiple(plgpu, load=lib.nothing, wgmma=lib.nothing),
-        mock.patch.object(dec, "decode", lambda *a, **k: _Nothing()),
+        mock.patch.multiple(dec, load_block=lib.nothing, decode=lambda *a, **k: _Nothing()),
     ):
         yield
 

@@ -30,15 +30,19 @@ layout            codes
                   along K, ``(K_p/128, N_p)``, so every 128-code slice the kernel multiplies has
                   one scale row. Groups must be multiples of 128 or ``"channel"``.
 ``"gpu_i8t"``     int8 for the Mosaic GPU kernel: ``c − 128`` as ``int8 (N_p, K_p)`` (K permuted
-                  within blocks of 16), scales and zeros as for ``"gpu_i4t"``.
+                  within blocks of 16), scales and zeros as for ``"gpu_i4t"``; each 64-row ×
+                  128-code block's 8 KiB stored **fragment-major**: in the order a warp group
+                  loads it into the registers of its ``wgmma`` operand, 16 bytes per thread and
+                  load (:func:`qjax.kernels.gpu.mgpu_decode.to_fragments`), blocks in (row tile,
+                  K) order — a 64-row stripe keeps its codes, but its rows are not the weight's.
 ``"gpu_nf4t"``    NF4 for the Mosaic GPU kernel: ``c − 8`` as ``jnp.int4`` like ``"gpu_i4t"``; the
                   block absmax (double quantization decoded) rounded to bf16, one row per 64 codes,
                   ``(K_p/64, N_p)``. Blocks must be multiples of 64. The kernel and
                   :func:`dequantize_bf16` use the bf16-rounded levels: ``x̂ = bf16(L[c]·a)`` with
                   ``L`` and ``a`` in bf16, as bitsandbytes' bf16 4-bit kernels compute it.
-``"gpu_f8t"``     FP8 for the Mosaic GPU kernel: the bit patterns as ``uint8 (N_p, K_p)``, K
-                  permuted as for ``"gpu_i8t"``; per-channel float32 scales ``(1, N_p)``, which the
-                  kernel applies to its float32 result.
+``"gpu_f8t"``     FP8 for the Mosaic GPU kernel: the bit patterns as ``uint8 (N_p, K_p)``,
+                  stored as for ``"gpu_i8t"`` (K permuted, blocks fragment-major); per-channel
+                  float32 scales ``(1, N_p)``, which the kernel applies to its float32 result.
 ``"gpu_i8"``      int8 ``(K_p, N_p)``, the unsigned code minus 128 (so symmetric codes are the plain
                   signed values ``q`` with ``x̂ = q·s``).
 ``"gpu_nf4"``     NF4 level indices in the ``"gpu_i4p"`` word layout; scales are the per-block
@@ -73,7 +77,7 @@ from qjax.formats import packing
 from qjax.formats.fp8 import FP8, fp8_dtype
 from qjax.formats.nf4 import NF4, nf4_levels
 from qjax.formats.uniform import Int
-from qjax.kernels.gpu.mgpu_decode import to_logical, to_stored
+from qjax.kernels.gpu.mgpu_decode import from_fragments, to_fragments, to_logical, to_stored
 from qjax.qarray import QArray
 
 CHUNK = 128  # K rows per chunk of the int4 layout
@@ -246,6 +250,8 @@ def repack(q: QArray, layout: str) -> QArray:
         bits = LAYOUTS[layout]
         signed = codes.astype(jnp.int32) - (0 if layout == "gpu_f8t" else 1 << (bits - 1))
         packed = to_stored(signed.T, bits).astype(SLICED_DTYPES[layout])
+        if bits == 8:
+            packed = to_fragments(packed)
     elif layout in _F8:
         packed = codes.astype(jnp.uint8)
     else:  # gpu_i8, tpu_i8
@@ -281,7 +287,7 @@ def unpack_codes(q: QArray) -> jnp.ndarray:
     elif q.layout in _SLICED:
         bits = LAYOUTS[q.layout]
         wide = q.codes.astype(jnp.int8) if bits == 4 else q.codes  # XLA permutes bytes faster
-        logical = to_logical(wide, bits).astype(jnp.int32)
+        logical = to_logical(stored_codes(wide, bits), bits).astype(jnp.int32)
         codes = (logical + (0 if q.layout == "gpu_f8t" else 1 << (bits - 1))).T
     elif q.layout in ("gpu_i8", "tpu_i8"):
         codes = q.codes.astype(jnp.int32) + 128
@@ -290,6 +296,13 @@ def unpack_codes(q: QArray) -> jnp.ndarray:
     else:
         raise FormatError(f"unpack_codes: unknown kernel layout {q.layout!r}")
     return codes.astype(jnp.uint8)
+
+
+def stored_codes(codes, bits: int):
+    """A Mosaic GPU layout's ``(N_p, K_p)`` codes in K's
+    :func:`~qjax.kernels.gpu.mgpu_decode.stored_order`: 8-bit codes are stored fragment-major
+    (:func:`~qjax.kernels.gpu.mgpu_decode.to_fragments`), 4-bit codes as they are."""
+    return from_fragments(codes) if bits == 8 else codes
 
 
 def unrepack(q: QArray) -> QArray:
@@ -329,7 +342,7 @@ def dequantize_stored(q: QArray) -> jnp.ndarray:
     or permutation of the weight (the large-M path permutes ``x`` instead)."""
     if q.layout not in _SLICED:
         raise FormatError(f"dequantize_stored: {q.layout!r} is not a Mosaic GPU layout")
-    c = q.codes
+    c = stored_codes(q.codes, LAYOUTS[q.layout])
     k_p = c.shape[1]
     span = k_p // q.scales.shape[0]  # codes per scale row (all of K for per-channel FP8)
 

@@ -81,10 +81,12 @@ def test_repack_is_exact_and_dequantizes_to_reference(spec, shape):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(back.codes), np.asarray(q.codes))
     # stored codes = the canonical codes, shifted, transposed, in the kernel's register order
+    # (8-bit: then each 64-row × 128-code block fragment-major)
     codes = np.asarray(rp.unpack_codes(r), np.int64)
     shift = 0 if layout == "gpu_f8t" else 2 ** (_bits(spec) - 1)
     stored = np.asarray(r.codes.astype(jnp.int32) if _bits(spec) == 4 else r.codes, np.int64)
-    np.testing.assert_array_equal((codes.T - shift)[:, dec.stored_order(k_p, _bits(spec))], stored)
+    want = (codes.T - shift)[:, dec.stored_order(k_p, _bits(spec))]
+    np.testing.assert_array_equal(dec.to_fragments(want) if _bits(spec) == 8 else want, stored)
     ref = np.asarray(q.dequantize(), np.float64)
     got = np.asarray(rp.dequantize_bf16(r), np.float64)[: shape[0], : shape[1]]
     if isinstance(spec, qjax.NF4):  # exactly bf16(L[c]·a), L and a rounded to bf16 first

@@ -138,6 +138,20 @@ def test_dispatch_adds_partial_sums_in_clusters_of_two_where_they_fit(k, n, bits
 
 
 @pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize(("spec", "layout"), SKINNY, ids=lambda v: str(v))
+@pytest.mark.parametrize(("k", "n"), [(8192, 10240), (8192, 8192), (28672, 8192), (4096, 6144)])
+def test_8_bit_codes_go_straight_to_registers_where_sms_hold_three_ctas(m, spec, layout, k, n):
+    # measured (`ldg_probe*.json`): faster only where the schedule puts three CTAs on some SMs
+    # (Llama-3-70B's qkv), 4 – 9 % slower where every SM holds two; int4 slower everywhere
+    cfg = mg.config_for(_abstract(spec, layout, k, n), m)
+    ctas = n // sk.ROWS * (k // cfg.block_k) // cfg.cta_steps
+    eight = layout in ("gpu_i8t", "gpu_f8t")
+    assert cfg.ldg == (eight and ctas > 2 * mg.NUM_SMS)
+    if eight and (k, n) == (8192, 10240):
+        assert cfg.ldg
+
+
+@pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize(
     ("k", "n", "want"),
     [  # NF4: (K step, L, CTAs per SM, C) as measured (`skinny_rows_probe_nf4.json`)
@@ -323,31 +337,32 @@ def test_clusters_that_split_a_tile_or_the_ctas_are_refused():
             sk.check_config(x, w, dataclasses.replace(cfg, **bad))
 
 
-@pytest.mark.parametrize(("spec", "layout"), SKINNY, ids=lambda v: str(v))
+@pytest.mark.parametrize(("spec", "layout"), SKINNY[2:4], ids=lambda v: str(v))
 @pytest.mark.parametrize(("m", "cluster"), [(1, 2), (16, 0)])
 def test_codes_loaded_straight_into_registers_lower_to_read_only_128_bit_loads(
     spec, layout, m, cluster
 ):
-    # Config.ldg: the fragment-major codes (mgpu_decode.fragment_words) by read-only 128-bit
-    # loads, no TMA of the weight; its bits against the TMA kernel's are checked on the H100
-    # (experiments/ldg_probe.py)
+    # Config.ldg: the 8-bit layouts' fragment-major codes (mgpu_decode.to_fragments) by read-only
+    # 128-bit loads, no TMA of the weight; its bits against the TMA path's are checked on the
+    # H100 (experiments/ldg_probe.py)
     from qjax.kernels.gpu import mgpu_decode as dec
 
     w = _weight(spec, layout, 2048, 384)
     x = jax.random.normal(jax.random.key(3), (m, w.codes.shape[1]), jnp.bfloat16)
-    base = mg.Config("skinny", 512, lut=layout == "gpu_nf4t", ctas_per_sm=3, cluster=cluster)
+    base = mg.Config("skinny", 512, ctas_per_sm=3, cluster=cluster)
     cfg = dataclasses.replace(mg.config_for(w, m, base), ldg=True)
-    words = dec.fragment_words(w.codes, cfg.block_k)
-    f = jax.jit(lambda x, w, words, cfg: sk.matmul_rows(x, w, cfg, words), static_argnums=3)
+    sk.check_config(x, w, cfg)
+    f = jax.jit(sk.matmul_rows, static_argnums=2)
     for c, text_has in ((cfg, True), (dataclasses.replace(cfg, ldg=False), False)):
-        text = f.trace(x, w, words, c).lower(lowering_platforms=("cuda",)).as_text()
+        text = f.trace(x, w, c).lower(lowering_platforms=("cuda",)).as_text()
         assert (dec.LDG_PTX in text) == text_has
-    assert jax.eval_shape(f, x, w, words, cfg).shape == (m, w.codes.shape[0])
+    assert jax.eval_shape(f, x, w, cfg).shape == (m, w.codes.shape[0])
 
 
-def test_codes_in_registers_need_their_fragment_major_repack():
-    w = _weight(*SKINNY[2], 1024, 256)  # int8
+@pytest.mark.parametrize(("spec", "layout"), SKINNY[:2] + SKINNY[4:], ids=lambda v: str(v))
+def test_codes_in_registers_need_a_fragment_major_layout(spec, layout):
+    w = _weight(spec, layout, 1024, 256)  # 4-bit codes: stored as they are
     x = jnp.ones((1, 1024), jnp.bfloat16)
     cfg = dataclasses.replace(mg.config_for(w, 1), ldg=True)
-    with pytest.raises(ShapeError, match="fragment-major.*'gpu_i8t'"):
-        sk.matmul_rows(x, w, cfg)
+    with pytest.raises(ShapeError, match=f"fragment-major.*'gpu_f8t'.*{layout!r}"):
+        sk.check_config(x, w, cfg)

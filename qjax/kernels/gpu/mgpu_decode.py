@@ -14,6 +14,12 @@ Within each block of ``4v`` columns (``v`` codes per 32-bit load: 8 for 4-bit, 4
 stored column ``v·q + 2i + t`` holds logical column ``8i + 2q + t`` (``q < 4``, ``i < v/2``,
 ``t < 2``).
 
+**Fragment-major 8-bit codes.** The 8-bit layouts go one step further (:func:`to_fragments`):
+each 64-row × 128-code block is stored in the order a warp group holds it in registers, so a
+thread's 16 codes of a block are 16 consecutive bytes — one 128-bit load, from shared memory
+(:func:`load_block`) or straight from HBM (:func:`load_fragments`), and the load is relabelled
+into the 32-bit-load layout (:func:`fragment_slices`), again with no instruction.
+
 **Decoders** (each a few ``prmt`` / ``lop3`` per 32-bit register, written as PTX):
 
 * int4 / int8 — Mosaic GPU's own converters (``prmt`` + ``lop3`` + ``sub.bf16x2``), exact;
@@ -39,6 +45,7 @@ code against ``ml_dtypes`` and the NF4 table; the kernels themselves run on Hopp
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -401,17 +408,49 @@ def fragment_order(n_p: int, k_p: int, bits: int, bk: int) -> np.ndarray:
     return flat.reshape((n_p // ROWS) * (k_p // bk), -1)
 
 
-def fragment_words(codes, bk: int):
-    """``codes`` (``(N_p, K_p)`` ``jnp.int4`` / ``jnp.int8`` / FP8, in :func:`stored_order`) as
-    :func:`fragment_order`'s ``uint32`` rows: a repack done once, off the product's path."""
-    import jax
-    import jax.numpy as jnp
+FRAGMENT_CODES = 128  # K codes per fragment-major block of the 8-bit layouts (any K step of
+#                       `bk` codes is `bk / 128` consecutive blocks: `fragment_order` of `bk`)
 
+
+def _fragment_axes(n_p: int, k_p: int) -> tuple[int, ...]:
+    """The ``(N_p, K_p)`` 8-bit codes (in :func:`stored_order`) as the axes ``(t, w, h, r, s, i,
+    e2, q, b)``: row ``64t + 16w + 8h + r``, byte ``128s + 16(2i + e2) + 4q + b``."""
+    if n_p % ROWS or k_p % FRAGMENT_CODES:
+        raise ValueError(f"fragments: {n_p}×{k_p} codes do not split into {ROWS}-row × "
+                         f"{FRAGMENT_CODES}-code blocks")  # fmt: skip
+    return (n_p // ROWS, 4, 2, 8, k_p // FRAGMENT_CODES, 4, 2, 4, 4)
+
+
+TO_FRAGMENTS = (0, 4, 5, 1, 3, 7, 6, 2, 8)  # (t, w, h, r, s, i, e2, q, b) → (t, s, i, w, r, q, e2,
+#                                            h, b): `fragment_order`'s word order, bytes kept
+
+
+def to_fragments(codes):
+    """8-bit ``codes`` (``(N_p, K_p)``, :func:`stored_order`; ``jnp`` or ``numpy``) with each
+    64-row × 128-code block's 8 KiB laid out fragment-major, blocks in (row tile, K) order — the
+    bytes of :func:`fragment_order` for ``bk = 128``: byte ``16 · (512 · i + 4 · tid + e) + b`` of a
+    block is byte ``b`` of register ``4i + e`` of thread ``tid`` in ``WGMMA_8BIT``. Each 64-row
+    stripe keeps its own codes (the array's rows say which stripe, not which row); a K step of
+    ``bk`` codes of a stripe is ``bk · 64`` consecutive bytes, which a warp group loads with
+    128-bit loads, consecutive threads on consecutive 16 bytes (:func:`load_fragments`,
+    :func:`fragment_slices`)."""
     n_p, k_p = codes.shape
-    bits = 4 if codes.dtype == jnp.int4 else 8
-    v = VEC[bits]
-    words = jax.lax.bitcast_convert_type(codes.reshape(n_p, k_p // v, v), jnp.uint32)
-    return words.reshape(-1)[fragment_order(n_p, k_p, bits, bk)]
+    return codes.reshape(_fragment_axes(n_p, k_p)).transpose(TO_FRAGMENTS).reshape(n_p, k_p)
+
+
+def from_fragments(codes):
+    """Inverse of :func:`to_fragments`."""
+    n_p, k_p = codes.shape
+    axes = _fragment_axes(n_p, k_p)
+    blocked = codes.reshape([axes[a] for a in TO_FRAGMENTS])
+    return blocked.transpose(np.argsort(TO_FRAGMENTS)).reshape(n_p, k_p)
+
+
+def fragment_blocks(codes):
+    """The ``(N_p, K_p)`` codes of :func:`to_fragments` as its ``(N_p / 64, K_p / 128, 64, 128)``
+    blocks (a reshape, free): a K step of a stripe is a box of consecutive blocks."""
+    n_p, k_p = codes.shape
+    return codes.reshape(n_p // ROWS, k_p // FRAGMENT_CODES, ROWS, FRAGMENT_CODES)
 
 
 LDG_PTX = "ld.global.nc.L1::no_allocate.v4.u32"  # `load_fragments`' load: the read-only path,
@@ -420,8 +459,9 @@ LDG_PTX = "ld.global.nc.L1::no_allocate.v4.u32"  # `load_fragments`' load: the r
 
 
 def load_fragments(ref):
-    """One K step of :func:`fragment_words` (a GMEM row ref, ``(128 · R,)`` ``uint32``) loaded
-    into registers in Mosaic GPU's strided layout: ``R / 4`` loads of 128 bits per thread
+    """One K step of fragment-major codes (a GMEM row ref of :func:`to_fragments`' bytes, or
+    of :func:`fragment_order`'s ``uint32`` words: ``128 · R`` words) loaded into registers in
+    Mosaic GPU's strided layout, ``uint32``: ``R / 4`` loads of 128 bits per thread
     (:data:`LDG_PTX`), thread ``tid``'s ``i``-th reading words ``512 · i + 4 · tid …``."""
     import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -432,6 +472,7 @@ def load_fragments(ref):
     from jaxlib.mlir.dialects import arith, llvm
 
     (n,) = ref.shape
+    n = n * jnp.dtype(ref.dtype).itemsize // 4  # 32-bit words
     ret = plgpu.ShapeDtypeStruct((n,), jnp.uint32, plgpu.Layout.WG_STRIDED((n,), vec_size=LDG_VEC))
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=ret)
@@ -461,9 +502,23 @@ def load_fragments(ref):
     return run(ref)
 
 
+def load_block(ref):
+    """A shared-memory block of :func:`to_fragments` (``(…, 128)`` 8-bit, one 64-row × 128-code
+    block, e.g. ``(64, 128)``) → its ``(64, 128)`` codes in :func:`load_layout`: one 128-bit
+    ``ld.shared`` per thread and 16 codes (consecutive threads on consecutive 16 bytes, so
+    conflict-free), against four 32-bit loads from a swizzled tile."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    raw = plgpu.load(ref, (), layout=plgpu.Layout.WG_STRIDED(ref.shape, vec_size=16))
+    (codes,) = fragment_slices(raw, 8, FRAGMENT_CODES, ref.dtype)
+    return codes
+
+
 def fragment_slices(words, bits: int, width: int, dtype):
-    """:func:`load_fragments`' words as the step's ``(64, width)`` slices of codes (``dtype``), in
-    :func:`load_layout` — a relabelling of registers, no instruction."""
+    """A K step of fragment-major codes in registers — :func:`load_fragments`' ``uint32`` words,
+    or the 8-bit codes of a shared-memory block of :func:`to_fragments` loaded in
+    ``WG_STRIDED`` with 16 codes (128 bits) per register — as the step's ``(64, width)`` slices
+    of codes (``dtype``) in :func:`load_layout`: a relabelling of registers, no instruction."""
     import jax.experimental.mosaic.gpu as mgpu
     import jax.experimental.pallas.mosaic_gpu as plgpu
     import jax.numpy as jnp
@@ -472,26 +527,29 @@ def fragment_slices(words, bits: int, width: int, dtype):
     from jaxlib.mlir.dialects import vector
 
     v = VEC[bits]
-    (n,) = words.shape
+    in_bits = 4 if words.dtype == jnp.int4 else 8 * jnp.dtype(words.dtype).itemsize
+    in_vec = 32 * LDG_VEC // in_bits  # elements per 128-bit register
+    n = math.prod(words.shape) * in_bits // 32  # 32-bit words
     per = width // (4 * v)  # blocks of a slice
     signed = bool(jnp.issubdtype(dtype, jnp.signedinteger))
     n_slices = n // 128 // 2 // per
     layout = load_layout(bits)
     ret = tuple(plgpu.ShapeDtypeStruct((ROWS, width), dtype, layout) for _ in range(n_slices))
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_STRIDED((n,), vec_size=LDG_VEC),),
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_STRIDED(words.shape, vec_size=in_vec),),
                        return_type=ret)  # fmt: skip
     def run(_, arr):
         i32 = ir.IntegerType.get_signless(32)
         code_t = ir.IntegerType.get_signless(bits)
         mlayout = layout.to_mgpu()
+        quads = [utils.bitcast(r, ir.VectorType.get((LDG_VEC,), i32)) for r in arr.registers.flat]
         out = []
         for sl in range(n_slices):
             regs = np.empty(mlayout.registers_shape((ROWS, width)), dtype=object)
             for b in range(per):
                 for h in range(2):
                     j = 2 * (sl * per + b) + h
-                    word = vector.extract(arr.registers[j // LDG_VEC], [], [j % LDG_VEC])
+                    word = vector.extract(quads[j // LDG_VEC], [], [j % LDG_VEC])
                     one = vector.broadcast(ir.VectorType.get((1,), i32), word)
                     regs[0, b, 0, 0, h, 0, 0, 0, 0] = utils.bitcast(
                         one, ir.VectorType.get((v,), code_t)

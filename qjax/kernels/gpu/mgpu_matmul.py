@@ -12,9 +12,10 @@ The product is computed transposed, ``yᵀ = Ŵᵀ xᵀ``, because Hopper's warp
 back to shared memory (Marlin's idea, Frantar et al. 2024, on ``wgmma``). Per K step of ``BK``
 codes, one memory warp group TMA-copies a ``(128, BK)`` weight tile, the ``(BM, BK)`` tile of
 ``x`` and the step's scale (and zero) rows into shared memory, ``stages`` steps ahead; each of
-two compute warp groups loads its ``(64, BK)`` half into registers (32 bits per thread, no
-shuffles) and, per 128-code slice (NF4: two 64-code scale blocks, each scaled by its own row,
-:data:`NF4_LOAD_CODES`),
+two compute warp groups loads its ``(64, BK)`` half into registers (4-bit codes 32 bits per
+thread, no shuffles; 8-bit codes, stored fragment-major, 128 bits per thread and 128-code
+slice, :func:`~qjax.kernels.gpu.mgpu_decode.load_block`) and, per 128-code slice (NF4: two
+64-code scale blocks, each scaled by its own row, :data:`NF4_LOAD_CODES`),
 
     a = decode(c) [− (z − h)] · s  (int: Mosaic GPU's prmt/lop3 converters, ``c − z`` exact in
                                     bf16; NF4: the bf16 levels of two codes per ``ld.shared``
@@ -128,12 +129,10 @@ class Config:
     cluster: int = 0  # "skinny": CTAs per cluster that add a split tile's partial sums in the
     #                   shared memory of its first CTA, which writes y (`mgpu_skinny`; `fit`
     #                   takes it as the most allowed); 0: an XLA pass adds them
-    ldg: bool = False  # "skinny": the codes loaded from HBM straight into registers, one K
-    #                    step ahead, from their fragment-major repack (`mgpu_decode.fragment_words`,
-    #                    passed to `mgpu_skinny.matmul_rows`), not by TMA through shared memory.
-    #                    8-bit codes on 10240×8192 (SMs holding three CTAs): 4 – 11 % faster;
-    #                    elsewhere 3 – 17 % slower (`ldg_probe*.json`). No layout stores the
-    #                    repack, so the dispatch never sets it.
+    ldg: bool = False  # "skinny", 8-bit codes (stored fragment-major, `mgpu_decode.to_fragments`):
+    #                    loaded from HBM straight into registers, one K step ahead, not by TMA
+    #                    through shared memory; `mgpu_skinny.pick` sets it where some SMs hold
+    #                    three CTAs (`mgpu_skinny.LDG_ABOVE_CTAS`, `ldg_probe*.json`)
 
 
 # Above 128 rows of x, XLA's dequantize + bf16 GEMM (`calls.dequantized_matmul`) made int4
@@ -444,6 +443,7 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
     group = max(g for g in range(1, GROUP_M + 1) if m_tiles % g == 0)
     n_ctas = ctas * m_tiles
     bits = 4 if codes.dtype == jnp.int4 else 8
+    frag = bits == 8  # stored fragment-major (`mgpu_decode.to_fragments`)
     half = 1 << (bits - 1)  # int codes are stored as c − half
     fp8_factor = 2.0 ** dec.FP8_SCALE_LOG2.get(decode, 0)
     by_slice = cfg.scale_acc and scaled
@@ -574,7 +574,10 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
 
             def slice_operand(j):
                 cols = pl.ds(j * load, load)
-                raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
+                if frag:  # this warp group's stripe, block j
+                    raw = dec.load_block(w_smem.at[lax.axis_index("wg"), j])
+                else:
+                    raw = plgpu.load(w_smem, (rows, cols), layout=dec.load_layout(bits))
                 a = dec.decode(decode, raw, lut_smem if lut else None)
                 if decode in dec.FP8_SHIFT:  # exact: a power of two, no overflow
                     a = a * jnp.bfloat16(fp8_factor)
@@ -642,10 +645,17 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
                 plgpu.wait_smem_to_gmem(0)
 
         row_spec = plgpu.BlockSpec((per, cta_n), lambda kk: (k_step(kk), tile(kk)))
-        in_specs = [
-            plgpu.BlockSpec(
+        if frag:  # both stripes' blocks of the step: 2 × bk · 64 consecutive bytes each
+            w_spec = plgpu.BlockSpec(
+                (2, bk // dec.FRAGMENT_CODES, BLOCK_N, dec.FRAGMENT_CODES),
+                lambda kk: (tile(kk), k_step(kk), 0, 0),
+            )
+        else:
+            w_spec = plgpu.BlockSpec(
                 (cta_n, bk), lambda kk: (tile(kk), k_step(kk)), transforms=_tiled(load, bits, "lhs")
-            ),
+            )
+        in_specs = [
+            w_spec,
             plgpu.BlockSpec(
                 (bm, bk),
                 lambda kk: (m_block(kk) if grouped else 0, k_step(kk)),
@@ -674,7 +684,8 @@ def _stream_k(x2, codes, scales, zeros, ch_scales, cfg: Config, decode: str, spa
 
         pipeline(w_gmem, x_gmem if grouped else x_gmem.at[pl.ds(mi * bm, bm)], *rest)
 
-    args = [codes, x2] + ([scales] if scaled else []) + ([] if sym else [zeros])
+    args = [dec.fragment_blocks(codes) if frag else codes, x2] + ([scales] if scaled else [])
+    args += [] if sym else [zeros]
     y_type = jax.ShapeDtypeStruct((m_rows, n_p), x2.dtype)
     if fused:
         ws = max(slots - 1, 1)

@@ -25,6 +25,13 @@ main kernel. NF4's 64-code blocks are loaded, decoded and multiplied two at a ti
 (:func:`qjax.kernels.gpu.mgpu_matmul.load_codes`: 64-byte TMA rows, each block of the decoded
 slice scaled by its own row).
 
+8-bit codes (``gpu_i8t`` / ``gpu_f8t``) are stored fragment-major
+(:func:`~qjax.kernels.gpu.mgpu_decode.to_fragments`): a K step of a tile is consecutive bytes in
+the order of the threads' registers. Where the schedule puts three CTAs on some SMs
+(:data:`LDG_ABOVE_CTAS`, Llama-3-70B's 10240×8192), they skip TMA and shared memory
+(``Config.ldg``): each thread loads its own codes from HBM with 128-bit read-only loads one step
+ahead, carried through the pipeline's loop, and waits only for them, not for the whole step.
+
 Measured on the H100 (``experiments/results/kernels/occupancy_probe_skinny_*.json``; same run as
 the main kernel's table config, M = 1 / 16): int4 g128 2–7 % faster on three of the Llama-3-70B
 shapes (8192²: 16.45 vs 17.36 µs at M = 1), 5–9 % on Llama-3-8B's, 12–27 % on SmolLM2-135M's;
@@ -176,6 +183,12 @@ NF4_MAX_CODES = 1 << 25  # NF4 whose tiles fit no cluster of two: up to this man
 #                          4–8 %, `occupancy_probe_skinny_nf4.json`)
 
 
+LDG_ABOVE_CTAS = 2 * mg.NUM_SMS  # 8-bit codes go straight into registers (`Config.ldg`) where
+#                                  the schedule puts three CTAs on some SMs (10240×8192: 1.88 –
+#                                  1.93× bf16 against 1.70 – 1.80× by TMA); where every SM holds
+#                                  two, TMA was 4 – 9 % faster (`ldg_probe*.json`)
+
+
 def beats(main: mg.Config, w: QArray) -> bool:
     """Whether this kernel is expected to beat the main kernel's fitted config ``main`` for
     ``w`` (measured, ``occupancy_probe_skinny_*.json``): everywhere but where the main kernel
@@ -204,7 +217,9 @@ def pick(main: mg.Config, w: QArray, m: int) -> mg.Config | None:
         main, path="skinny", block_k=512, ctas_per_sm=CTAS_PER_SM, cluster=CLUSTER
     )
     if w.layout != "gpu_nf4t":
-        return fit(base, m, k_p, n_p, bits, span)
+        cfg = fit(base, m, k_p, n_p, bits, span)
+        ctas = n_p // ROWS * (k_p // cfg.block_k) // cfg.cta_steps
+        return dataclasses.replace(cfg, ldg=bits == 8 and ctas > LDG_ABOVE_CTAS)
     for per_sm in (2, CTAS_PER_SM):
         cfg = fit(dataclasses.replace(base, ctas_per_sm=per_sm), m, k_p, n_p, bits, span)
         ctas = n_p // ROWS * (k_p // cfg.block_k) // cfg.cta_steps
@@ -263,6 +278,10 @@ def check_config(x2, w: QArray, cfg: mg.Config) -> None:
     if cfg.block_k % mg.SLICE or k_p % cfg.block_k:
         raise ShapeError(f"mgpu_matmul: block_k {cfg.block_k} must be a multiple of "
                          f"{mg.SLICE} dividing K_p = {k_p}")  # fmt: skip
+    if cfg.ldg and mg.code_bits(w) != 8:
+        raise ShapeError(f"mgpu_matmul: Config.ldg loads fragment-major codes, which only "
+                         f"the 8-bit layouts store ('gpu_i8t', 'gpu_f8t'), not "
+                         f"{w.layout!r}")  # fmt: skip
     total = n_p // ROWS * (k_p // cfg.block_k)
     if cfg.cta_steps is None or total % cfg.cta_steps:
         raise ShapeError(f"mgpu_matmul: cta_steps {cfg.cta_steps} must divide the {total} K "
@@ -281,7 +300,7 @@ def check_config(x2, w: QArray, cfg: mg.Config) -> None:
                          f"{mg.SMEM_BYTES} (use fit())")  # fmt: skip
 
 
-def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: int, words=None):
+def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: int):
     """The kernel: ``(slots, N_p, M_p)`` float32 partial sums of ``Ŵᵀ xᵀ`` — CTA ``c`` takes K
     steps ``[c·L, (c+1)·L)`` of the 64-row tiles end to end and writes its sum of tile ``t`` to
     slot ``c − first_cta(t)`` (:func:`qjax.kernels.gpu.mgpu_matmul.segments`); ``scales``: one
@@ -290,11 +309,12 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     the pair table (:mod:`~qjax.kernels.gpu.mgpu_decode`), copied to shared memory at the
     start and waited for at the first K step, once the pipeline has issued its first copies.
 
-    ``cfg.ldg``: the codes come from ``words`` (:func:`~qjax.kernels.gpu.mgpu_decode.fragment_words`
-    of ``codes`` for ``cfg.block_k``; ``codes`` then only gives the shape and type), each K step
-    loaded from HBM into registers by 128-bit read-only loads at the start of the step before it
-    (the run's last step loads its own again, from L2), so no TMA and no shared memory carry
-    them; the pipeline copies ``x`` and the scale rows only.
+    8-bit ``codes`` are stored fragment-major (:func:`~qjax.kernels.gpu.mgpu_decode.to_fragments`):
+    a K step of a tile is ``64 · bk`` consecutive bytes, which TMA copies as one box and each
+    thread loads 16 codes at a time from (:func:`~qjax.kernels.gpu.mgpu_decode.load_block`), or,
+    ``cfg.ldg``, which each thread loads from HBM straight into registers by 128-bit read-only
+    loads at the start of the step before (the run's last step loads its own again, from L2), so
+    no TMA and no shared memory carry them; the pipeline copies ``x`` and the scale rows only.
 
     ``cfg.cluster`` (``C`` consecutive CTAs per cluster, :func:`clustered_schedule`): returns
     ``y``, ``(rows of x2, N_p)`` in ``x2.dtype``, instead. A CTA that took a tile's later K
@@ -318,6 +338,7 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
     slots = received_slots(n_tiles, steps, length) + 1  # a tile's CTAs, most
     per = bk // span
     bits = 4 if codes.dtype == jnp.int4 else 8
+    frag = bits == 8  # stored fragment-major
     scaled = scales is not None
     by_slice = scaled and cfg.scale_acc
     load = mg.load_codes(decode, span, bk, by_slice, NF4_LOAD_CODES)  # per decode and `wgmma`
@@ -426,6 +447,8 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
                     cols = pl.ds(j * load, load)
                     if ldg:
                         raw = step_codes[j]
+                    elif frag:
+                        raw = dec.load_block(w_smem.at[0, j])
                     else:
                         raw = plgpu.load(w_smem.at[:, cols], (), layout=dec.load_layout(bits))
                     a = dec.decode(decode, raw, lut_smem if lut else None)
@@ -473,11 +496,17 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
                 return nxt if ldg else None
 
-            w_spec = plgpu.BlockSpec(
-                (ROWS, bk),
-                lambda kk: (tile(kk), k_step(kk)),
-                transforms=mg._tiled(load, bits, "lhs"),
-            )
+            if frag:  # the step's blocks: bk · 64 consecutive bytes
+                w_spec = plgpu.BlockSpec(
+                    (1, bk // dec.FRAGMENT_CODES, ROWS, dec.FRAGMENT_CODES),
+                    lambda kk: (tile(kk), k_step(kk), 0, 0),
+                )
+            else:
+                w_spec = plgpu.BlockSpec(
+                    (ROWS, bk),
+                    lambda kk: (tile(kk), k_step(kk)),
+                    transforms=mg._tiled(load, bits, "lhs"),
+                )
             in_specs = [] if ldg else [w_spec]
             in_specs += [
                 plgpu.BlockSpec(
@@ -502,7 +531,11 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
         acc = plgpu.ACC((ROWS, bm), jnp.float32)
         pl.run_scoped(scoped, [acc] * (3 if by_slice else 1))
 
-    args = [words if ldg else codes, x2] + ([scales] if scaled else [])
+    if ldg:  # row g: K step g of the tiles end to end
+        w_arg = codes.reshape(n_tiles * steps, ROWS * bk)
+    else:
+        w_arg = dec.fragment_blocks(codes) if frag else codes
+    args = [w_arg, x2] + ([scales] if scaled else [])
     args += [ch_scales] if channel else []
     scratch = {}
     if lut:
@@ -536,28 +569,19 @@ def _partials(x2, codes, scales, ch_scales, cfg: mg.Config, decode: str, span: i
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def matmul_rows(x2, w: QArray, cfg: mg.Config, words=None):
+def matmul_rows(x2, w: QArray, cfg: mg.Config):
     """``x2 @ Ŵ`` for bf16 ``x2: (M, K)`` (or ``K_p``), ``M ≤`` :data:`MAX_ROWS`, ``(M, N_p)`` in
     ``x2.dtype``: the kernel's partial sums, then one XLA pass (slots added, transposed, per-channel
-    scales, cast); with ``cfg.cluster``, the kernel's ``y`` as it is. ``cfg.ldg``: ``words``,
-    :func:`~qjax.kernels.gpu.mgpu_decode.fragment_words` of ``w.codes`` for ``cfg.block_k``,
-    required: no layout stores them yet, and a repack per call would cost more than the kernel."""
+    scales, cast); with ``cfg.cluster``, the kernel's ``y`` as it is."""
     m = x2.shape[0]
     if m > mg.TMA_ROWS and m % mg.TMA_ROWS:  # TMA reads past the last row only of such x
         x2 = jnp.pad(x2, [(0, -m % mg.TMA_ROWS), (0, 0)])
     per_channel = w.layout == "gpu_f8t" or (w.layout != "gpu_nf4t" and w.spec.group == "channel")
     scales = None if per_channel else w.scales
-    if cfg.ldg and words is None:  # no layout stores them (yet): a repack per call is refused
-        raise ShapeError(
-            f"mgpu_matmul: Config.ldg reads the codes fragment-major (mgpu_decode.fragment_words "
-            f"for block_k {cfg.block_k}), which the {w.layout!r} layout does not store; pass them "
-            f"as words (experiments/ldg_probe.py does)"
-        )
-    kw = dict(words=words) if cfg.ldg else {}
     if cfg.cluster:
         ch = w.scales[:1] if per_channel else None  # cast to float32 in the kernel
-        return _partials(x2, w.codes, scales, ch, cfg, mg.decoder(w), mg.slice_codes(w), **kw)[:m]
-    parts = _partials(x2, w.codes, scales, None, cfg, mg.decoder(w), mg.slice_codes(w), **kw)
+        return _partials(x2, w.codes, scales, ch, cfg, mg.decoder(w), mg.slice_codes(w))[:m]
+    parts = _partials(x2, w.codes, scales, None, cfg, mg.decoder(w), mg.slice_codes(w))
     n_p, k_p = w.codes.shape
     y = mg.combine(parts, n_p // ROWS, k_p // cfg.block_k, cfg.cta_steps).T[:m]
     if per_channel:

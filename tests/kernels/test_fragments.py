@@ -1,9 +1,10 @@
-"""The fragment-major repack of the skinny kernel's codes (``Config.ldg``,
-:func:`qjax.kernels.gpu.mgpu_decode.fragment_words`): each thread's 128-bit loads must hold, in
+"""The fragment-major order of the 8-bit layouts' codes (``gpu_i8t`` / ``gpu_f8t``,
+:func:`qjax.kernels.gpu.mgpu_decode.to_fragments`): each thread's 128-bit loads must hold, in
 register order, exactly the words that Mosaic GPU's own layout gives it. The oracle is Mosaic
 GPU's :class:`TiledLayout` itself — its tiling, warp and lane dimensions — evaluated in
-integers the way its ``thread_idxs`` does in MLIR. Device checks (the kernel's bits against the
-TMA kernel's): ``python -m experiments.ldg_probe``."""
+integers the way its ``thread_idxs`` does in MLIR, and its ``WGStridedFragLayout`` for the
+loads. Device checks (every kernel path against the float32 reference and against each other):
+``python -m experiments.ldg_probe`` and ``kernel_bench --check``."""
 
 import jax
 import jax.numpy as jnp
@@ -58,30 +59,35 @@ def test_each_threads_loads_hold_the_words_of_its_registers_in_mosaic_gpus_layou
                     assert got == (dec.ROWS * t + r) * per_row + (s * bk + c) // v
 
 
-@settings(max_examples=20, deadline=None)
-@given(
-    st.sampled_from([(4, 512), (4, 256), (8, 256)]),
-    st.integers(1, 3),
-    st.integers(1, 3),
-    st.integers(0, 2**31 - 1),
-)
-def test_fragment_words_is_a_permutation_of_the_codes_words(bits_bk, tiles, steps, seed):
-    bits, bk = bits_bk
-    n_p, k_p = 64 * tiles, bk * steps
-    dtype = jnp.int4 if bits == 4 else jnp.int8
-    lim = 2 ** (bits - 1)
-    codes = jax.random.randint(jax.random.key(seed), (n_p, k_p), -lim, lim).astype(dtype)
-    frag = np.asarray(dec.fragment_words(codes, bk))
+def _words(codes, bits):
+    n_p, k_p = codes.shape
     v = dec.VEC[bits]
-    words = np.asarray(jax.lax.bitcast_convert_type(codes.reshape(n_p, k_p // v, v), jnp.uint32))
-    order = dec.fragment_order(n_p, k_p, bits, bk)
-    assert frag.shape == (tiles * steps, 128 * bk // (2 * v))
-    assert np.array_equal(np.sort(order, axis=None), np.arange(words.size))
-    np.testing.assert_array_equal(frag, words.reshape(-1)[order])
-    # nibbles / bytes in element order from the low bits, as the kernel's registers read them
-    c = np.asarray(codes.astype(jnp.int8)).astype(np.int64).reshape(n_p, k_p // v, v) % 2**bits
-    packed = sum(c[..., e].astype(np.uint64) << (bits * e) for e in range(v)).astype(np.uint32)
-    np.testing.assert_array_equal(words, packed)
+    return np.asarray(jax.lax.bitcast_convert_type(codes.reshape(n_p, k_p // v, v), jnp.uint32))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_to_fragments_stores_the_word_order_of_128_code_steps_and_inverts(tiles, blocks, seed):
+    n_p, k_p = 64 * tiles, 128 * blocks
+    codes = jax.random.randint(jax.random.key(seed), (n_p, k_p), -128, 128).astype(jnp.int8)
+    frag = dec.to_fragments(codes)
+    assert frag.shape == codes.shape and frag.dtype == codes.dtype
+    order = dec.fragment_order(n_p, k_p, 8, dec.FRAGMENT_CODES)
+    want = _words(codes, 8).reshape(-1)[order.reshape(-1)]
+    np.testing.assert_array_equal(_words(frag, 8).reshape(-1), want)
+    np.testing.assert_array_equal(np.asarray(dec.from_fragments(frag)), np.asarray(codes))
+    # numpy gives the same bytes (the repack runs on either)
+    np.testing.assert_array_equal(dec.to_fragments(np.asarray(codes)), np.asarray(frag))
+
+
+@pytest.mark.parametrize("bk", [256, 512])
+def test_a_k_step_is_consecutive_128_code_blocks(bk):
+    # the kernels load a bk-code step of a stripe as bk / 128 blocks in a row (TMA box, or
+    # `load_fragments` over the step's bytes): the step's own word order must be theirs
+    n_p, k_p = 128, 2 * bk
+    step = dec.fragment_order(n_p, k_p, 8, bk).reshape(-1)
+    blocks = dec.fragment_order(n_p, k_p, 8, dec.FRAGMENT_CODES).reshape(-1)
+    np.testing.assert_array_equal(step, blocks)
 
 
 def test_steps_that_do_not_split_into_the_layouts_blocks_are_refused():
@@ -89,3 +95,5 @@ def test_steps_that_do_not_split_into_the_layouts_blocks_are_refused():
         dec.fragment_order(100, 512, 4, 512)
     with pytest.raises(ValueError, match="even number"):
         dec.fragment_order(64, 96, 4, 96)
+    with pytest.raises(ValueError, match="128-code blocks"):
+        dec.to_fragments(np.zeros((64, 192), np.int8))
